@@ -1,0 +1,99 @@
+"""The one timing and roofline helper shared by every benchmarks/bench_<family>.py (SPEC 7).
+
+* :func:`timeit` - median of repeats (after a warm-up).
+* :func:`peaks` - float32 FMA throughput on all threads and read bandwidth over a 512 MiB buffer,
+  measured once per run by lmkern's own micro-benchmarks.
+* :class:`Table` - prints one row per case: shape, median time, GB/s, GFLOP/s, roofline share
+  (``max(flops / peak_flops, bytes / peak_bw) / time``) and speed-ups against the baselines given.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lmkern  # noqa: E402
+from lmkern import _core  # noqa: E402
+
+try:
+    import torch  # noqa: F401
+    HAVE_TORCH = True
+except Exception:  # optional
+    torch = None
+    HAVE_TORCH = False
+
+
+def timeit(fn, *, repeat=7, min_time=0.05, warmup=1):
+    """Median seconds per call of fn(); each sample loops until min_time so short calls are measurable."""
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, int(min_time / once))
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+_PEAKS = None
+
+
+def peaks():
+    """(peak float32 FLOP/s on all threads, peak read bytes/s), measured once per process."""
+    global _PEAKS
+    if _PEAKS is None:
+        iters = 2_000_000
+        flops = max(_core._peak_fma(iters) / t for t in [timeit(lambda: _core._peak_fma(iters), repeat=5, min_time=0)])
+        buf = np.ones(128 * 1024 * 1024, np.float32)  # 512 MiB
+        t = timeit(lambda: _core._read_sum(buf), repeat=5, min_time=0)
+        _PEAKS = (flops, buf.nbytes / t)
+    return _PEAKS
+
+
+def torch_threads():
+    if HAVE_TORCH:
+        torch.set_num_threads(lmkern.get_num_threads())
+
+
+def roofline_share(seconds, flops, nbytes):
+    pf, pb = peaks()
+    return max(flops / pf, nbytes / pb) / seconds
+
+
+class Table:
+    def __init__(self, title):
+        self.title = title
+        self.rows = []
+        pf, pb = peaks()
+        print(f"\n## {title}\n")
+        print(f"peaks measured in this run: {pf / 1e9:.0f} GFLOP/s float32 FMA on {lmkern.get_num_threads()} threads, "
+              f"{pb / 1e9:.1f} GB/s read bandwidth")
+        print()
+        print("| case | median | GB/s | GFLOP/s | roofline share | speed-ups |")
+        print("|---|---|---|---|---|---|")
+
+    def add(self, case, seconds, *, flops=0.0, nbytes=0.0, baselines=None):
+        """baselines: {name: seconds} of the same math done another way; prints name x(speed-up)."""
+        share = roofline_share(seconds, flops, nbytes)
+        ups = ", ".join(f"{name} {t / seconds:.2f}x" for name, t in (baselines or {}).items() if t)
+        row = (case, seconds, nbytes / seconds / 1e9, flops / seconds / 1e9, share, ups)
+        self.rows.append(row)
+        print(f"| {case} | {fmt_time(seconds)} | {row[2]:.1f} | {row[3]:.1f} | {share * 100:.0f}% | {ups} |", flush=True)
+        return row
+
+
+def fmt_time(s):
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"

@@ -1,0 +1,125 @@
+"""lmkern.attention, lmkern.rope / rope_ and lmkern.KVCache (SPEC 1)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core, _dispatch
+from ._kvcache import KVCacheBase
+
+
+def check_attention_args(fn, q, k, v, q_pos=None, kv_pos=None, kv_lens=None, prefix_k=None, prefix_v=None, P=None):
+    """Shape checks shared by attention, parscale.prefix_attention and their CUDA paths."""
+    sh = _dispatch.Shapes(fn)
+    sh.check("q", q, "B,N,Hq,D")
+    sh.check("k", k, "B,M,Hkv,D")
+    sh.check("v", v, "B,M,Hkv,E")
+    if sh["Hkv"] == 0 and sh["Hq"] != 0 or sh["Hkv"] and sh["Hq"] % sh["Hkv"]:
+        raise ValueError(f"{fn}: q has Hq = {sh['Hq']} heads and k has Hkv = {sh['Hkv']}; Hq must be a multiple of Hkv")
+    if q_pos is not None:
+        sh.check_one_of("q_pos", q_pos, "N", "B,N")
+    if kv_pos is not None:
+        sh.check_one_of("kv_pos", kv_pos, "M", "B,M")
+    if kv_lens is not None:
+        sh.check("kv_lens", kv_lens, "B")
+        if np.size(kv_lens) and (np.min(kv_lens) < 0 or np.max(kv_lens) > sh["M"]):
+            raise ValueError(f"{fn}: kv_lens must be in [0, M = {sh['M']}]; got {np.asarray(kv_lens).tolist()}")
+    if prefix_k is not None:
+        sh.bind("P", P)
+        sh.check("prefix_k", prefix_k, "P,L,Hkv,D")
+        sh.check("prefix_v", prefix_v, "P,L,Hkv,E")
+    return sh
+
+
+def attention_impl(fn, q, k, v, *, causal, scale, q_pos, kv_pos, kv_lens, return_lse, out,
+                   prefix_k=None, prefix_v=None, P=1):
+    """CPU path of attention with an optional shared prefix (ParScale); arguments already routed."""
+    dtype, a = _dispatch.float_arrays(fn, q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
+    q_pos = _dispatch.index_array(fn, "q_pos", q_pos)
+    kv_pos = _dispatch.index_array(fn, "kv_pos", kv_pos)
+    kv_lens = _dispatch.index_array(fn, "kv_lens", kv_lens)
+    sh = check_attention_args(fn, a["q"], a["k"], a["v"], q_pos, kv_pos, kv_lens, a["prefix_k"], a["prefix_v"], P)
+    B, N, Hq, E = sh["B"], sh["N"], sh["Hq"], sh["E"]
+    scale = _dispatch.as_scale(fn, scale, sh["D"] ** -0.5 if sh["D"] else 1.0)
+    buf = _dispatch.prepare_out(fn, out, (B, N, Hq, E), dtype)
+    lse = np.empty((B, N, Hq), dtype) if return_lse else None
+    _core.attention(a["q"], a["k"], a["v"], buf, lse, q_pos, kv_pos, kv_lens, bool(causal), scale,
+                    a["prefix_k"], a["prefix_v"], max(B // P, 1) if P else 1)
+    res = _dispatch.finish_out(buf, out)
+    return (res, lse) if return_lse else res
+
+
+def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_lens=None,
+              return_lse=False, out=None):
+    """Scaled dot-product attention with GQA, explicit positions and ragged lengths (SPEC 1.1).
+
+    ``q (B,N,Hq,D)``, ``k (B,M,Hkv,D)``, ``v (B,M,Hkv,E)`` -> ``out (B,N,Hq,E)`` [and ``lse (B,N,Hq)``].
+    Key j is admissible for query i of row b iff ``j < kv_lens[b]`` and, when ``causal``,
+    ``kv_pos[b,j] <= q_pos[b,i]``; defaults ``kv_pos = j``, ``q_pos = kv_lens[b] - N + i``
+    (bottom-right, as FlashAttention >= 2.1).  A query with no admissible key gives 0 and lse -inf.
+    ``scale`` defaults to ``D**-0.5``.  No N x M matrix is formed.
+
+    Example::
+
+        >>> q = np.random.randn(1, 4, 8, 64).astype(np.float32)
+        >>> k = v = np.random.randn(1, 16, 2, 64).astype(np.float32)
+        >>> lmkern.attention(q, k, v, causal=True).shape
+        (1, 4, 8, 64)
+    """
+    fn = "attention"
+    if _dispatch.route(fn, q=q, k=k, v=v, out=out) == "cuda":
+        from . import cuda
+        return cuda.attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, kv_pos=kv_pos,
+                              kv_lens=kv_lens, return_lse=return_lse, out=out)
+    return attention_impl(fn, q, k, v, causal=causal, scale=scale, q_pos=q_pos, kv_pos=kv_pos,
+                          kv_lens=kv_lens, return_lse=return_lse, out=out)
+
+
+def check_rope_args(fn, x, positions, rotary_dim, style):
+    sh = _dispatch.Shapes(fn)
+    sh.check("x", x, "B,T,G,D")
+    sh.check_one_of("positions", positions, "T", "B,T")
+    D = sh["D"]
+    r = D if rotary_dim is None else int(rotary_dim)
+    if r < 0 or r > D or r % 2:
+        raise ValueError(f"{fn}: rotary_dim must be even and in [0, D = {D}]; got {rotary_dim}")
+    _dispatch.check_choice(fn, "style", style, ("half", "interleaved"))
+    return r
+
+
+def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=False, out=None):
+    """Rotary position embedding of ``x (B,T,G,D)`` at ``positions (T,)`` or ``(B,T)`` (SPEC 1.2).
+
+    ``style="half"`` pairs ``(x[i], x[i + r/2])`` (GPT-NeoX, T6); ``"interleaved"`` pairs
+    ``(x[2i], x[2i+1])`` (GPT-J, Llama).  Each pair ``(a, b) -> (a cos - b sin, a sin + b cos)`` with
+    ``theta = pos * base**(-2i/r)`` computed in double precision; ``inverse=True`` rotates by
+    ``-theta`` (the T6 training code is ``style="half", inverse=True``).  Features ``>= r`` pass through.
+    """
+    fn = "rope"
+    if _dispatch.route(fn, x=x, out=out) == "cuda":
+        from . import cuda
+        return cuda.rope(x, positions, base=base, rotary_dim=rotary_dim, style=style, inverse=inverse, out=out)
+    dtype, a = _dispatch.float_arrays(fn, x=x)
+    pos = _dispatch.index_array(fn, "positions", positions)
+    r = check_rope_args(fn, a["x"], pos, rotary_dim, style)
+    buf = _dispatch.prepare_out(fn, out, a["x"].shape, dtype)
+    np.copyto(buf, a["x"])
+    _core.rope_(buf, pos, float(base), r, style == "interleaved", bool(inverse))
+    return _dispatch.finish_out(buf, out)
+
+
+def rope_(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=False):
+    """In-place :func:`rope`: ``x`` (a writable float32/float64 array) is rotated and returned."""
+    fn = "rope_"
+    if _dispatch.route(fn, x=x) == "cuda":
+        from . import cuda
+        return cuda.rope(x, positions, base=base, rotary_dim=rotary_dim, style=style, inverse=inverse, out=x)
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{fn}: x must be a numpy.ndarray (it is modified in place); got {type(x).__name__}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{fn}: x has dtype {x.dtype}; expected float32 or float64 (in place)")
+    return rope(x, positions, base=base, rotary_dim=rotary_dim, style=style, inverse=inverse, out=x)
+
+
+class KVCache(KVCacheBase):
+    __doc__ = KVCacheBase.__doc__
+    _attention = staticmethod(attention)

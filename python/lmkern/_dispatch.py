@@ -1,0 +1,196 @@
+"""Argument checking and CPU/CUDA routing shared by every lmkern function.
+
+The one place that produces the SPEC's error messages, e.g.
+``tpa.decode: bq has shape (2, 6, 64); expected (B, Rq, D) = (2, 6, 128)``.
+
+Shape specs are comma-separated axis letters (``"B,N,Hq,D"``); a letter is bound to the size it
+first meets and every later use must agree.  Integers in a spec are fixed sizes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "Shapes", "float_arrays", "index_array", "is_cuda", "route", "prepare_out", "finish_out",
+    "check_choice", "as_scale",
+]
+
+_FLOAT_KINDS = "f"
+KDL_CUDA, KDL_CUDA_MANAGED = 2, 13
+
+
+class Shapes:
+    """Binds shape letters across the arguments of one call and reports mismatches."""
+
+    def __init__(self, fn: str, **bound: int):
+        self.fn = fn
+        self.dims: dict[str, int] = dict(bound)
+
+    def __getitem__(self, letter: str) -> int:
+        return self.dims[letter]
+
+    def get(self, letter, default=None):
+        return self.dims.get(letter, default)
+
+    def bind(self, letter: str, value: int) -> None:
+        self.dims[letter] = int(value)
+
+    def _expected(self, letters, shape):
+        vals = []
+        for i, letter in enumerate(letters):
+            if letter.isdigit():
+                vals.append(int(letter))
+            elif letter in self.dims:
+                vals.append(self.dims[letter])
+            else:
+                vals.append(shape[i] if i < len(shape) else "?")
+        return vals
+
+    def check(self, arg: str, x, spec: str) -> None:
+        """Checks ``x.shape`` against ``spec`` and binds its free letters."""
+        letters = [s.strip() for s in spec.split(",") if s.strip()]
+        shape = tuple(int(s) for s in x.shape)
+        ok = len(shape) == len(letters)
+        if ok:
+            for letter, size in zip(letters, shape):
+                want = int(letter) if letter.isdigit() else self.dims.get(letter)
+                if want is not None and want != size:
+                    ok = False
+                    break
+        if not ok:
+            self.fail(arg, shape, letters)
+        for letter, size in zip(letters, shape):
+            if not letter.isdigit():
+                self.dims.setdefault(letter, size)
+
+    def fail(self, arg, shape, letters):
+        want = self._expected(letters, shape)
+        lt = "(" + ", ".join(letters) + ("," if len(letters) == 1 else "") + ")"
+        wt = "(" + ", ".join(str(v) for v in want) + ("," if len(want) == 1 else "") + ")"
+        got = "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        extra = "" if len(shape) == len(letters) else f" ({len(letters)} dimensions, got {len(shape)})"
+        raise ValueError(f"{self.fn}: {arg} has shape {got}; expected {lt} = {wt}{extra}")
+
+    def check_one_of(self, arg: str, x, *specs: str) -> str:
+        """Checks x against the first spec with the same rank (e.g. ``"N"`` or ``"B,N"``); returns it."""
+        for spec in specs:
+            if len(spec.split(",")) == np.ndim(x):
+                self.check(arg, x, spec)
+                return spec
+        self.check(arg, x, specs[-1])  # raises with the last form
+        return specs[-1]
+
+
+def _dtype_name(x) -> str:
+    dt = getattr(x, "dtype", None)
+    return str(dt) if dt is not None else type(x).__name__
+
+
+def float_arrays(fn: str, **arrays):
+    """NumPy views of the float arguments, promoted to one dtype as NumPy does.
+
+    float16 computes as float32; integer, bool, complex or object data is a TypeError naming the
+    argument.  ``None`` values pass through.  Returns ``(dtype, dict)``.
+    """
+    out = {}
+    for name, x in arrays.items():
+        if x is None:
+            out[name] = None
+            continue
+        a = np.asarray(x)
+        if a.dtype.kind not in _FLOAT_KINDS or a.dtype.itemsize > 8:
+            raise TypeError(f"{fn}: {name} has dtype {a.dtype}; expected float32 or float64")
+        out[name] = a
+    present = [a.dtype for a in out.values() if a is not None]
+    dtype = np.result_type(*present) if present else np.dtype(np.float32)
+    if dtype.itemsize < 4:
+        dtype = np.dtype(np.float32)
+    for name, a in out.items():
+        if a is not None and a.dtype != dtype:
+            out[name] = a.astype(dtype)
+    return dtype, out
+
+
+def index_array(fn: str, name: str, x):
+    """int64 NumPy array of an index argument (any integer dtype); None passes through."""
+    if x is None:
+        return None
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":
+        if a.dtype.kind == "O" and a.size == 0:
+            a = a.astype(np.int64)
+        else:
+            raise TypeError(f"{fn}: {name} has dtype {a.dtype}; expected an integer dtype")
+    return a.astype(np.int64, copy=False)
+
+
+def is_cuda(x) -> bool:
+    """True for objects that live on a CUDA device (DLPack or __cuda_array_interface__)."""
+    if x is None or isinstance(x, (np.ndarray, np.generic, int, float, list, tuple)):
+        return False
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is not None:
+        try:
+            return int(dev()[0]) in (KDL_CUDA, KDL_CUDA_MANAGED)
+        except Exception:
+            return False
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def route(fn: str, **arrays) -> str:
+    """'cuda' when the arrays live on a GPU, 'cpu' otherwise; mixing is a ValueError."""
+    where = {name: is_cuda(x) for name, x in arrays.items() if x is not None}
+    if any(where.values()):
+        host = [n for n, c in where.items() if not c]
+        if host:
+            dev = [n for n, c in where.items() if c]
+            raise ValueError(
+                f"{fn}: arrays are on different devices: {', '.join(dev)} on CUDA, {', '.join(host)} on the CPU"
+            )
+        return "cuda"
+    return "cpu"
+
+
+def prepare_out(fn: str, out, shape, dtype, name: str = "out"):
+    """A C-contiguous buffer of ``shape``/``dtype`` for a kernel to write.
+
+    ``out=None`` allocates.  A given ``out`` must have the shape (ValueError) and dtype (TypeError);
+    when it is not C-contiguous, the kernel writes a temporary that :func:`finish_out` copies back.
+    """
+    shape = tuple(int(s) for s in shape)
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{fn}: {name} must be a numpy.ndarray for CPU inputs; got {type(out).__name__}")
+    if out.shape != shape:
+        Shapes(fn).fail(name, out.shape, [str(s) for s in shape])
+    if out.dtype != dtype:
+        raise TypeError(f"{fn}: {name} has dtype {out.dtype}; expected {np.dtype(dtype)}")
+    if not out.flags.writeable:
+        raise ValueError(f"{fn}: {name} is read-only")
+    if out.flags.c_contiguous and out.flags.aligned:
+        return out
+    return np.empty(shape, dtype=dtype)
+
+
+def finish_out(buf, out):
+    """Copies a temporary result into the caller's non-contiguous ``out``; returns what to hand back."""
+    if out is None or buf is out:
+        return buf
+    out[...] = buf
+    return out
+
+
+def check_choice(fn: str, name: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"{fn}: {name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return value
+
+
+def as_scale(fn: str, scale, default: float) -> float:
+    if scale is None:
+        return float(default)
+    try:
+        return float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: scale must be a real number; got {type(scale).__name__}") from None

@@ -1,0 +1,125 @@
+"""The plain preallocated KV cache (SPEC 1.3), shared by lmkern.KVCache and its NumPy twin."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _dispatch
+
+
+def ragged_lengths(fn, lengths, B, T):
+    """lengths (B,) in [0, T], default T: how many of each row's T new tokens are appended."""
+    if lengths is None:
+        return np.full(B, T, np.int64)
+    lens = _dispatch.index_array(fn, "lengths", lengths)
+    _dispatch.Shapes(fn, B=B).check("lengths", lens, "B")
+    if lens.size and (lens.min() < 0 or lens.max() > T):
+        raise ValueError(f"{fn}: lengths must be in [0, T = {T}]; got {lens.tolist()}")
+    return lens
+
+
+def check_room(fn, current, new, max_len):
+    """Appending past max_len is a ValueError, raised before anything is written."""
+    over = np.nonzero(current + new > max_len)[0]
+    if over.size:
+        b = int(over[0])
+        raise ValueError(
+            f"{fn}: appending {int(new[b])} tokens to row {b} holding {int(current[b])} exceeds max_len = {max_len}"
+        )
+
+
+class KVCacheBase:
+    """KVCache(batch, max_len, kv_heads, head_dim, v_head_dim=None, *, dtype=float32, device=None)
+
+    Preallocated ``k (B, max_len, Hkv, D)``, ``v (B, max_len, Hkv, E)`` and ``positions (B, max_len)``.
+    ``append`` copies the first ``lengths[b]`` tokens of row b after the row's current end;
+    ``attend`` runs attention over the filled part with ``kv_lens = lengths`` and ``kv_pos = positions``.
+
+    Decision (SPEC silent): with ``q_pos=None``, ``attend`` places the N queries at the stored
+    positions of each row's last N cached tokens (for the default running positions this is the
+    bottom-right alignment ``L_b - N + i``); rows holding fewer than N tokens fall back to
+    ``L_b - N + i``.
+    """
+
+    _attention = None  # set by subclasses: the attention function used by attend
+
+    def __init__(self, batch, max_len, kv_heads, head_dim, v_head_dim=None, *, dtype=np.float32, device=None):
+        fn = "KVCache"
+        for name, val in (("batch", batch), ("max_len", max_len), ("kv_heads", kv_heads), ("head_dim", head_dim)):
+            if int(val) < 0:
+                raise ValueError(f"{fn}: {name} must be >= 0; got {val}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"{fn}: dtype must be float32 or float64 on the CPU; got {dtype}")
+        if device not in (None, "cpu"):
+            raise ValueError(f"{fn}: device must be None or 'cpu' for this cache; use lmkern.cuda for GPU caches")
+        self.batch, self.max_len, self.kv_heads = int(batch), int(max_len), int(kv_heads)
+        self.head_dim = int(head_dim)
+        self.v_head_dim = self.head_dim if v_head_dim is None else int(v_head_dim)
+        self.dtype = dtype
+        B, S, H = self.batch, self.max_len, self.kv_heads
+        self._k = np.zeros((B, S, H, self.head_dim), dtype)
+        self._v = np.zeros((B, S, H, self.v_head_dim), dtype)
+        self._pos = np.zeros((B, S), np.int64)
+        self._len = np.zeros(B, np.int64)
+
+    # views over the filled capacity
+    @property
+    def lengths(self):
+        return self._len.copy()
+
+    def _filled(self):
+        return int(self._len.max()) if self.batch else 0
+
+    @property
+    def k(self):
+        return self._k[:, : self._filled()]
+
+    @property
+    def v(self):
+        return self._v[:, : self._filled()]
+
+    @property
+    def positions(self):
+        return self._pos[:, : self._filled()]
+
+    @property
+    def nbytes(self):
+        """Bytes of the stored tokens (keys and values)."""
+        per_token = self.kv_heads * (self.head_dim + self.v_head_dim) * self.dtype.itemsize
+        return int(self._len.sum()) * per_token
+
+    def reset(self):
+        self._len[:] = 0
+
+    def append(self, k, v, *, positions=None, lengths=None):
+        fn = "KVCache.append"
+        _, a = _dispatch.float_arrays(fn, k=k, v=v)
+        sh = _dispatch.Shapes(fn, B=self.batch, Hkv=self.kv_heads, D=self.head_dim, E=self.v_head_dim)
+        sh.check("k", a["k"], "B,T,Hkv,D")
+        sh.check("v", a["v"], "B,T,Hkv,E")
+        T = sh["T"]
+        lens = ragged_lengths(fn, lengths, self.batch, T)
+        if positions is not None:
+            positions = _dispatch.index_array(fn, "positions", positions)
+            sh.check("positions", positions, "B,T")
+        check_room(fn, self._len, lens, self.max_len)
+        for b in range(self.batch):
+            n, start = int(lens[b]), int(self._len[b])
+            self._k[b, start:start + n] = a["k"][b, :n]
+            self._v[b, start:start + n] = a["v"][b, :n]
+            self._pos[b, start:start + n] = positions[b, :n] if positions is not None else np.arange(start, start + n)
+        self._len += lens
+        return self
+
+    def default_q_pos(self, N):
+        idx = self._len[:, None] - N + np.arange(N)                      # (B, N)
+        stored = np.take_along_axis(self._pos, np.clip(idx, 0, max(self.max_len - 1, 0)), axis=1) \
+            if self.max_len else idx
+        return np.where(idx >= 0, stored, idx)
+
+    def attend(self, q, *, causal=True, q_pos=None, scale=None, return_lse=False):
+        N = np.shape(q)[1] if np.ndim(q) == 4 else 0
+        if q_pos is None:
+            q_pos = self.default_q_pos(N)
+        return type(self)._attention(q, self._k, self._v, causal=causal, scale=scale, q_pos=q_pos,
+                                     kv_pos=self._pos, kv_lens=self._len, return_lse=return_lse)

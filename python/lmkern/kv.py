@@ -1,0 +1,1 @@
+"""lmkern.kv (see the SPEC)."""

@@ -1,0 +1,1 @@
+"""lmkern.mor (see the SPEC)."""

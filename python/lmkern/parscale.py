@@ -1,0 +1,1 @@
+"""lmkern.parscale (see the SPEC)."""

@@ -1,0 +1,108 @@
+"""NumPy twins of the core kernels (SPEC 1): attention, rope, KVCache.
+
+Written for clarity, not speed: they are the tests' oracle and a readable statement of the math.
+They materialize the N x M score matrix per batch row, which the kernels never do.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _dispatch
+from .._kvcache import KVCacheBase
+
+
+def _acc_dtype(dtype):
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def default_q_pos(kv_lens, B, N):
+    """Bottom-right alignment: q_pos[b, i] = kv_lens[b] - N + i."""
+    return np.asarray(kv_lens, dtype=np.int64).reshape(B, 1) - N + np.arange(N, dtype=np.int64)
+
+
+def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_lens=None,
+              return_lse=False, out=None, prefix_k=None, prefix_v=None):
+    """out[b,i,h] = softmax over admissible j of scale <q[b,i,h], k[b,j,g]>, applied to v[b,j,g].
+
+    ``prefix_k``/``prefix_v`` (P, L, Hkv, ·) are the ParScale shared prefix: row b also attends to the
+    L keys of prefix b // (B / P), always admissible.  (Public in lmkern.reference.parscale.)
+    """
+    dtype, a = _dispatch.float_arrays("attention", q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
+    q, k, v = a["q"], a["k"], a["v"]
+    acc = _acc_dtype(dtype)
+    B, N, Hq, D = q.shape
+    M, Hkv, E = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv if Hkv else 1
+    scale = D ** -0.5 if scale is None else float(scale)
+    lens = np.full(B, M, np.int64) if kv_lens is None else np.asarray(kv_lens, np.int64).reshape(B)
+    qp = default_q_pos(lens, B, N) if q_pos is None else np.broadcast_to(np.asarray(q_pos, np.int64), (B, N))
+    kp = np.broadcast_to(np.arange(M, dtype=np.int64), (B, M)) if kv_pos is None else \
+        np.broadcast_to(np.asarray(kv_pos, np.int64), (B, M))
+    res = np.zeros((B, N, Hq, E), acc)
+    lse = np.full((B, N, Hq), -np.inf, acc)
+    L = 0 if a["prefix_k"] is None else a["prefix_k"].shape[1]
+    rows = B // a["prefix_k"].shape[0] if L else 1
+    for b in range(B):
+        admissible = np.arange(M)[None, :] < lens[b]                       # (1, M)
+        if causal:
+            admissible = admissible & (kp[b][None, :] <= qp[b][:, None])   # (N, M)
+        admissible = np.broadcast_to(admissible, (N, M))
+        kb = k[b].astype(acc)
+        vb = v[b].astype(acc)
+        if L:
+            kb = np.concatenate([a["prefix_k"][b // rows].astype(acc), kb], axis=0)
+            vb = np.concatenate([a["prefix_v"][b // rows].astype(acc), vb], axis=0)
+            admissible = np.concatenate([np.ones((N, L), bool), admissible], axis=1)
+        for h in range(Hq):
+            g = h // group
+            s = scale * (q[b, :, h].astype(acc) @ kb[:, g].T)              # (N, L + M)
+            s = np.where(admissible, s, -np.inf)
+            m = s.max(axis=1, initial=-np.inf, keepdims=True)
+            m = np.where(np.isfinite(m), m, 0)
+            p = np.where(admissible, np.exp(s - m), 0)
+            l = p.sum(axis=1, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                res[b, :, h] = np.where(l > 0, (p @ vb[:, g]) / np.where(l > 0, l, 1), 0)
+                lse[b, :, h] = np.where(l[:, 0] > 0, np.log(np.where(l[:, 0] > 0, l[:, 0], 1)) + m[:, 0], -np.inf)
+    res = res.astype(dtype)
+    if out is not None:
+        out[...] = res
+        res = out
+    return (res, lse.astype(dtype)) if return_lse else res
+
+
+def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=False, out=None):
+    """Rotates feature pairs of x (B, T, G, D) by theta = pos * base^(-2i/r)."""
+    dtype, a = _dispatch.float_arrays("rope", x=x)
+    x = a["x"]
+    B, T, G, D = x.shape
+    r = D if rotary_dim is None else int(rotary_dim)
+    pos = np.broadcast_to(np.asarray(positions, np.int64), (B, T)).astype(np.float64)
+    inv_freq = base ** (-2.0 * np.arange(r // 2, dtype=np.float64) / r)
+    theta = pos[:, :, None, None] * inv_freq                                 # (B, T, 1, r/2)
+    cos, sin = np.cos(theta), np.sin(theta) * (-1.0 if inverse else 1.0)
+    y = x.astype(np.float64).copy()
+    if style == "half":
+        ia, ib = np.arange(r // 2), np.arange(r // 2) + r // 2
+    else:
+        ia, ib = 2 * np.arange(r // 2), 2 * np.arange(r // 2) + 1
+    xa, xb = y[..., ia].copy(), y[..., ib].copy()
+    y[..., ia] = xa * cos - xb * sin
+    y[..., ib] = xa * sin + xb * cos
+    y = y.astype(dtype)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def rope_(x, positions, **kwargs):
+    """In-place rope."""
+    x[...] = rope(x, positions, **kwargs)
+    return x
+
+
+class KVCache(KVCacheBase):
+    """The plain KV cache of lmkern.KVCache, attending with the NumPy attention twin."""
+
+    _attention = staticmethod(attention)

@@ -1,0 +1,1 @@
+"""NumPy twins of lmkern.kv (see the SPEC)."""

@@ -1,0 +1,1 @@
+"""NumPy twins of lmkern.mor (see the SPEC)."""

@@ -1,0 +1,1 @@
+"""NumPy twins of lmkern.parscale (see the SPEC)."""

@@ -1,0 +1,1 @@
+"""NumPy twins of lmkern.tpa (see the SPEC)."""

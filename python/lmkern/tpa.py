@@ -1,0 +1,1 @@
+"""lmkern.tpa (see the SPEC)."""
