@@ -13,17 +13,19 @@
 #include "lmkern/mor.h"
 #include "lmkern/simd.h"
 
-/* sum_d a[d] * b[d] in float32 (SIMD, two accumulators) */
+/* sum_d a[d] * b[d] in float32 (SIMD, four independent accumulators to hide the FMA latency) */
 static float dot_f32_simd(const float *a, const float *b, int64_t n) {
-    lk_vf s0 = lk_vf_zero(), s1 = lk_vf_zero();
+    lk_vf s0 = lk_vf_zero(), s1 = lk_vf_zero(), s2 = lk_vf_zero(), s3 = lk_vf_zero();
     int64_t d = 0;
-    for (; d + 2 * LK_VF <= n; d += 2 * LK_VF) {
+    for (; d + 4 * LK_VF <= n; d += 4 * LK_VF) {
         s0 = lk_vf_fma(lk_vf_load(a + d), lk_vf_load(b + d), s0);
         s1 = lk_vf_fma(lk_vf_load(a + d + LK_VF), lk_vf_load(b + d + LK_VF), s1);
+        s2 = lk_vf_fma(lk_vf_load(a + d + 2 * LK_VF), lk_vf_load(b + d + 2 * LK_VF), s2);
+        s3 = lk_vf_fma(lk_vf_load(a + d + 3 * LK_VF), lk_vf_load(b + d + 3 * LK_VF), s3);
     }
     for (; d + LK_VF <= n; d += LK_VF) s0 = lk_vf_fma(lk_vf_load(a + d), lk_vf_load(b + d), s0);
     if (d < n) s1 = lk_vf_fma(lk_vf_load_n(a + d, (int)(n - d)), lk_vf_load_n(b + d, (int)(n - d)), s1);
-    return lk_vf_sum(lk_vf_add(s0, s1));
+    return lk_vf_sum(lk_vf_add(lk_vf_add(s0, s1), lk_vf_add(s2, s3)));
 }
 
 /* sum_d a[d] * b[d], four interleaved partial sums (generic path, and float64) */

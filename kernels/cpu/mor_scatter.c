@@ -12,6 +12,7 @@
  * re-read and re-write the updated rows).
  * In place (h == NULL) only the updated rows are touched; the work is split over (row, feature
  * block) so that each element is owned by one thread and sees the j in order. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
@@ -30,6 +31,25 @@ static void axpy_f32_simd(float *dst, const float *src, float g, const float *y,
     }
 }
 
+/* dst[d] = src[d] + g * y[d] (y == NULL: dst[d] = src[d]) with streaming stores for the aligned
+ * body: each output row is written once and not read again by this kernel. */
+static void axpy_f32_stream(float *dst, const float *src, float g, const float *y, int64_t n) {
+    int64_t d = 0;
+    const int64_t head = (int64_t)((LK_VF_ALIGN - ((uintptr_t)dst % LK_VF_ALIGN)) % LK_VF_ALIGN) / 4;
+    if ((uintptr_t)dst % 4 || head >= n) {
+        if (y) axpy_f32_simd(dst, src, g, y, n);
+        else memcpy(dst, src, sizeof(float) * (size_t)n);
+        return;
+    }
+    for (; d < head; d++) dst[d] = y ? fmaf(g, y[d], src[d]) : src[d]; /* fmaf: same rounding as the vector body */
+    const lk_vf gv = lk_vf_set1(g);
+    if (y)
+        for (; d + LK_VF <= n; d += LK_VF) lk_vf_stream(dst + d, lk_vf_fma(gv, lk_vf_load(y + d), lk_vf_load(src + d)));
+    else
+        for (; d + LK_VF <= n; d += LK_VF) lk_vf_stream(dst + d, lk_vf_load(src + d));
+    for (; d < n; d++) dst[d] = y ? fmaf(g, y[d], src[d]) : src[d];
+}
+
 #define LK_DEFINE_AXPY_GENERIC(NAME, T)                                                           \
 static void NAME(T *dst, const T *src, T g, const T *y, int64_t n) {                              \
     for (int64_t d = 0; d < n; d++) dst[d] = src[d] + g * y[d];                                   \
@@ -37,15 +57,25 @@ static void NAME(T *dst, const T *src, T g, const T *y, int64_t n) {            
 LK_DEFINE_AXPY_GENERIC(axpy_f32_generic, float)
 LK_DEFINE_AXPY_GENERIC(axpy_f64_generic, double)
 
+/* the generic path of a row written once: a copy (y == NULL) or one update */
+#define LK_DEFINE_ROW_PLAIN(NAME, T, AXPY)                                                        \
+static void NAME(T *dst, const T *src, T g, const T *y, int64_t n) {                              \
+    if (y) AXPY(dst, src, g, y, n);                                                               \
+    else memcpy(dst, src, sizeof(T) * (size_t)n);                                                 \
+}
+LK_DEFINE_ROW_PLAIN(row_f32_plain, float, axpy_f32_generic)
+LK_DEFINE_ROW_PLAIN(row_f64_plain, double, axpy_f64_generic)
+
 /* per-feature block of the in-place path (elements) */
 #define LK_MOR_SCATTER_BLOCK 2048
 
-#define LK_DEFINE_SCATTER(NAME, FT, AXPY_FAST, AXPY_GENERIC)                                       \
+#define LK_DEFINE_SCATTER(NAME, FT, AXPY_FAST, AXPY_GENERIC, ROW_FAST, ROW_PLAIN)                                       \
 static lk_status NAME(const lk_mor_scatter_params *p) {                                           \
     const int64_t B = p->B, T_ = p->T, k = p->k, Dm = p->Dm;                                      \
     const FT *y = (const FT *)p->y, *gate = (const FT *)p->gate;                                     \
     FT *out = (FT *)p->out;                                                                         \
     void (*axpy)(FT *, const FT *, FT, const FT *, int64_t) = lk_simd_enabled() ? AXPY_FAST : AXPY_GENERIC; \
+    void (*row)(FT *, const FT *, FT, const FT *, int64_t) = lk_simd_enabled() ? ROW_FAST : ROW_PLAIN; \
     if (!p->h) {                                                                                  \
         const int64_t nblk = lk_cdiv(Dm, LK_MOR_SCATTER_BLOCK);                                   \
         _Pragma("omp parallel num_threads(lk_get_num_threads())")                                 \
@@ -85,20 +115,25 @@ static lk_status NAME(const lk_mor_scatter_params *p) {                         
             FT *dst = out + r * Dm;                                                                \
             const FT *src = h + r * Dm;                                                            \
             int64_t j = head[r];                                                                  \
-            if (j < 0) { memcpy(dst, src, sizeof(FT) * (size_t)Dm); continue; }                    \
+            if (j < 0 || next[b * k + j] < 0) { /* written once: a copy or a single update */     \
+                row(dst, src, j < 0 ? (FT)0 : gate ? gate[b * k + j] : (FT)1,                     \
+                    j < 0 ? NULL : y + (b * k + j) * Dm, Dm);                                     \
+                continue;                                                                         \
+            }                                                                                     \
             for (; j >= 0; j = next[b * k + j]) {                                                 \
                 axpy(dst, src, gate ? gate[b * k + j] : (FT)1, y + (b * k + j) * Dm, Dm);          \
                 src = dst;                                                                        \
             }                                                                                     \
         }                                                                                         \
+        lk_stream_fence();                                                                        \
     }                                                                                             \
     free(head);                                                                                   \
     free(next);                                                                                   \
     return LK_OK;                                                                                 \
 }
 
-LK_DEFINE_SCATTER(scatter_f32, float, axpy_f32_simd, axpy_f32_generic)
-LK_DEFINE_SCATTER(scatter_f64, double, axpy_f64_generic, axpy_f64_generic)
+LK_DEFINE_SCATTER(scatter_f32, float, axpy_f32_simd, axpy_f32_generic, axpy_f32_stream, row_f32_plain)
+LK_DEFINE_SCATTER(scatter_f64, double, axpy_f64_generic, axpy_f64_generic, row_f64_plain, row_f64_plain)
 
 lk_status lk_mor_scatter_cpu(const lk_mor_scatter_params *p) {
     for (int64_t i = 0; i < p->B * p->k; i++)

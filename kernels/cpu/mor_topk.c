@@ -56,8 +56,11 @@ static K NAME##_threshold(const T *s, int64_t n, int64_t k, K *keys, K *cand, in
         while (above + hist[d] < w) above += hist[d--];                                           \
         w -= above;                                                                               \
         int64_t m2 = 0;                                                                           \
-        for (int64_t i = 0; i < m; i++)                                                           \
-            if ((int)((src[i] >> shift) & 0xff) == d) cand[m2++] = src[i];                        \
+        for (int64_t i = 0; i < m; i++) { /* branchless compaction: write always, advance on match */ \
+            const K key = src[i];                                                                 \
+            cand[m2] = key;                                                                       \
+            m2 += (int)((key >> shift) & 0xff) == d;                                              \
+        }                                                                                         \
         m = m2;                                                                                   \
         src = cand;                                                                               \
         if (shift == 0 || m == w) break; /* m == w: every survivor is chosen */                   \
@@ -99,12 +102,14 @@ static lk_status NAME(const lk_mor_topk_params *p) {                            
             }                                                                                     \
             int64_t want;                                                                         \
             const K thr = NAME##_threshold(s, n, k, keys, cand, &want);                           \
+            /* branchless emit: write slot j always (j < k holds), advance j on a winner */        \
             for (int64_t i = 0; i < n && j < k; i++) {                                            \
                 const K key = keys[i];                                                            \
-                if (key > thr || (key == thr && want-- > 0)) {                                    \
-                    idx[j] = cd ? cd[i] : i;                                                      \
-                    gate[j++] = s[i];                                                             \
-                }                                                                                 \
+                const int64_t tie = (key == thr) & (want > 0);                                    \
+                want -= tie;                                                                      \
+                idx[j] = cd ? cd[i] : i;                                                          \
+                gate[j] = s[i];                                                                   \
+                j += (key > thr) | tie;                                                           \
             }                                                                                     \
         }                                                                                         \
         free(keys);                                                                               \
