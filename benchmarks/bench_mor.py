@@ -17,11 +17,22 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import HAVE_TORCH, Table, timeit, torch, torch_threads  # noqa: E402
+from _harness import HAVE_TORCH, Table, torch, torch_threads  # noqa: E402
+from _harness import timeit as _timeit  # noqa: E402
 
 import lmkern  # noqa: E402
 from lmkern import mor  # noqa: E402
 from lmkern.reference import mor as ref  # noqa: E402
+
+
+_QUICK = False
+
+
+def timeit(fn, **kw):
+    """The harness's timeit; --quick takes one short sample (a smoke test, not a measurement)."""
+    if _QUICK:
+        return _timeit(fn, repeat=1, min_time=0, warmup=0)
+    return _timeit(fn, **kw)
 
 
 def bench_router(table, rng, B, T, Dm, C, quick):
@@ -136,6 +147,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     args = ap.parse_args(argv)
     quick = args.quick
+    global _QUICK
+    _QUICK = quick
     torch_threads()
     rng = np.random.default_rng(0)
     table = Table("mor")
