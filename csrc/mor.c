@@ -221,7 +221,60 @@ fail:
     return result;
 }
 
+/* _core.mor_loss(kind, x, depth, target, eligible) -> float.  x (rows, C) float32/float64
+ * (bce: (rows, 1)); depth (rows,) int64 (balance) or None; target (rows,) float64 (bce) or None;
+ * eligible (rows,) uint8/bool (bce) or None. */
+static PyObject *py_mor_loss(PyObject *self, PyObject *args) {
+    static const char *fn = "mor.loss";
+    int kind;
+    PyObject *x_o, *depth_o, *target_o, *elig_o;
+    if (!PyArg_ParseTuple(args, "iOOOO", &kind, &x_o, &depth_o, &target_o, &elig_o)) return NULL;
+    PyObject *result = NULL;
+    PyArrayObject *x = NULL, *depth = NULL, *target = NULL, *elig = NULL;
+    const int typenum = kernel_typenum(x_o);
+    if (kind < LK_MOR_LOSS_BALANCE || kind > LK_MOR_LOSS_BCE) {
+        PyErr_Format(PyExc_ValueError, "%s: unknown loss kind %d", fn, kind);
+        return NULL;
+    }
+    if (!(x = lk_float_in(x_o, typenum, fn, "x"))) goto fail;
+    npy_intp xd[2] = {-1, kind == LK_MOR_LOSS_BCE ? 1 : -1};
+    if (lk_check_dims(fn, "x", x, "(rows, C)", 2, xd) < 0) goto fail;
+    const npy_intp rows = PyArray_DIM(x, 0), C = PyArray_DIM(x, 1);
+    npy_intp rd[1] = {rows};
+    lk_mor_loss_params p = {0};
+    if (kind == LK_MOR_LOSS_BALANCE) {
+        if (!(depth = lk_index_in(depth_o, fn, "depth"))) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "%s: depth is required", fn);
+            goto fail;
+        }
+        if (lk_check_dims(fn, "depth", depth, "(rows,)", 1, rd) < 0) goto fail;
+        p.depth = PyArray_DATA(depth);
+    }
+    if (kind == LK_MOR_LOSS_BCE) {
+        if (!(target = lk_typed_in(target_o, NPY_FLOAT64, fn, "target"))) goto fail;
+        if (lk_check_dims(fn, "target", target, "(rows,)", 1, rd) < 0) goto fail;
+        p.target = PyArray_DATA(target);
+        if (elig_o != Py_None) {
+            if (!(elig = lk_typed_in(elig_o, NPY_BOOL, fn, "eligible"))) goto fail;
+            if (lk_check_dims(fn, "eligible", elig, "(rows,)", 1, rd) < 0) goto fail;
+            p.eligible = PyArray_DATA(elig);
+        }
+    }
+    p.dtype = typenum == NPY_FLOAT64 ? LK_F64 : LK_F32;
+    p.kind = kind; p.rows = rows; p.C = C; p.x = PyArray_DATA(x);
+    lk_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = lk_mor_loss_cpu(&p);
+    Py_END_ALLOW_THREADS
+    if (lk_raise_status(st, fn) < 0) goto fail;
+    result = PyFloat_FromDouble(p.result);
+fail:
+    Py_XDECREF(x); Py_XDECREF(depth); Py_XDECREF(target); Py_XDECREF(elig);
+    return result;
+}
+
 PyMethodDef lk_mor_methods[] = {
+    {"mor_loss", py_mor_loss, METH_VARARGS, "router losses kernel (see lmkern.mor.balance_loss, z_loss, router_bce)"},
     {"mor_router", py_mor_router, METH_VARARGS, "router scores kernel (see lmkern.mor.router_scores)"},
     {"mor_topk", py_mor_topk, METH_VARARGS, "expert-choice top-k kernel (see lmkern.mor.expert_choice)"},
     {"mor_token_choice", py_mor_token_choice, METH_VARARGS, "token-choice kernel (see lmkern.mor.token_choice)"},

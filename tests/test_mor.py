@@ -525,3 +525,25 @@ def test_bench_quick_runs(capsys):
     table = bench_mor.main(["--quick"])
     assert len(table.rows) == 6
     assert "expert_choice" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_losses_many_tokens_match_twin_for_any_thread_count(rng, dtype):
+    B, T, C = 3, 3001, 4  # several reduction blocks
+    logits = randn(rng, (B, T, C), dtype) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    depth = rng.integers(1, C + 1, (B, T))
+    sel = rng.random((B, T)) < 0.4
+    elig = rng.random((B, T)) < 0.8
+    got = (mor.balance_loss(probs, depth), mor.z_loss(logits), mor.z_loss(logits[..., 0]),
+           mor.router_bce(logits[..., 1], sel, eligible=elig), mor.router_bce(noncontig(logits[..., 1]), sel))
+    want = (ref.balance_loss(probs, depth), ref.z_loss(logits), ref.z_loss(logits[..., 0]),
+            ref.router_bce(logits[..., 1], sel, eligible=elig), ref.router_bce(logits[..., 1], sel))
+    for g, w in zip(got, want):
+        assert isinstance(g, float) and g == pytest.approx(w, rel=1e-12)
+    with one_thread():
+        again = (mor.balance_loss(probs, depth), mor.z_loss(logits), mor.z_loss(logits[..., 0]),
+                 mor.router_bce(logits[..., 1], sel, eligible=elig), mor.router_bce(noncontig(logits[..., 1]), sel))
+    assert again == got  # bitwise, whatever the thread count
+    inf_logits = np.array([[[-np.inf, 0.0], [np.inf, 1.0]]])
+    assert mor.z_loss(inf_logits) == ref.z_loss(inf_logits) == np.inf

@@ -383,37 +383,36 @@ def scatter_residual_(h, idx, y, gate=None):
 # ----------------------------------------------------------------------------------------------
 # router losses (forward values)
 
+_LOSS_BALANCE, _LOSS_Z, _LOSS_BCE = 0, 1, 2
+
+
 def balance_loss(probs, depth):
     """Load-balancing loss ``sum_i f_i P_i`` (SPEC 3.7).
 
-    ``probs (B,T,C)``, ``depth (B,T)`` in ``[1, C]``: ``P_i`` = mean of ``probs[..., i]``,
-    ``f_i = C *`` fraction of tokens with ``depth == i + 1``.  A uniform router with uniform depths
-    gives 1.  Returns a float (float64 arithmetic); no tokens gives NaN.
+    ``probs (B,T,C)``, ``depth (B,T)`` in ``[1, C]`` (ValueError otherwise): ``P_i`` = mean of
+    ``probs[..., i]``, ``f_i = C *`` fraction of tokens with ``depth == i + 1``.  A uniform router
+    with uniform depths gives 1.  Returns a float, reduced in float64 over fixed token blocks (the
+    same value for every thread count); no tokens gives NaN.
     """
+    if _dispatch.route("balance_loss", probs=probs, depth=depth) == "cuda":
+        _cuda_unavailable("balance_loss")
     p, depth = _check_balance(probs, depth)
     B, T, C = p.shape
-    n = B * T
-    if n == 0:
-        return float("nan")
-    P = p.reshape(n, C).mean(axis=0, dtype=np.float64)
-    f = C * np.bincount(depth.ravel() - 1, minlength=C)[:C] / n
-    return float(np.dot(f, P))
+    return _core.mor_loss(_LOSS_BALANCE, p.reshape(B * T, C), depth.reshape(B * T), None, None)
 
 
 def z_loss(logits):
     """Router z-loss: mean over tokens of ``logsumexp(logits, -1)^2`` for ``(B,T,C)`` logits, and
     of ``logit^2`` for ``(B,T)`` logits (one sigmoid router output per token) (SPEC 3.7).
-    Returns a float (float64 arithmetic, max-stabilized logsumexp); no tokens gives NaN."""
-    x = _check_z_loss(logits).astype(np.float64)
-    if x.size == 0 and (x.ndim == 2 or x.shape[0] * x.shape[1] == 0):
-        return float("nan")
-    if x.ndim == 2:
-        return float(np.mean(x * x))
-    m = x.max(axis=-1, keepdims=True)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        lse = np.log(np.exp(x - m_safe).sum(axis=-1)) + m_safe[..., 0]
-    return float(np.mean(lse * lse))
+    Returns a float (float64 arithmetic, max-stabilized logsumexp, so logits of 1000 are fine);
+    no tokens gives NaN."""
+    if _dispatch.route("z_loss", logits=logits) == "cuda":
+        _cuda_unavailable("z_loss")
+    x = _check_z_loss(logits)
+    x2 = x.reshape(-1, 1) if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+    if x.ndim == 3 and x.shape[-1] == 0:
+        return float("nan") if x2.shape[0] == 0 else float("-inf") ** 2
+    return _core.mor_loss(_LOSS_Z, x2, None, None, None)
 
 
 def router_bce(logits, selected, *, eligible=None):
@@ -427,12 +426,12 @@ def router_bce(logits, selected, *, eligible=None):
     This is what keeps expert-choice routing causal at decode time: the router learns to output
     ``sigmoid > 0.5`` exactly for the tokens top-k would choose.  No eligible token gives NaN.
     """
+    if _dispatch.route("router_bce", logits=logits, selected=selected, eligible=eligible) == "cuda":
+        _cuda_unavailable("router_bce")
     x, y, e = _check_router_bce(logits, selected, eligible)
-    x = x.astype(np.float64)[e]
-    y = y.astype(np.float64)[e]
-    if x.size == 0:
-        return float("nan")
-    return float(np.mean(np.maximum(x, 0.0) - x * y + np.log1p(np.exp(-np.abs(x)))))
+    n = x.size
+    return _core.mor_loss(_LOSS_BCE, x.reshape(n, 1), None, np.ascontiguousarray(y, np.float64).reshape(n),
+                          None if eligible is None else np.ascontiguousarray(e).reshape(n))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -83,6 +83,28 @@ typedef struct {
 } lk_mor_scatter_params;
 lk_status lk_mor_scatter_cpu(const lk_mor_scatter_params *p);
 
+/* Router losses (forward values), reduced in double over fixed blocks of LK_MOR_LOSS_BLOCK rows
+ * whose partials are added in block order: the result does not depend on the thread count.
+ *   LK_MOR_LOSS_BALANCE: x = probs (rows, C), depth (rows,) in [1, C]:
+ *       sum_i f_i P_i,  P_i = mean_r x[r, i],  f_i = C * #{r : depth[r] == i + 1} / rows
+ *   LK_MOR_LOSS_Z:  x = logits (rows, C): mean_r logsumexp(x[r])^2  (C == 1: mean_r x[r]^2)
+ *   LK_MOR_LOSS_BCE: x = logits (rows,), target (rows,) double, eligible (rows,) or NULL:
+ *       mean over eligible r of max(x, 0) - x t + log(1 + e^-|x|)
+ * A mean over zero rows is NaN. */
+typedef enum { LK_MOR_LOSS_BALANCE = 0, LK_MOR_LOSS_Z = 1, LK_MOR_LOSS_BCE = 2 } lk_mor_loss_kind;
+#define LK_MOR_LOSS_BLOCK 4096
+typedef struct {
+    lk_dtype dtype;
+    int kind;
+    int64_t rows, C;
+    const void *x;
+    const int64_t *depth;
+    const double *target;
+    const uint8_t *eligible;
+    double result;
+} lk_mor_loss_params;
+lk_status lk_mor_loss_cpu(lk_mor_loss_params *p);
+
 #ifdef __cplusplus
 }
 #endif
