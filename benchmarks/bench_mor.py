@@ -107,6 +107,19 @@ def bench_gather_scatter(table, rng, B, T, Dm, k, quick):
     table.add(f"scatter_residual {shape}", t, nbytes=4.0 * (2 * B * T * Dm + B * k * Dm + B * k) + 8.0 * B * k,
               baselines=base)
 
+    out = np.empty_like(h)
+    t = timeit(lambda: mor.scatter_residual(h, idx, y, gate, out=out))
+    base = {}
+    if HAVE_TORCH:
+        tout = torch.from_numpy(out)
+
+        def torch_scatter_out():
+            tout.copy_(th)
+            return tout.scatter_add_(1, ix, tg[..., None] * ty)
+        base["torch copy_+scatter_add_"] = timeit(torch_scatter_out)
+    table.add(f"scatter_residual out= (preallocated) {shape}", t,
+              nbytes=4.0 * (2 * B * T * Dm + B * k * Dm + B * k) + 8.0 * B * k, baselines=base)
+
     hh = h.copy()
     t = timeit(lambda: mor.scatter_residual_(hh, idx, y, gate))
     base = {}

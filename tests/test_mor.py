@@ -523,7 +523,7 @@ def test_bench_quick_runs(capsys):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import bench_mor
     table = bench_mor.main(["--quick"])
-    assert len(table.rows) == 6
+    assert len(table.rows) == 7
     assert "expert_choice" in capsys.readouterr().out
 
 

@@ -158,9 +158,10 @@ def _check_gather(h, idx):
 def _check_scatter(fn, h, idx, y, gate, dtype=None):
     if dtype is None:
         dtype, a = _dispatch.float_arrays(fn, h=h, y=y, gate=gate)
-    else:  # in place: everything in h's dtype
-        _, a = _dispatch.float_arrays(fn, h=h, y=y, gate=gate)
+    else:  # in place: h is used as it is, y and gate are cast to its dtype
+        _, a = _dispatch.float_arrays(fn, y=y, gate=gate)
         a = {n: (None if v is None else v.astype(dtype, copy=False)) for n, v in a.items()}
+        a["h"] = h
     idx = _dispatch.index_array(fn, "idx", idx)
     if idx is None:
         raise ValueError(f"{fn}: idx is required")
