@@ -118,6 +118,9 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None, q
         return _cuda_prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale, q_pos=q_pos,
                                       kv_pos=kv_pos, kv_lens=kv_lens, return_lse=return_lse, out=out)
     P, rows = _prefix_streams(fn, q, prefix_k)
+    if rows == 0:
+        # no rows: nothing reads a prefix, and prefix_rows = B / P would be 0 (its shape is still checked)
+        prefix_k, prefix_v, P = np.asarray(prefix_k)[:0], None if prefix_v is None else np.asarray(prefix_v)[:0], 0
     return attention_impl(fn, q, k, v, causal=causal, scale=scale, q_pos=q_pos, kv_pos=kv_pos, kv_lens=kv_lens,
                           return_lse=return_lse, out=out, prefix_k=prefix_k, prefix_v=prefix_v, P=P)
 
@@ -129,8 +132,8 @@ def _prefix_streams(fn, q, prefix_k):
     if np.ndim(q) < 1:
         raise ValueError(f"{fn}: q has shape (); expected (P·B, N, Hq, D)")
     P, rows = int(np.shape(prefix_k)[0]), int(np.shape(q)[0])
-    if P == 0 and rows == 0:
-        return 1, 0
+    if rows == 0:
+        return P, 0
     if P == 0 or rows % P:
         raise ValueError(f"{fn}: q has P·B = {rows} rows, which is not divisible by P = {P} "
                          f"(the streams of prefix_k)")
