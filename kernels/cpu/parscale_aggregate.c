@@ -20,6 +20,10 @@
 
 /* ---------------------------------------------------------------- gather */
 
+#define LK_GATHER_ROW(T, NP, ur, hr, stream, j0, j1)                                              \
+    for (int64_t j = (j0); j < (j1); j++)                                                          \
+        for (int64_t s = 0; s < (NP); s++) (ur)[j * (NP) + s] = (hr)[s * (stream) + j]
+
 #define LK_DEFINE_GATHER(NAME, T)                                                                  \
 static void NAME(const lk_parscale_gather_params *p) {                                             \
     const int64_t P = p->P, R = p->R, Hd = p->Hd, nblk = lk_cdiv(Hd, LK_PARSCALE_BLOCK);           \
@@ -34,9 +38,16 @@ static void NAME(const lk_parscale_gather_params *p) {                          
             const int64_t j1 = lk_min_i64(j0 + LK_PARSCALE_BLOCK, Hd);                             \
             T *ur = u + r * P * Hd;                                                                \
             if (p->interleaved) {                                                                  \
-                /* u[r, j·P + p] = h[p·R + r, j]: write the row in order, read P streams */        \
-                for (int64_t j = j0; j < j1; j++)                                                  \
-                    for (int64_t s = 0; s < P; s++) ur[j * P + s] = h[(s * R + r) * Hd + j];       \
+                /* u[r, j·P + p] = h[p·R + r, j]: write the row in order, read P streams;          \
+                 * a constant P for the common counts lets the compiler unroll the inner loop */   \
+                const T *hr = h + r * Hd;                                                          \
+                const int64_t stream = R * Hd;                                                     \
+                switch (P) {                                                                       \
+                case 2: LK_GATHER_ROW(T, 2, ur, hr, stream, j0, j1); break;                        \
+                case 4: LK_GATHER_ROW(T, 4, ur, hr, stream, j0, j1); break;                        \
+                case 8: LK_GATHER_ROW(T, 8, ur, hr, stream, j0, j1); break;                        \
+                default: LK_GATHER_ROW(T, P, ur, hr, stream, j0, j1); break;                       \
+                }                                                                                  \
             } else {                                                                               \
                 /* u[r, p·Hd + j] = h[p·R + r, j] */                                               \
                 for (int64_t s = 0; s < P; s++)                                                    \
