@@ -8,12 +8,14 @@
 
 static const char *FN_AGG = "parscale.aggregate";
 
-/* _core.parscale_gather(h, u, P, interleaved): h (P·R, Hd) -> u (R, P·Hd), u written. */
+/* Every binding takes an optional last argument `threads` (0, the default: lmkern's setting). */
+
+/* _core.parscale_gather(h, u, P, interleaved[, threads]): h (P·R, Hd) -> u (R, P·Hd), u written. */
 static PyObject *py_parscale_gather(PyObject *self, PyObject *args) {
     PyObject *h_o, *u_o;
     Py_ssize_t P;
-    int interleaved;
-    if (!PyArg_ParseTuple(args, "OOnp", &h_o, &u_o, &P, &interleaved)) return NULL;
+    int interleaved, threads = 0;
+    if (!PyArg_ParseTuple(args, "OOnp|i", &h_o, &u_o, &P, &interleaved, &threads)) return NULL;
     PyObject *result = NULL;
     PyArrayObject *h = NULL, *u = NULL;
     const int typenum = lk_float_typenum(h_o);
@@ -33,6 +35,7 @@ static PyObject *py_parscale_gather(PyObject *self, PyObject *args) {
     p.P = P; p.R = R; p.Hd = Hd;
     p.h = PyArray_DATA(h); p.u = PyArray_DATA(u);
     p.interleaved = interleaved;
+    p.threads = threads;
     lk_status st;
     Py_BEGIN_ALLOW_THREADS
     st = lk_parscale_gather_cpu(&p);
@@ -44,10 +47,11 @@ fail:
     return result;
 }
 
-/* _core.parscale_bias_silu_(x, bias): x (R, Hh) = silu(x + bias) in place; bias (Hh,) or None. */
+/* _core.parscale_bias_silu_(x, bias[, threads]): x (R, Hh) = silu(x + bias) in place; bias (Hh,) or None. */
 static PyObject *py_parscale_bias_silu_(PyObject *self, PyObject *args) {
     PyObject *x_o, *b_o;
-    if (!PyArg_ParseTuple(args, "OO", &x_o, &b_o)) return NULL;
+    int threads = 0;
+    if (!PyArg_ParseTuple(args, "OO|i", &x_o, &b_o, &threads)) return NULL;
     PyObject *result = NULL;
     PyArrayObject *x = NULL, *b = NULL;
     const int typenum = lk_float_typenum(x_o);
@@ -64,6 +68,7 @@ static PyObject *py_parscale_bias_silu_(PyObject *self, PyObject *args) {
     p.R = R; p.Hh = Hh;
     p.x = PyArray_DATA(x);
     p.bias = b ? PyArray_DATA(b) : NULL;
+    p.threads = threads;
     lk_status st;
     Py_BEGIN_ALLOW_THREADS
     st = lk_parscale_bias_silu_cpu(&p);
@@ -75,13 +80,14 @@ fail:
     return result;
 }
 
-/* _core.parscale_mix(h, z, b2, y, weights, P, smoothing): h (P·R, Hd), z (R, P), b2 (P,) or None,
+/* _core.parscale_mix(h, z, b2, y, weights, P, smoothing[, threads]): h (P·R, Hd), z (R, P), b2 (P,) or None,
  * y (R, Hd) written, weights (R, P) float32 or None written. */
 static PyObject *py_parscale_mix(PyObject *self, PyObject *args) {
     PyObject *h_o, *z_o, *b2_o, *y_o, *w_o;
     Py_ssize_t P;
     double smoothing;
-    if (!PyArg_ParseTuple(args, "OOOOOnd", &h_o, &z_o, &b2_o, &y_o, &w_o, &P, &smoothing)) return NULL;
+    int threads = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOnd|i", &h_o, &z_o, &b2_o, &y_o, &w_o, &P, &smoothing, &threads)) return NULL;
     PyObject *result = NULL;
     PyArrayObject *h = NULL, *z = NULL, *b2 = NULL, *y = NULL, *w = NULL;
     const int typenum = lk_float_typenum(h_o);
@@ -114,6 +120,7 @@ static PyObject *py_parscale_mix(PyObject *self, PyObject *args) {
     p.smoothing = smoothing;
     p.y = PyArray_DATA(y);
     p.weights = w ? (float *)PyArray_DATA(w) : NULL;
+    p.threads = threads;
     lk_status st;
     Py_BEGIN_ALLOW_THREADS
     st = lk_parscale_mix_cpu(&p);

@@ -15,6 +15,9 @@
 #include "lmkern/parscale.h"
 #include "lmkern/simd.h"
 
+/* the team size: params.threads, or lmkern's setting when 0 */
+static inline int lk_parscale_threads(int threads) { return threads > 0 ? threads : lk_get_num_threads(); }
+
 /* columns per work item: 1 KiB of float32 per stream row, small enough to split a decode row */
 #define LK_PARSCALE_BLOCK 256
 
@@ -29,7 +32,7 @@ static void NAME(const lk_parscale_gather_params *p) {                          
     const int64_t P = p->P, R = p->R, Hd = p->Hd, nblk = lk_cdiv(Hd, LK_PARSCALE_BLOCK);           \
     const T *h = (const T *)p->h;                                                                  \
     T *u = (T *)p->u;                                                                              \
-    _Pragma("omp parallel num_threads(lk_get_num_threads())")                                      \
+    _Pragma("omp parallel num_threads(lk_parscale_threads(p->threads))")                           \
     {                                                                                              \
         int64_t lo, hi;                                                                            \
         lk_chunk(R * nblk, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);                 \
@@ -76,7 +79,7 @@ static void NAME(const lk_parscale_bias_silu_params *p) {                       
     const int64_t R = p->R, Hh = p->Hh;                                                            \
     T *x = (T *)p->x;                                                                              \
     const T *bias = (const T *)p->bias;                                                            \
-    _Pragma("omp parallel num_threads(lk_get_num_threads())")                                      \
+    _Pragma("omp parallel num_threads(lk_parscale_threads(p->threads))")                           \
     {                                                                                              \
         int64_t lo, hi;                                                                            \
         lk_chunk(R, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);                        \
@@ -99,7 +102,7 @@ static void lk_bias_silu_f32_simd(const lk_parscale_bias_silu_params *p) {
     float *x = (float *)p->x;
     const float *bias = (const float *)p->bias;
     const lk_vf one = lk_vf_set1(1.0f), zero = lk_vf_zero();
-    #pragma omp parallel num_threads(lk_get_num_threads())
+    #pragma omp parallel num_threads(lk_parscale_threads(p->threads))
     {
         int64_t lo, hi;
         lk_chunk(R, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
@@ -160,7 +163,7 @@ static lk_status NAME(const lk_parscale_mix_params *p) {                        
     const T *h = (const T *)p->h;                                                                  \
     T *y = (T *)p->y;                                                                              \
     int failed = 0;                                                                                \
-    _Pragma("omp parallel num_threads(lk_get_num_threads()) reduction(|:failed)")                  \
+    _Pragma("omp parallel num_threads(lk_parscale_threads(p->threads)) reduction(|:failed)")       \
     {                                                                                              \
         double *w = (double *)malloc(sizeof(double) * (size_t)P);                                  \
         T *wt = (T *)malloc(sizeof(T) * (size_t)P);                                                \

@@ -14,6 +14,7 @@ stream-major throughout: row ``p·B + b`` of a ``(P·B, ...)`` array is stream `
 from __future__ import annotations
 
 import operator
+import os
 
 import numpy as np
 
@@ -21,6 +22,12 @@ from . import _core, _dispatch
 from ._attention import attention_impl
 
 __all__ = ["expand", "prefix_attention", "aggregate", "kv_cache_bytes"]
+
+# aggregate's own kernels sit between multi-threaded BLAS calls.  libgomp keeps an OpenMP team
+# spinning for a while after each parallel region, on the very cores the next GEMM needs (on 2
+# cores that made the first GEMM twice as slow), so they run on the calling thread unless OpenMP
+# threads sleep when idle (OMP_WAIT_POLICY=passive), in which case they use every thread.
+_AGG_THREADS = 0 if os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive" else 1
 
 
 # ---------------------------------------------------------------- argument checks (shared with the twins)
@@ -189,17 +196,17 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
     R = B * T
     hc = np.ascontiguousarray(a["h"]).reshape(P * R, Hd)
     u = np.empty((R, P * Hd), dtype)
-    _core.parscale_gather(hc, u, P, layout == "interleaved")
+    _core.parscale_gather(hc, u, P, layout == "interleaved", _AGG_THREADS)
     x = u @ a["w1"].T                                            # (R, Hh), BLAS
     del u
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
-    _core.parscale_bias_silu_(x, np.ascontiguousarray(a["b1"]))
+    _core.parscale_bias_silu_(x, np.ascontiguousarray(a["b1"]), _AGG_THREADS)
     z = np.ascontiguousarray(x @ a["w2"].T)                      # (R, P), BLAS
     buf = _dispatch.prepare_out(fn, out, (B, T, Hd), dtype)
     wts = np.empty((B, T, P), np.float32) if return_weights else None
     _core.parscale_mix(hc, z, np.ascontiguousarray(a["b2"]), buf.reshape(R, Hd),
-                       None if wts is None else wts.reshape(R, P), P, float(smoothing))
+                       None if wts is None else wts.reshape(R, P), P, float(smoothing), _AGG_THREADS)
     y = _dispatch.finish_out(buf, out)
     return (y, wts) if return_weights else y
 

@@ -6,7 +6,11 @@
  *   x   = lk_parscale_bias_silu(x, b1)      in place: x = silu(x + b1)
  *   z   = x @ w2^T                          (R, P)    BLAS, not here
  *   y   = lk_parscale_mix(h, z, b2)         w = smoothed softmax_P(z + b2); y[r] = sum_p w[r,p] h[p,r]
- * Every array is C-contiguous; dtype LK_F32 or LK_F64 (one per call). */
+ * Every array is C-contiguous; dtype LK_F32 or LK_F64 (one per call).
+ *
+ * threads: 0 uses lk_get_num_threads(); lmkern.parscale.aggregate passes 1, because between two
+ * multi-threaded BLAS calls an OpenMP team's idle spinning (libgomp spins after each region) takes
+ * the cores the next GEMM needs: on 2 cores that made the first GEMM twice as slow. */
 #ifndef LMKERN_PARSCALE_H
 #define LMKERN_PARSCALE_H
 
@@ -23,6 +27,7 @@ typedef struct {
     const void *h;                /* (P·R, Hd) */
     void *u;                      /* (R, P·Hd) */
     int interleaved;              /* 1: u[j·P + p]; 0: u[p·Hd + j] */
+    int threads;                  /* 0: lk_get_num_threads() */
 } lk_parscale_gather_params;
 
 lk_status lk_parscale_gather_cpu(const lk_parscale_gather_params *p);
@@ -33,6 +38,7 @@ typedef struct {
     int64_t R, Hh;
     void *x;                      /* (R, Hh) */
     const void *bias;             /* (Hh,) or NULL */
+    int threads;                  /* 0: lk_get_num_threads() */
 } lk_parscale_bias_silu_params;
 
 lk_status lk_parscale_bias_silu_cpu(const lk_parscale_bias_silu_params *p);
@@ -48,6 +54,7 @@ typedef struct {
     double smoothing;
     void *y;                      /* (R, Hd) */
     float *weights;               /* (R, P) float32, or NULL */
+    int threads;                  /* 0: lk_get_num_threads() */
 } lk_parscale_mix_params;
 
 lk_status lk_parscale_mix_cpu(const lk_parscale_mix_params *p);
