@@ -31,6 +31,7 @@ static inline void lk_vf_store_n(float *p, lk_vf v, int n) {
 static inline lk_vf lk_vf_add(lk_vf a, lk_vf b) { return _mm512_add_ps(a, b); }
 static inline lk_vf lk_vf_sub(lk_vf a, lk_vf b) { return _mm512_sub_ps(a, b); }
 static inline lk_vf lk_vf_mul(lk_vf a, lk_vf b) { return _mm512_mul_ps(a, b); }
+static inline lk_vf lk_vf_div(lk_vf a, lk_vf b) { return _mm512_div_ps(a, b); }
 static inline lk_vf lk_vf_fma(lk_vf a, lk_vf b, lk_vf c) { return _mm512_fmadd_ps(a, b, c); } /* a*b+c */
 static inline lk_vf lk_vf_max(lk_vf a, lk_vf b) { return _mm512_max_ps(a, b); }
 static inline lk_vf lk_vf_min(lk_vf a, lk_vf b) { return _mm512_min_ps(a, b); }
@@ -69,6 +70,7 @@ static inline void lk_vf_store_n(float *p, lk_vf v, int n) { _mm256_maskstore_ps
 static inline lk_vf lk_vf_add(lk_vf a, lk_vf b) { return _mm256_add_ps(a, b); }
 static inline lk_vf lk_vf_sub(lk_vf a, lk_vf b) { return _mm256_sub_ps(a, b); }
 static inline lk_vf lk_vf_mul(lk_vf a, lk_vf b) { return _mm256_mul_ps(a, b); }
+static inline lk_vf lk_vf_div(lk_vf a, lk_vf b) { return _mm256_div_ps(a, b); }
 static inline lk_vf lk_vf_fma(lk_vf a, lk_vf b, lk_vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline lk_vf lk_vf_max(lk_vf a, lk_vf b) { return _mm256_max_ps(a, b); }
 static inline lk_vf lk_vf_min(lk_vf a, lk_vf b) { return _mm256_min_ps(a, b); }
@@ -110,6 +112,7 @@ static inline void lk_vf_store_n(float *p, lk_vf v, int n) { for (int i = 0; i <
 static inline lk_vf lk_vf_add(lk_vf a, lk_vf b) { return a + b; }
 static inline lk_vf lk_vf_sub(lk_vf a, lk_vf b) { return a - b; }
 static inline lk_vf lk_vf_mul(lk_vf a, lk_vf b) { return a * b; }
+static inline lk_vf lk_vf_div(lk_vf a, lk_vf b) { return a / b; }
 static inline lk_vf lk_vf_fma(lk_vf a, lk_vf b, lk_vf c) { return a * b + c; }
 static inline lk_vf lk_vf_max(lk_vf a, lk_vf b) { return a > b ? a : b; }
 static inline lk_vf lk_vf_min(lk_vf a, lk_vf b) { return a < b ? a : b; }
