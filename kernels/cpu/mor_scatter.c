@@ -12,7 +12,6 @@
  * re-read and re-write the updated rows).
  * In place (h == NULL) only the updated rows are touched; the work is split over (row, feature
  * block) so that each element is owned by one thread and sees the j in order. */
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
@@ -41,13 +40,23 @@ static void axpy_f32_stream(float *dst, const float *src, float g, const float *
         else memcpy(dst, src, sizeof(float) * (size_t)n);
         return;
     }
-    for (; d < head; d++) dst[d] = y ? fmaf(g, y[d], src[d]) : src[d]; /* fmaf: same rounding as the vector body */
     const lk_vf gv = lk_vf_set1(g);
+    /* head and tail through the same vector primitive as the body (and as axpy_f32_simd), so the
+     * rounding is the same whichever path a row takes */
+    if (head) {
+        if (y) lk_vf_store_n(dst, lk_vf_fma(gv, lk_vf_load_n(y, (int)head), lk_vf_load_n(src, (int)head)), (int)head);
+        else memcpy(dst, src, sizeof(float) * (size_t)head);
+        d = head;
+    }
     if (y)
         for (; d + LK_VF <= n; d += LK_VF) lk_vf_stream(dst + d, lk_vf_fma(gv, lk_vf_load(y + d), lk_vf_load(src + d)));
     else
         for (; d + LK_VF <= n; d += LK_VF) lk_vf_stream(dst + d, lk_vf_load(src + d));
-    for (; d < n; d++) dst[d] = y ? fmaf(g, y[d], src[d]) : src[d];
+    if (d < n) {
+        const int r = (int)(n - d);
+        if (y) lk_vf_store_n(dst + d, lk_vf_fma(gv, lk_vf_load_n(y + d, r), lk_vf_load_n(src + d, r)), r);
+        else memcpy(dst + d, src + d, sizeof(float) * (size_t)r);
+    }
 }
 
 #define LK_DEFINE_AXPY_GENERIC(NAME, T)                                                           \

@@ -114,16 +114,26 @@ static inline lk_vf lk_vf_sub(lk_vf a, lk_vf b) { return a - b; }
 static inline lk_vf lk_vf_mul(lk_vf a, lk_vf b) { return a * b; }
 static inline lk_vf lk_vf_div(lk_vf a, lk_vf b) { return a / b; }
 static inline lk_vf lk_vf_fma(lk_vf a, lk_vf b, lk_vf c) { return a * b + c; }
-static inline lk_vf lk_vf_max(lk_vf a, lk_vf b) { return a > b ? a : b; }
-static inline lk_vf lk_vf_min(lk_vf a, lk_vf b) { return a < b ? a : b; }
+/* lanes of m that are all ones take a, the others b (C has no ?: on vectors; comparisons give masks) */
+static inline lk_vf lk__vsel(lk__vi m, lk_vf a, lk_vf b) {
+    lk__vi ai, bi;
+    memcpy(&ai, &a, sizeof a);
+    memcpy(&bi, &b, sizeof b);
+    lk__vi r = (ai & m) | (bi & ~m);
+    lk_vf out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+static inline lk_vf lk_vf_max(lk_vf a, lk_vf b) { return lk__vsel(a > b, a, b); }
+static inline lk_vf lk_vf_min(lk_vf a, lk_vf b) { return lk__vsel(a < b, a, b); }
 static inline float lk_vf_sum(lk_vf v) { float s = 0; for (int i = 0; i < LK_VF; i++) s += v[i]; return s; }
 static inline float lk_vf_hmax(lk_vf v) { float m = v[0]; for (int i = 1; i < LK_VF; i++) m = v[i] > m ? v[i] : m; return m; }
 static inline lk_vf lk_vf_round(lk_vf v) { for (int i = 0; i < LK_VF; i++) v[i] = nearbyintf(v[i]); return v; }
 static inline lk_vf lk_vf_pow2i(lk_vf n) {
     lk_vf r; for (int i = 0; i < LK_VF; i++) r[i] = ldexpf(1.0f, (int)n[i]); return r;
 }
-static inline lk_vf lk_vf_select_lt(lk_vf a, lk_vf b, lk_vf c, lk_vf v) { return a < b ? c : v; }
-static inline lk_vf lk_vf_keep_nan(lk_vf x, lk_vf y) { return x != x ? x : y; }
+static inline lk_vf lk_vf_select_lt(lk_vf a, lk_vf b, lk_vf c, lk_vf v) { return lk__vsel(a < b, c, v); }
+static inline lk_vf lk_vf_keep_nan(lk_vf x, lk_vf y) { return lk__vsel(x != x, x, y); }
 #endif
 
 /* e^x, |relative error| < 2e-7 on [-87.3, 88.7]; e^x = 0 below -87.3 (so exp(-inf) = 0) and
