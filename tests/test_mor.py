@@ -547,3 +547,27 @@ def test_losses_many_tokens_match_twin_for_any_thread_count(rng, dtype):
     assert again == got  # bitwise, whatever the thread count
     inf_logits = np.array([[[-np.inf, 0.0], [np.inf, 1.0]]])
     assert mor.z_loss(inf_logits) == ref.z_loss(inf_logits) == np.inf
+
+
+def test_no_reference_leaks(rng):
+    h = randn(rng, (2, 9, 8))
+    w = randn(rng, (8,))
+    s = randn(rng, (2, 9))
+    idx = np.array([[0, 3], [2, 2]])
+    y = randn(rng, (2, 2, 8))
+    gate = randn(rng, (2, 2))
+    probs = rng.random((2, 9, 3)).astype(np.float32)
+    depth = rng.integers(1, 4, (2, 9))
+    arrays = (h, w, s, idx, y, gate, probs, depth)
+    before = [sys.getrefcount(a) for a in arrays]
+    for _ in range(50):
+        mor.router_scores(h, w)
+        mor.expert_choice(s, 4)
+        mor.expert_choice(s[:, :4], 2, candidates=idx[:, :1].repeat(4, 1) + np.arange(4))
+        mor.token_choice(probs)
+        mor.gather(h, idx)
+        mor.scatter_residual(h, idx, y, gate)
+        mor.balance_loss(probs, depth)
+        with pytest.raises(ValueError):
+            mor.gather(h, idx + 9)
+    assert [sys.getrefcount(a) for a in arrays] == before
