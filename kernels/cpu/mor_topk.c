@@ -37,17 +37,29 @@ static inline uint64_t key_f64(double x) {
 }
 
 #define LK_DEFINE_TOPK(NAME, T, K, KEY)                                                           \
+/* hist[b] = #{i < m : byte `shift` of src[i] == b}; four sub-histograms so that runs of equal    \
+ * bytes (common: router scores share their exponent) do not serialize on one counter */         \
+static void NAME##_hist(const K *src, int64_t m, int shift, int64_t *hist) {                      \
+    int64_t h4[4][256];                                                                           \
+    memset(h4, 0, sizeof h4);                                                                     \
+    int64_t i = 0;                                                                                \
+    for (; i + 4 <= m; i += 4) {                                                                  \
+        h4[0][(src[i] >> shift) & 0xff]++;                                                        \
+        h4[1][(src[i + 1] >> shift) & 0xff]++;                                                    \
+        h4[2][(src[i + 2] >> shift) & 0xff]++;                                                    \
+        h4[3][(src[i + 3] >> shift) & 0xff]++;                                                    \
+    }                                                                                             \
+    for (; i < m; i++) h4[0][(src[i] >> shift) & 0xff]++;                                         \
+    for (int b = 0; b < 256; b++) hist[b] = (h4[0][b] + h4[1][b]) + (h4[2][b] + h4[3][b]);        \
+}                                                                                                 \
+                                                                                                  \
 /* the threshold key of row `s` and how many keys equal to it are chosen (*want) */              \
 static K NAME##_threshold(const T *s, int64_t n, int64_t k, K *keys, K *cand, int64_t *want) {   \
     int64_t hist[256];                                                                            \
     int64_t m = n, w = k;                                                                         \
     int shift = (int)(8 * sizeof(K)) - 8;                                                         \
-    /* first byte: compute the keys while counting */                                             \
-    memset(hist, 0, sizeof hist);                                                                 \
-    for (int64_t i = 0; i < n; i++) {                                                             \
-        keys[i] = KEY(s[i]);                                                                      \
-        hist[keys[i] >> shift]++;                                                                 \
-    }                                                                                             \
+    for (int64_t i = 0; i < n; i++) keys[i] = KEY(s[i]);                                          \
+    NAME##_hist(keys, n, shift, hist);                                                            \
     const K *src = keys;                                                                          \
     for (;;) {                                                                                    \
         /* byte value d holding the w-th largest: counts of larger bytes sum to < w */           \
@@ -55,24 +67,25 @@ static K NAME##_threshold(const T *s, int64_t n, int64_t k, K *keys, K *cand, in
         int64_t above = 0;                                                                        \
         while (above + hist[d] < w) above += hist[d--];                                           \
         w -= above;                                                                               \
-        int64_t m2 = 0;                                                                           \
-        for (int64_t i = 0; i < m; i++) { /* branchless compaction: write always, advance on match */ \
-            const K key = src[i];                                                                 \
-            cand[m2] = key;                                                                       \
-            m2 += (int)((key >> shift) & 0xff) == d;                                              \
-        }                                                                                         \
-        m = m2;                                                                                   \
-        src = cand;                                                                               \
+        if (hist[d] != m) { /* keep the survivors (branchless: write always, advance on match) */ \
+            int64_t m2 = 0;                                                                       \
+            for (int64_t i = 0; i < m; i++) {                                                     \
+                const K key = src[i];                                                             \
+                cand[m2] = key;                                                                   \
+                m2 += (int)((key >> shift) & 0xff) == d;                                          \
+            }                                                                                     \
+            m = m2;                                                                               \
+            src = cand;                                                                           \
+        } /* else every survivor has byte d: nothing to drop */                                   \
         if (shift == 0 || m == w) break; /* m == w: every survivor is chosen */                   \
         shift -= 8;                                                                               \
-        memset(hist, 0, sizeof hist);                                                             \
-        for (int64_t i = 0; i < m; i++) hist[(cand[i] >> shift) & 0xff]++;                       \
+        NAME##_hist(src, m, shift, hist);                                                         \
     }                                                                                             \
     /* threshold: the smallest survivor; `want` survivors equal to it are chosen (all when m == w) */ \
-    K thr = cand[0];                                                                              \
-    for (int64_t i = 1; i < m; i++) thr = cand[i] < thr ? cand[i] : thr;                          \
+    K thr = src[0];                                                                               \
+    for (int64_t i = 1; i < m; i++) thr = src[i] < thr ? src[i] : thr;                            \
     int64_t eq = 0;                                                                               \
-    for (int64_t i = 0; i < m; i++) eq += cand[i] == thr;                                         \
+    for (int64_t i = 0; i < m; i++) eq += src[i] == thr;                                          \
     *want = w - (m - eq); /* survivors above thr are all chosen */                                \
     return thr;                                                                                   \
 }                                                                                                 \
