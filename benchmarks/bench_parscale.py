@@ -75,46 +75,51 @@ def bench_stages(rng, P, B, T, Hd, Hh):
     hc = h.reshape(P * R, Hd)
     u = np.empty((R, P * Hd), np.float32)
     _core.parscale_gather(hc, u, P, True)
-    x = u @ w1.T
+    x = w1 @ u.T
     x0 = x.copy()
-    z = np.ascontiguousarray(x @ w2.T)
+    z = w2 @ x
     y = np.empty((R, Hd), np.float32)
     wts = np.empty((R, P), np.float32)
+    th = 1      # as aggregate runs them (between BLAS calls); see lmkern.parscale._AGG_THREADS
 
     base = {"numpy": timeit(lambda: np.ascontiguousarray(hc.reshape(P, R, Hd).transpose(1, 2, 0)))}
-    table.add("gather u (interleave P streams)", timeit(lambda: _core.parscale_gather(hc, u, P, True)),
+    table.add("gather u (interleave P streams)", timeit(lambda: _core.parscale_gather(hc, u, P, True, th)),
               nbytes=8.0 * P * R * Hd, baselines=base)
-    table.add("GEMM1 u @ w1.T (NumPy BLAS)", timeit(lambda: u @ w1.T), flops=2.0 * R * P * Hd * Hh,
-              nbytes=4.0 * (P * R * Hd + Hh * P * Hd + R * Hh))
+    table.add("GEMM1 w1 @ u.T (NumPy BLAS)", timeit(lambda: w1 @ u.T), flops=2.0 * R * P * Hd * Hh,
+              nbytes=4.0 * (P * R * Hd + Hh * P * Hd + R * Hh),
+              baselines={"u @ w1.T": timeit(lambda: u @ w1.T)})
 
     def silu_np():
-        a = x0 + b1
+        a = x0 + b1[:, None]
         return a / (1 + np.exp(-a))
     base = {"numpy": timeit(silu_np)}
     if HAVE_TORCH:
-        tx, tb = torch.from_numpy(x0), torch.from_numpy(b1)
+        tx, tb = torch.from_numpy(x0), torch.from_numpy(b1[:, None])
         base["torch"] = timeit(lambda: torch.nn.functional.silu(tx + tb))
-    table.add("bias + SiLU in place (fused)", timeit(lambda: _core.parscale_bias_silu_(x, b1)),
+    table.add("bias + SiLU in place (fused)", timeit(lambda: _core.parscale_bias_silu_(x, b1, th)),
               flops=4.0 * R * Hh, nbytes=8.0 * R * Hh, baselines=base)
-    table.add("GEMM2 x @ w2.T (NumPy BLAS)", timeit(lambda: x @ w2.T), flops=2.0 * R * Hh * P,
+    table.add("GEMM2 w2 @ x (NumPy BLAS)", timeit(lambda: w2 @ x), flops=2.0 * R * Hh * P,
               nbytes=4.0 * (R * Hh + P * Hh + R * P))
 
     def mix_np():
-        zz = (z + b2).astype(np.float32)
+        zz = (z.T + b2).astype(np.float32)
         e = np.exp(zz - zz.max(-1, keepdims=True))
         w = e / e.sum(-1, keepdims=True) * 0.9 + 0.1 / P
         return np.einsum("prj,rp->rj", hc.reshape(P, R, Hd), w)
     base = {"numpy twin": timeit(mix_np)}
     if HAVE_TORCH:
-        th, tz, tb2 = torch.from_numpy(hc.reshape(P, R, Hd)), torch.from_numpy(z), torch.from_numpy(b2)
+        th_, tz, tb2 = torch.from_numpy(hc.reshape(P, R, Hd)), torch.from_numpy(z), torch.from_numpy(b2)
 
         def mix_torch():
-            attn = torch.softmax((tz + tb2).float(), dim=-1) * 0.9 + 0.1 / P       # (R, P)
-            return (th.permute(1, 0, 2) * attn.unsqueeze(-1)).sum(dim=1)
+            attn = torch.softmax((tz.T + tb2).float(), dim=-1) * 0.9 + 0.1 / P     # (R, P)
+            return (th_.permute(1, 0, 2) * attn.unsqueeze(-1)).sum(dim=1)
         base["torch"] = timeit(mix_torch)
     table.add("softmax_P + smoothing + weighted sum (fused)",
-              timeit(lambda: _core.parscale_mix(hc, z, b2, y, wts, P, 0.1)),
+              timeit(lambda: _core.parscale_mix(hc, z, b2, y, wts, P, 0.1, th)),
               flops=2.0 * P * R * Hd, nbytes=4.0 * (P * R * Hd + R * Hd + 2 * R * P), baselines=base)
+    table.add("  the same on every thread (threads=0)",
+              timeit(lambda: _core.parscale_mix(hc, z, b2, y, wts, P, 0.1, 0)),
+              flops=2.0 * P * R * Hd, nbytes=4.0 * (P * R * Hd + R * Hd + 2 * R * P))
     return table
 
 
