@@ -150,6 +150,23 @@ static inline lk_vf lk_vf_exp(lk_vf x) {
     return lk_vf_keep_nan(x, y); /* min/max may have dropped a NaN input: restore it */
 }
 
+/* Non-temporal (streaming) stores for bandwidth-bound kernels that write large outputs once
+ * (lmkern.mor scatter): no read-for-ownership of the destination lines.  lk_vf_stream needs p
+ * aligned to LK_VF_ALIGN bytes; lk_stream_fence() orders them before the kernel returns. */
+#if defined(__AVX512F__)
+#define LK_VF_ALIGN 64
+static inline void lk_vf_stream(float *p, lk_vf v) { _mm512_stream_ps(p, v); }
+static inline void lk_stream_fence(void) { _mm_sfence(); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LK_VF_ALIGN 32
+static inline void lk_vf_stream(float *p, lk_vf v) { _mm256_stream_ps(p, v); }
+static inline void lk_stream_fence(void) { _mm_sfence(); }
+#else
+#define LK_VF_ALIGN 32
+static inline void lk_vf_stream(float *p, lk_vf v) { lk_vf_store(p, v); }
+static inline void lk_stream_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+#endif
+
 /* Runtime switch between the SIMD and the generic path (tests diff the two). */
 int lk_simd_enabled(void);
 void lk_set_simd_enabled(int on);
