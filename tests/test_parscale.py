@@ -576,3 +576,37 @@ def test_kv_cache_bytes_errors():
         ps.kv_cache_bytes(2, 2, 64.0, 10)
     with pytest.raises(ValueError, match="P"):
         ps.kv_cache_bytes(2, 2, 64, 10, P=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_kernels_on_any_team_size(rng, dtype, threads):
+    """aggregate runs its kernels on the calling thread (see _AGG_THREADS); the team path must agree."""
+    P, R, Hd, Hh = 4, 7, 600, 45
+    h = randn(rng, (P * R, Hd), dtype)
+    n = lmkern.get_num_threads()
+    lmkern.set_num_threads(3)                       # uneven chunks even on a 2-core machine
+    try:
+        for interleaved in (True, False):
+            u = np.empty((R, P * Hd), dtype)
+            lmkern._core.parscale_gather(h, u, P, interleaved, threads)
+            hs = h.reshape(P, R, Hd)
+            want = hs.transpose(1, 2, 0) if interleaved else hs.transpose(1, 0, 2)
+            np.testing.assert_array_equal(u, want.reshape(R, P * Hd))
+        x = randn(rng, (Hh, R), dtype) * dtype(10)
+        b1 = randn(rng, (Hh,), dtype)
+        want = (x + b1[:, None]) / (1 + np.exp(-(x + b1[:, None])))
+        lmkern._core.parscale_bias_silu_(x, b1, threads)
+        assert_close(x, want, dtype)
+        z = randn(rng, (P, R), dtype)
+        b2 = randn(rng, (P,), dtype)
+        y = np.empty((R, Hd), dtype)
+        w = np.empty((R, P), np.float32)
+        lmkern._core.parscale_mix(h, z, b2, y, w, P, 0.2, threads)
+        zz = (z.T + b2).astype(np.float64)
+        e = np.exp(zz - zz.max(1, keepdims=True))
+        want_w = e / e.sum(1, keepdims=True) * 0.8 + 0.2 / P
+        assert_close(w, want_w.astype(np.float32), np.float32)
+        assert_close(y, np.einsum("prj,rp->rj", hs.astype(np.float64), want_w), dtype)
+    finally:
+        lmkern.set_num_threads(n)
