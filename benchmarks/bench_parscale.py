@@ -1,7 +1,11 @@
 """Benchmarks of lmkern.parscale (SPEC 7): aggregate, its fused softmax/smoothing/sum stage, and
 prefix_attention against concatenating the prefix per row.
 
-    PYTHONPATH=python python benchmarks/bench_parscale.py [--quick]
+    PYTHONPATH=python python benchmarks/bench_parscale.py [--quick] [--thread-time]
+
+``--thread-time`` (with LMKERN_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1) times every case, baselines
+and peaks included, in CPU seconds of the one thread doing the work, so a machine shared with
+other jobs does not skew the ratios.
 
 Baselines: the NumPy twin, and torch doing the same math on the same thread count (the aggregation
 as the ParScale modeling code writes it: rearrange, Linear -> SiLU -> Linear, float32 softmax,
@@ -13,10 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
 from _harness import HAVE_TORCH, Table, timeit, torch, torch_threads  # noqa: E402
 
 import lmkern  # noqa: E402
@@ -169,8 +175,15 @@ def kv_memory_note():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--thread-time", action="store_true",
+                    help="time in CPU seconds of the calling thread (needs every library on 1 thread)")
     args = ap.parse_args(argv)
     torch_threads()
+    if args.thread_time:
+        if lmkern.get_num_threads() != 1 or os.environ.get("OPENBLAS_NUM_THREADS") != "1":
+            raise SystemExit("--thread-time needs LMKERN_NUM_THREADS=1 and OPENBLAS_NUM_THREADS=1")
+        _harness.CLOCK = time.thread_time
+        print("clock: CPU time of the calling thread (all libraries on 1 thread)")
     rng = np.random.default_rng(0)
     if args.quick:
         bench_aggregate(rng, [(4, 1, 16, 128, 128), (4, 2, 1, 128, 128)], True)
