@@ -73,7 +73,7 @@ def bench_aggregate(rng, cases, quick):
     return table
 
 
-def bench_stages(rng, P, B, T, Hd, Hh):
+def bench_stages(rng, P, B, T, Hd, Hh, big_rows=0):
     """Where aggregate's time goes, stage by stage (the same calls aggregate makes)."""
     table = Table(f"parscale.aggregate stages, P={P} B={B} T={T} Hd={Hd} Hh={Hh} float32")
     h, w1, b1, w2, b2 = make_aggregate(rng, P, B, T, Hd, Hh)
@@ -126,6 +126,17 @@ def bench_stages(rng, P, B, T, Hd, Hh):
     table.add("  the same on every thread (threads=0)",
               timeit(lambda: _core.parscale_mix(hc, z, b2, y, wts, P, 0.1, 0)),
               flops=2.0 * P * R * Hd, nbytes=4.0 * (P * R * Hd + R * Hd + 2 * R * P))
+    if big_rows:
+        # the 9 MiB above stay in the last-level cache between calls; this one (P·R·Hd·4 bytes of
+        # streams, far larger) measures the fused stage against memory bandwidth
+        Rb = big_rows
+        hb = np.empty((P * Rb, Hd), np.float32)
+        hb[...] = rng.standard_normal(Hd, dtype=np.float32)
+        zb = rng.standard_normal((P, Rb), dtype=np.float32)
+        yb = np.empty((Rb, Hd), np.float32)
+        table.add(f"  the same, R={Rb} ({hb.nbytes >> 20} MiB of streams)",
+                  timeit(lambda: _core.parscale_mix(hb, zb, b2, yb, None, P, 0.1, th), repeat=5),
+                  flops=2.0 * P * Rb * Hd, nbytes=4.0 * (P * Rb * Hd + Rb * Hd + Rb * P))
     return table
 
 
@@ -192,7 +203,7 @@ def main(argv=None):
     else:
         bench_aggregate(rng, [(8, 1, 256, 1024, 1024), (8, 1, 1, 1024, 1024), (4, 4, 1, 1024, 1024),
                               (2, 1, 256, 896, 896)], False)
-        bench_stages(rng, 8, 1, 256, 1024, 1024)
+        bench_stages(rng, 8, 1, 256, 1024, 1024, big_rows=16384)
         bench_prefix_attention(rng, [1, 2, 4, 8, 16], False)
     kv_memory_note()
 
