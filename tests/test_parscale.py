@@ -610,3 +610,25 @@ def test_kernels_on_any_team_size(rng, dtype, threads):
         assert_close(y, np.einsum("prj,rp->rj", hs.astype(np.float64), want_w), dtype)
     finally:
         lmkern.set_num_threads(n)
+
+
+def test_prefix_attention_never_copies_the_prefix_per_row(rng):
+    """Peak allocation of a call stays far below one per-row copy of the prefix (P·B·L keys)."""
+    import tracemalloc
+    P, B, N, M, Hq, Hkv, D, L = 4, 64, 1, 2, 4, 2, 64, 48
+    q = randn(rng, (P * B, N, Hq, D))
+    k = randn(rng, (P * B, M, Hkv, D))
+    v = randn(rng, (P * B, M, Hkv, D))
+    pk = randn(rng, (P, L, Hkv, D))
+    pv = randn(rng, (P, L, Hkv, D))
+    per_row_copy = 2 * P * B * L * Hkv * D * 4                   # 12 MiB
+    tracemalloc.start()
+    try:
+        out = ps.prefix_attention(q, k, v, pk, pv, causal=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < per_row_copy / 20, (peak, per_row_copy)
+    want = concat_prefix_attention(ref_core.attention, q[:8], k[:8], v[:8], pk[:1], pv[:1], causal=True,
+                                   q_pos=None, kv_pos=None, kv_lens=None)[0]
+    assert_close(out[:8], want, np.float32)
