@@ -201,8 +201,8 @@ def main(argv=None):
         bench_stages(rng, 4, 1, 16, 128, 128)
         bench_prefix_attention(rng, [1, 2], True)
     else:
-        bench_aggregate(rng, [(8, 1, 256, 1024, 1024), (8, 1, 1, 1024, 1024), (4, 4, 1, 1024, 1024),
-                              (2, 1, 256, 896, 896)], False)
+        bench_aggregate(rng, [(8, 1, 256, 1024, 1024), (8, 1, 1, 1024, 1024), (8, 2, 1, 1024, 1024),
+                              (4, 4, 1, 1024, 1024), (2, 1, 256, 896, 896)], False)
         bench_stages(rng, 8, 1, 256, 1024, 1024, big_rows=16384)
         bench_prefix_attention(rng, [1, 2, 4, 8, 16], False)
     kv_memory_note()

@@ -587,8 +587,8 @@ def test_kernels_on_any_team_size(rng, dtype, threads):
     n = lmkern.get_num_threads()
     lmkern.set_num_threads(3)                       # uneven chunks even on a 2-core machine
     try:
-        for interleaved in (True, False):
-            u = np.empty((R, P * Hd), dtype)
+        for interleaved, shift in ((True, 0), (True, 1), (False, 0)):
+            u = np.empty(R * P * Hd + shift, dtype)[shift:].reshape(R, P * Hd)   # shift: off any vector alignment
             lmkern._core.parscale_gather(h, u, P, interleaved, threads)
             hs = h.reshape(P, R, Hd)
             want = hs.transpose(1, 2, 0) if interleaved else hs.transpose(1, 0, 2)

@@ -63,11 +63,49 @@ static void NAME(const lk_parscale_gather_params *p) {                          
 LK_DEFINE_GATHER(lk_gather_f32, float)
 LK_DEFINE_GATHER(lk_gather_f64, double)
 
+/* Streams the n floats of src (aligned) to dst: plain stores up to dst's first aligned address,
+ * then non-temporal ones (u is written once and next read by BLAS: no read-for-ownership). */
+static inline void lk_stream_copy(float *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+    while (i < n && ((uintptr_t)(dst + i) % LK_VF_ALIGN)) { dst[i] = src[i]; i++; }
+    for (; i + LK_VF <= n; i += LK_VF) lk_vf_stream(dst + i, lk_vf_load(src + i));
+    for (; i < n; i++) dst[i] = src[i];
+}
+
+/* float32, interleaved, P in {2, 4, 8}: each block is interleaved in an L1 buffer, then streamed. */
+static void lk_gather_f32_stream(const lk_parscale_gather_params *p) {
+    const int64_t P = p->P, R = p->R, Hd = p->Hd, nblk = lk_cdiv(Hd, LK_PARSCALE_BLOCK);
+    const float *h = (const float *)p->h;
+    float *u = (float *)p->u;
+    #pragma omp parallel num_threads(lk_parscale_threads(p->threads))
+    {
+        _Alignas(64) float buf[LK_PARSCALE_BLOCK * 8];
+        int64_t lo, hi;
+        lk_chunk(R * nblk, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+        for (int64_t t = lo; t < hi; t++) {
+            const int64_t r = t / nblk, j0 = (t % nblk) * LK_PARSCALE_BLOCK;
+            const int64_t j1 = lk_min_i64(j0 + LK_PARSCALE_BLOCK, Hd);
+            const float *hr = h + r * Hd;
+            const int64_t stream = R * Hd;
+            float *b = buf - j0 * P;  /* b[j·P + s] for j in [j0, j1) */
+            switch (P) {
+            case 2: LK_GATHER_ROW(float, 2, b, hr, stream, j0, j1); break;
+            case 4: LK_GATHER_ROW(float, 4, b, hr, stream, j0, j1); break;
+            default: LK_GATHER_ROW(float, 8, b, hr, stream, j0, j1); break;
+            }
+            lk_stream_copy(u + r * P * Hd + j0 * P, buf, (j1 - j0) * P);
+        }
+        lk_stream_fence();
+    }
+}
+
 lk_status lk_parscale_gather_cpu(const lk_parscale_gather_params *p) {
     if (p->P < 1 || p->R < 0 || p->Hd < 0) return LK_ERR_VALUE;
     if (p->R == 0 || p->Hd == 0) return LK_OK;
-    if (p->dtype == LK_F32) lk_gather_f32(p);
-    else if (p->dtype == LK_F64) lk_gather_f64(p);
+    if (p->dtype == LK_F32) {
+        if (lk_simd_enabled() && p->interleaved && (p->P == 2 || p->P == 4 || p->P == 8)) lk_gather_f32_stream(p);
+        else lk_gather_f32(p);
+    } else if (p->dtype == LK_F64) lk_gather_f64(p);
     else return LK_ERR_DTYPE;
     return LK_OK;
 }
