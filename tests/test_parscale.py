@@ -632,3 +632,22 @@ def test_prefix_attention_never_copies_the_prefix_per_row(rng):
     want = concat_prefix_attention(ref_core.attention, q[:8], k[:8], v[:8], pk[:1], pv[:1], causal=True,
                                    q_pos=None, kv_pos=None, kv_lens=None)[0]
     assert_close(out[:8], want, np.float32)
+
+
+def test_bindings_do_not_leak_references(rng):
+    import sys
+    P, B, T, Hd, Hh = 2, 2, 3, 8, 5
+    h = randn(rng, (P * B, T, Hd))
+    params = agg_params(rng, P, Hd, Hh)
+    pk = randn(rng, (P, 2, 1, 4))
+    q = randn(rng, (P * B, 1, 2, 4))
+    k = randn(rng, (P * B, 3, 1, 4))
+    objs = (h,) + params + (pk, q, k)
+    before = [sys.getrefcount(o) for o in objs]
+    for _ in range(50):
+        ps.aggregate(h, *params, P=P, return_weights=True)
+        ps.prefix_attention(q, k, k, pk, pk, return_lse=True)
+        with pytest.raises(ValueError):
+            lmkern._core.parscale_mix(h.reshape(P * B * T, Hd), np.zeros((P, 1), np.float32), None,
+                                      np.empty((B * T, Hd), np.float32), None, P, 0.1)
+    assert [sys.getrefcount(o) for o in objs] == before
