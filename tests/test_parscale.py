@@ -248,6 +248,8 @@ AGG_SHAPES = [
     (8, 2, 3, 17, 130),
     (3, 2, 4, 1, 3),
     (5, 1, 2, 513, 16),
+    (4, 3, 1, 33, 20),        # R = 3 rows: the blocked sgemv route of the first GEMM
+    (8, 2, 1, 2100, 40),      # R = 2 with K = 16800: several blocks, a short last one
 ]
 
 
