@@ -27,20 +27,25 @@ except Exception:  # optional
     HAVE_TORCH = False
 
 
+# The clock timeit reads.  Wall time by default; a single-threaded run on a shared, loaded machine may
+# switch to time.thread_time (CPU seconds of the calling thread, blind to time spent preempted).
+CLOCK = time.perf_counter
+
+
 def timeit(fn, *, repeat=7, min_time=0.05, warmup=1):
     """Median seconds per call of fn(); each sample loops until min_time so short calls are measurable."""
     for _ in range(warmup):
         fn()
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    once = max(time.perf_counter() - t0, 1e-7)
+    once = max(CLOCK() - t0, 1e-7)
     inner = max(1, int(min_time / once))
     samples = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for _ in range(inner):
             fn()
-        samples.append((time.perf_counter() - t0) / inner)
+        samples.append((CLOCK() - t0) / inner)
     return statistics.median(samples)
 
 

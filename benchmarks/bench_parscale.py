@@ -1,7 +1,11 @@
 """Benchmarks of lmkern.parscale (SPEC 7): aggregate, its fused softmax/smoothing/sum stage, and
 prefix_attention against concatenating the prefix per row.
 
-    PYTHONPATH=python python benchmarks/bench_parscale.py [--quick]
+    PYTHONPATH=python python benchmarks/bench_parscale.py [--quick] [--thread-time]
+
+``--thread-time`` (with LMKERN_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1) times every case, baselines
+and peaks included, in CPU seconds of the one thread doing the work, so a machine shared with
+other jobs does not skew the ratios.
 
 Baselines: the NumPy twin, and torch doing the same math on the same thread count (the aggregation
 as the ParScale modeling code writes it: rearrange, Linear -> SiLU -> Linear, float32 softmax,
@@ -13,10 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
 from _harness import HAVE_TORCH, Table, timeit, torch, torch_threads  # noqa: E402
 
 import lmkern  # noqa: E402
@@ -67,7 +73,7 @@ def bench_aggregate(rng, cases, quick):
     return table
 
 
-def bench_stages(rng, P, B, T, Hd, Hh):
+def bench_stages(rng, P, B, T, Hd, Hh, big_rows=0):
     """Where aggregate's time goes, stage by stage (the same calls aggregate makes)."""
     table = Table(f"parscale.aggregate stages, P={P} B={B} T={T} Hd={Hd} Hh={Hh} float32")
     h, w1, b1, w2, b2 = make_aggregate(rng, P, B, T, Hd, Hh)
@@ -75,46 +81,62 @@ def bench_stages(rng, P, B, T, Hd, Hh):
     hc = h.reshape(P * R, Hd)
     u = np.empty((R, P * Hd), np.float32)
     _core.parscale_gather(hc, u, P, True)
-    x = u @ w1.T
+    x = w1 @ u.T
     x0 = x.copy()
-    z = np.ascontiguousarray(x @ w2.T)
+    z = w2 @ x
     y = np.empty((R, Hd), np.float32)
     wts = np.empty((R, P), np.float32)
+    th = 1      # as aggregate runs them (between BLAS calls); see lmkern.parscale._AGG_THREADS
 
     base = {"numpy": timeit(lambda: np.ascontiguousarray(hc.reshape(P, R, Hd).transpose(1, 2, 0)))}
-    table.add("gather u (interleave P streams)", timeit(lambda: _core.parscale_gather(hc, u, P, True)),
+    table.add("gather u (interleave P streams)", timeit(lambda: _core.parscale_gather(hc, u, P, True, th)),
               nbytes=8.0 * P * R * Hd, baselines=base)
-    table.add("GEMM1 u @ w1.T (NumPy BLAS)", timeit(lambda: u @ w1.T), flops=2.0 * R * P * Hd * Hh,
-              nbytes=4.0 * (P * R * Hd + Hh * P * Hd + R * Hh))
+    table.add("GEMM1 w1 @ u.T (NumPy BLAS)", timeit(lambda: w1 @ u.T), flops=2.0 * R * P * Hd * Hh,
+              nbytes=4.0 * (P * R * Hd + Hh * P * Hd + R * Hh),
+              baselines={"u @ w1.T": timeit(lambda: u @ w1.T)})
 
     def silu_np():
-        a = x0 + b1
+        a = x0 + b1[:, None]
         return a / (1 + np.exp(-a))
     base = {"numpy": timeit(silu_np)}
     if HAVE_TORCH:
-        tx, tb = torch.from_numpy(x0), torch.from_numpy(b1)
+        tx, tb = torch.from_numpy(x0), torch.from_numpy(b1[:, None])
         base["torch"] = timeit(lambda: torch.nn.functional.silu(tx + tb))
-    table.add("bias + SiLU in place (fused)", timeit(lambda: _core.parscale_bias_silu_(x, b1)),
+    table.add("bias + SiLU in place (fused)", timeit(lambda: _core.parscale_bias_silu_(x, b1, th)),
               flops=4.0 * R * Hh, nbytes=8.0 * R * Hh, baselines=base)
-    table.add("GEMM2 x @ w2.T (NumPy BLAS)", timeit(lambda: x @ w2.T), flops=2.0 * R * Hh * P,
+    table.add("GEMM2 w2 @ x (NumPy BLAS)", timeit(lambda: w2 @ x), flops=2.0 * R * Hh * P,
               nbytes=4.0 * (R * Hh + P * Hh + R * P))
 
     def mix_np():
-        zz = (z + b2).astype(np.float32)
+        zz = (z.T + b2).astype(np.float32)
         e = np.exp(zz - zz.max(-1, keepdims=True))
         w = e / e.sum(-1, keepdims=True) * 0.9 + 0.1 / P
         return np.einsum("prj,rp->rj", hc.reshape(P, R, Hd), w)
     base = {"numpy twin": timeit(mix_np)}
     if HAVE_TORCH:
-        th, tz, tb2 = torch.from_numpy(hc.reshape(P, R, Hd)), torch.from_numpy(z), torch.from_numpy(b2)
+        th_, tz, tb2 = torch.from_numpy(hc.reshape(P, R, Hd)), torch.from_numpy(z), torch.from_numpy(b2)
 
         def mix_torch():
-            attn = torch.softmax((tz + tb2).float(), dim=-1) * 0.9 + 0.1 / P       # (R, P)
-            return (th.permute(1, 0, 2) * attn.unsqueeze(-1)).sum(dim=1)
+            attn = torch.softmax((tz.T + tb2).float(), dim=-1) * 0.9 + 0.1 / P     # (R, P)
+            return (th_.permute(1, 0, 2) * attn.unsqueeze(-1)).sum(dim=1)
         base["torch"] = timeit(mix_torch)
     table.add("softmax_P + smoothing + weighted sum (fused)",
-              timeit(lambda: _core.parscale_mix(hc, z, b2, y, wts, P, 0.1)),
+              timeit(lambda: _core.parscale_mix(hc, z, b2, y, wts, P, 0.1, th)),
               flops=2.0 * P * R * Hd, nbytes=4.0 * (P * R * Hd + R * Hd + 2 * R * P), baselines=base)
+    table.add("  the same on every thread (threads=0)",
+              timeit(lambda: _core.parscale_mix(hc, z, b2, y, wts, P, 0.1, 0)),
+              flops=2.0 * P * R * Hd, nbytes=4.0 * (P * R * Hd + R * Hd + 2 * R * P))
+    if big_rows:
+        # the 9 MiB above stay in the last-level cache between calls; this one (P·R·Hd·4 bytes of
+        # streams, far larger) measures the fused stage against memory bandwidth
+        Rb = big_rows
+        hb = np.empty((P * Rb, Hd), np.float32)
+        hb[...] = rng.standard_normal(Hd, dtype=np.float32)
+        zb = rng.standard_normal((P, Rb), dtype=np.float32)
+        yb = np.empty((Rb, Hd), np.float32)
+        table.add(f"  the same, R={Rb} ({hb.nbytes >> 20} MiB of streams)",
+                  timeit(lambda: _core.parscale_mix(hb, zb, b2, yb, None, P, 0.1, th), repeat=5),
+                  flops=2.0 * P * Rb * Hd, nbytes=4.0 * (P * Rb * Hd + Rb * Hd + Rb * P))
     return table
 
 
@@ -164,17 +186,24 @@ def kv_memory_note():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--thread-time", action="store_true",
+                    help="time in CPU seconds of the calling thread (needs every library on 1 thread)")
     args = ap.parse_args(argv)
     torch_threads()
+    if args.thread_time:
+        if lmkern.get_num_threads() != 1 or os.environ.get("OPENBLAS_NUM_THREADS") != "1":
+            raise SystemExit("--thread-time needs LMKERN_NUM_THREADS=1 and OPENBLAS_NUM_THREADS=1")
+        _harness.CLOCK = time.thread_time
+        print("clock: CPU time of the calling thread (all libraries on 1 thread)")
     rng = np.random.default_rng(0)
     if args.quick:
         bench_aggregate(rng, [(4, 1, 16, 128, 128), (4, 2, 1, 128, 128)], True)
         bench_stages(rng, 4, 1, 16, 128, 128)
         bench_prefix_attention(rng, [1, 2], True)
     else:
-        bench_aggregate(rng, [(8, 1, 256, 1024, 1024), (8, 1, 1, 1024, 1024), (4, 4, 1, 1024, 1024),
-                              (2, 1, 256, 896, 896)], False)
-        bench_stages(rng, 8, 1, 256, 1024, 1024)
+        bench_aggregate(rng, [(8, 1, 256, 1024, 1024), (8, 1, 1, 1024, 1024), (8, 2, 1, 1024, 1024),
+                              (4, 4, 1, 1024, 1024), (2, 1, 256, 896, 896)], False)
+        bench_stages(rng, 8, 1, 256, 1024, 1024, big_rows=16384)
         bench_prefix_attention(rng, [1, 2, 4, 8, 16], False)
     kv_memory_note()
 

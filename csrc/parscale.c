@@ -47,7 +47,7 @@ fail:
     return result;
 }
 
-/* _core.parscale_bias_silu_(x, bias[, threads]): x (R, Hh) = silu(x + bias) in place; bias (Hh,) or None. */
+/* _core.parscale_bias_silu_(x, bias[, threads]): x (Hh, R) = silu(x + bias[:, None]) in place; bias (Hh,) or None. */
 static PyObject *py_parscale_bias_silu_(PyObject *self, PyObject *args) {
     PyObject *x_o, *b_o;
     int threads = 0;
@@ -57,7 +57,7 @@ static PyObject *py_parscale_bias_silu_(PyObject *self, PyObject *args) {
     const int typenum = lk_float_typenum(x_o);
     npy_intp xd[2] = {-1, -1};
     if (!(x = lk_out(x_o, typenum, FN_AGG, "x", 2, xd))) goto fail;
-    const npy_intp R = PyArray_DIM(x, 0), Hh = PyArray_DIM(x, 1);
+    const npy_intp Hh = PyArray_DIM(x, 0), R = PyArray_DIM(x, 1);
     if (b_o != Py_None) {
         npy_intp bd[1] = {Hh};
         if (!(b = lk_float_in(b_o, typenum, FN_AGG, "b1"))) goto fail;
@@ -65,7 +65,7 @@ static PyObject *py_parscale_bias_silu_(PyObject *self, PyObject *args) {
     }
     lk_parscale_bias_silu_params p = {0};
     p.dtype = lk_dtype_of(x);
-    p.R = R; p.Hh = Hh;
+    p.Hh = Hh; p.R = R;
     p.x = PyArray_DATA(x);
     p.bias = b ? PyArray_DATA(b) : NULL;
     p.threads = threads;
@@ -80,7 +80,7 @@ fail:
     return result;
 }
 
-/* _core.parscale_mix(h, z, b2, y, weights, P, smoothing[, threads]): h (P·R, Hd), z (R, P), b2 (P,) or None,
+/* _core.parscale_mix(h, z, b2, y, weights, P, smoothing[, threads]): h (P·R, Hd), z (P, R), b2 (P,) or None,
  * y (R, Hd) written, weights (R, P) float32 or None written. */
 static PyObject *py_parscale_mix(PyObject *self, PyObject *args) {
     PyObject *h_o, *z_o, *b2_o, *y_o, *w_o;
@@ -104,15 +104,15 @@ static PyObject *py_parscale_mix(PyObject *self, PyObject *args) {
         goto fail;
     }
     const npy_intp R = PyArray_DIM(h, 0) / P, Hd = PyArray_DIM(h, 1);
-    npy_intp zd[2] = {R, P}, pd[1] = {P}, yd[2] = {R, Hd};
+    npy_intp zd[2] = {P, R}, wd[2] = {R, P}, pd[1] = {P}, yd[2] = {R, Hd};
     if (!(z = lk_float_in(z_o, typenum, FN_AGG, "z"))) goto fail;
-    if (lk_check_dims(FN_AGG, "z", z, "(R, P)", 2, zd) < 0) goto fail;
+    if (lk_check_dims(FN_AGG, "z", z, "(P, R)", 2, zd) < 0) goto fail;
     if (b2_o != Py_None) {
         if (!(b2 = lk_float_in(b2_o, typenum, FN_AGG, "b2"))) goto fail;
         if (lk_check_dims(FN_AGG, "b2", b2, "(P,)", 1, pd) < 0) goto fail;
     }
     if (!(y = lk_out(y_o, typenum, FN_AGG, "out", 2, yd))) goto fail;
-    if (w_o != Py_None && !(w = lk_out(w_o, NPY_FLOAT32, FN_AGG, "weights", 2, zd))) goto fail;
+    if (w_o != Py_None && !(w = lk_out(w_o, NPY_FLOAT32, FN_AGG, "weights", 2, wd))) goto fail;
     lk_parscale_mix_params p = {0};
     p.dtype = lk_dtype_of(h);
     p.P = P; p.R = R; p.Hd = Hd;

@@ -248,6 +248,8 @@ AGG_SHAPES = [
     (8, 2, 3, 17, 130),
     (3, 2, 4, 1, 3),
     (5, 1, 2, 513, 16),
+    (4, 3, 1, 33, 20),        # R = 3 rows: the blocked sgemv route of the first GEMM
+    (8, 2, 1, 2100, 40),      # R = 2 with K = 16800: several blocks, a short last one
 ]
 
 
@@ -576,3 +578,78 @@ def test_kv_cache_bytes_errors():
         ps.kv_cache_bytes(2, 2, 64.0, 10)
     with pytest.raises(ValueError, match="P"):
         ps.kv_cache_bytes(2, 2, 64, 10, P=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_kernels_on_any_team_size(rng, dtype, threads):
+    """aggregate runs its kernels on the calling thread (see _AGG_THREADS); the team path must agree."""
+    P, R, Hd, Hh = 4, 7, 600, 45
+    h = randn(rng, (P * R, Hd), dtype)
+    n = lmkern.get_num_threads()
+    lmkern.set_num_threads(3)                       # uneven chunks even on a 2-core machine
+    try:
+        for interleaved, shift in ((True, 0), (True, 1), (False, 0)):
+            u = np.empty(R * P * Hd + shift, dtype)[shift:].reshape(R, P * Hd)   # shift: off any vector alignment
+            lmkern._core.parscale_gather(h, u, P, interleaved, threads)
+            hs = h.reshape(P, R, Hd)
+            want = hs.transpose(1, 2, 0) if interleaved else hs.transpose(1, 0, 2)
+            np.testing.assert_array_equal(u, want.reshape(R, P * Hd))
+        x = randn(rng, (Hh, R), dtype) * dtype(10)
+        b1 = randn(rng, (Hh,), dtype)
+        want = (x + b1[:, None]) / (1 + np.exp(-(x + b1[:, None])))
+        lmkern._core.parscale_bias_silu_(x, b1, threads)
+        assert_close(x, want, dtype)
+        z = randn(rng, (P, R), dtype)
+        b2 = randn(rng, (P,), dtype)
+        y = np.empty((R, Hd), dtype)
+        w = np.empty((R, P), np.float32)
+        lmkern._core.parscale_mix(h, z, b2, y, w, P, 0.2, threads)
+        zz = (z.T + b2).astype(np.float64)
+        e = np.exp(zz - zz.max(1, keepdims=True))
+        want_w = e / e.sum(1, keepdims=True) * 0.8 + 0.2 / P
+        assert_close(w, want_w.astype(np.float32), np.float32)
+        assert_close(y, np.einsum("prj,rp->rj", hs.astype(np.float64), want_w), dtype)
+    finally:
+        lmkern.set_num_threads(n)
+
+
+def test_prefix_attention_never_copies_the_prefix_per_row(rng):
+    """Peak allocation of a call stays far below one per-row copy of the prefix (P·B·L keys)."""
+    import tracemalloc
+    P, B, N, M, Hq, Hkv, D, L = 4, 64, 1, 2, 4, 2, 64, 48
+    q = randn(rng, (P * B, N, Hq, D))
+    k = randn(rng, (P * B, M, Hkv, D))
+    v = randn(rng, (P * B, M, Hkv, D))
+    pk = randn(rng, (P, L, Hkv, D))
+    pv = randn(rng, (P, L, Hkv, D))
+    per_row_copy = 2 * P * B * L * Hkv * D * 4                   # 12 MiB
+    tracemalloc.start()
+    try:
+        out = ps.prefix_attention(q, k, v, pk, pv, causal=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < per_row_copy / 20, (peak, per_row_copy)
+    want = concat_prefix_attention(ref_core.attention, q[:8], k[:8], v[:8], pk[:1], pv[:1], causal=True,
+                                   q_pos=None, kv_pos=None, kv_lens=None)[0]
+    assert_close(out[:8], want, np.float32)
+
+
+def test_bindings_do_not_leak_references(rng):
+    import sys
+    P, B, T, Hd, Hh = 2, 2, 3, 8, 5
+    h = randn(rng, (P * B, T, Hd))
+    params = agg_params(rng, P, Hd, Hh)
+    pk = randn(rng, (P, 2, 1, 4))
+    q = randn(rng, (P * B, 1, 2, 4))
+    k = randn(rng, (P * B, 3, 1, 4))
+    objs = (h,) + params + (pk, q, k)
+    before = [sys.getrefcount(o) for o in objs]
+    for _ in range(50):
+        ps.aggregate(h, *params, P=P, return_weights=True)
+        ps.prefix_attention(q, k, k, pk, pk, return_lse=True)
+        with pytest.raises(ValueError):
+            lmkern._core.parscale_mix(h.reshape(P * B * T, Hd), np.zeros((P, 1), np.float32), None,
+                                      np.empty((B * T, Hd), np.float32), None, P, 0.1)
+    assert [sys.getrefcount(o) for o in objs] == before

@@ -1,8 +1,8 @@
 /* ParScale output aggregation (SPEC 5.3): the kernels around the two GEMMs (which stay in BLAS).
  *
  *   gather     u[r, j·P + p] (or u[r, p·Hd + j]) = h[p·R + r, j]        the GEMM's input, one pass
- *   bias_silu  x = silu(x + b1), in place on the first GEMM's output
- *   mix        w = (1 - s) softmax_P(z + b2) + s / P;  y[r] = sum_p w[r,p] h[p·R + r]
+ *   bias_silu  x[o, r] = silu(x[o, r] + b1[o]), in place on the first GEMM's (Hh, R) output
+ *   mix        w = (1 - s) softmax_P(z[:, r] + b2) + s / P;  y[r] = sum_p w[r,p] h[p·R + r]
  *
  * Work is split statically (lk_chunk) over (row, column block) items, so a fixed thread count gives
  * bitwise identical results, and a single decode row (R = 1) still uses every thread.
@@ -63,11 +63,49 @@ static void NAME(const lk_parscale_gather_params *p) {                          
 LK_DEFINE_GATHER(lk_gather_f32, float)
 LK_DEFINE_GATHER(lk_gather_f64, double)
 
+/* Streams the n floats of src (aligned) to dst: plain stores up to dst's first aligned address,
+ * then non-temporal ones (u is written once and next read by BLAS: no read-for-ownership). */
+static inline void lk_stream_copy(float *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+    while (i < n && ((uintptr_t)(dst + i) % LK_VF_ALIGN)) { dst[i] = src[i]; i++; }
+    for (; i + LK_VF <= n; i += LK_VF) lk_vf_stream(dst + i, lk_vf_load(src + i));
+    for (; i < n; i++) dst[i] = src[i];
+}
+
+/* float32, interleaved, P in {2, 4, 8}: each block is interleaved in an L1 buffer, then streamed. */
+static void lk_gather_f32_stream(const lk_parscale_gather_params *p) {
+    const int64_t P = p->P, R = p->R, Hd = p->Hd, nblk = lk_cdiv(Hd, LK_PARSCALE_BLOCK);
+    const float *h = (const float *)p->h;
+    float *u = (float *)p->u;
+    #pragma omp parallel num_threads(lk_parscale_threads(p->threads))
+    {
+        _Alignas(64) float buf[LK_PARSCALE_BLOCK * 8];
+        int64_t lo, hi;
+        lk_chunk(R * nblk, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+        for (int64_t t = lo; t < hi; t++) {
+            const int64_t r = t / nblk, j0 = (t % nblk) * LK_PARSCALE_BLOCK;
+            const int64_t j1 = lk_min_i64(j0 + LK_PARSCALE_BLOCK, Hd);
+            const float *hr = h + r * Hd;
+            const int64_t stream = R * Hd;
+            float *b = buf - j0 * P;  /* b[j·P + s] for j in [j0, j1) */
+            switch (P) {
+            case 2: LK_GATHER_ROW(float, 2, b, hr, stream, j0, j1); break;
+            case 4: LK_GATHER_ROW(float, 4, b, hr, stream, j0, j1); break;
+            default: LK_GATHER_ROW(float, 8, b, hr, stream, j0, j1); break;
+            }
+            lk_stream_copy(u + r * P * Hd + j0 * P, buf, (j1 - j0) * P);
+        }
+        lk_stream_fence();
+    }
+}
+
 lk_status lk_parscale_gather_cpu(const lk_parscale_gather_params *p) {
     if (p->P < 1 || p->R < 0 || p->Hd < 0) return LK_ERR_VALUE;
     if (p->R == 0 || p->Hd == 0) return LK_OK;
-    if (p->dtype == LK_F32) lk_gather_f32(p);
-    else if (p->dtype == LK_F64) lk_gather_f64(p);
+    if (p->dtype == LK_F32) {
+        if (lk_simd_enabled() && p->interleaved && (p->P == 2 || p->P == 4 || p->P == 8)) lk_gather_f32_stream(p);
+        else lk_gather_f32(p);
+    } else if (p->dtype == LK_F64) lk_gather_f64(p);
     else return LK_ERR_DTYPE;
     return LK_OK;
 }
@@ -76,19 +114,20 @@ lk_status lk_parscale_gather_cpu(const lk_parscale_gather_params *p) {
 
 #define LK_DEFINE_BIAS_SILU(NAME, T, EXP)                                                          \
 static void NAME(const lk_parscale_bias_silu_params *p) {                                          \
-    const int64_t R = p->R, Hh = p->Hh;                                                            \
+    const int64_t Hh = p->Hh, R = p->R;                                                            \
     T *x = (T *)p->x;                                                                              \
     const T *bias = (const T *)p->bias;                                                            \
     _Pragma("omp parallel num_threads(lk_parscale_threads(p->threads))")                           \
     {                                                                                              \
         int64_t lo, hi;                                                                            \
-        lk_chunk(R, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);                        \
-        for (int64_t r = lo; r < hi; r++) {                                                        \
-            T *xr = x + r * Hh;                                                                    \
+        lk_chunk(Hh, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);                       \
+        for (int64_t o = lo; o < hi; o++) {                                                        \
+            T *xo = x + o * R;                                                                     \
+            const T b = bias ? bias[o] : (T)0;                                                     \
             /* a = x + b;  x = a / (1 + e^-a)  (a -> -inf gives -0, a -> +inf gives a) */          \
-            for (int64_t o = 0; o < Hh; o++) {                                                     \
-                const T a = xr[o] + (bias ? bias[o] : (T)0);                                       \
-                xr[o] = a / ((T)1 + EXP(-a));                                                      \
+            for (int64_t r = 0; r < R; r++) {                                                      \
+                const T a = xo[r] + b;                                                             \
+                xo[r] = a / ((T)1 + EXP(-a));                                                      \
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
@@ -98,24 +137,24 @@ LK_DEFINE_BIAS_SILU(lk_bias_silu_f32_generic, float, expf)
 LK_DEFINE_BIAS_SILU(lk_bias_silu_f64, double, exp)
 
 static void lk_bias_silu_f32_simd(const lk_parscale_bias_silu_params *p) {
-    const int64_t R = p->R, Hh = p->Hh;
+    const int64_t Hh = p->Hh, R = p->R;
     float *x = (float *)p->x;
     const float *bias = (const float *)p->bias;
     const lk_vf one = lk_vf_set1(1.0f), zero = lk_vf_zero();
     #pragma omp parallel num_threads(lk_parscale_threads(p->threads))
     {
         int64_t lo, hi;
-        lk_chunk(R, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
-        for (int64_t r = lo; r < hi; r++) {
-            float *xr = x + r * Hh;
+        lk_chunk(Hh, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+        for (int64_t o = lo; o < hi; o++) {
+            float *xo = x + o * R;
+            const lk_vf b = lk_vf_set1(bias ? bias[o] : 0.0f);
             /* a = x + b;  x = a / (1 + e^-a) */
-            for (int64_t o = 0; o < Hh; o += LK_VF) {
-                const int n = (int)lk_min_i64(LK_VF, Hh - o);
-                lk_vf a = n == LK_VF ? lk_vf_load(xr + o) : lk_vf_load_n(xr + o, n);
-                if (bias) a = lk_vf_add(a, n == LK_VF ? lk_vf_load(bias + o) : lk_vf_load_n(bias + o, n));
+            for (int64_t r = 0; r < R; r += LK_VF) {
+                const int n = (int)lk_min_i64(LK_VF, R - r);
+                const lk_vf a = lk_vf_add(n == LK_VF ? lk_vf_load(xo + r) : lk_vf_load_n(xo + r, n), b);
                 const lk_vf s = lk_vf_div(a, lk_vf_add(one, lk_vf_exp(lk_vf_sub(zero, a))));
-                if (n == LK_VF) lk_vf_store(xr + o, s);
-                else lk_vf_store_n(xr + o, s, n);
+                if (n == LK_VF) lk_vf_store(xo + r, s);
+                else lk_vf_store_n(xo + r, s, n);
             }
         }
     }
@@ -137,15 +176,15 @@ lk_status lk_parscale_bias_silu_cpu(const lk_parscale_bias_silu_params *p) {
 
 /* ---------------------------------------------------------------- softmax over P + smoothing + weighted sum */
 
-/* w[p] = (1 - s) softmax_p(z[p] + b2[p]) + s / P, in double (max-subtracted: finite for any finite z).
+/* w[p] = (1 - s) softmax_p(z[p, r] + b2[p]) + s / P, in double (max-subtracted: finite for any finite z).
  * NaN logits give NaN weights (IEEE), as do +inf ones. */
 #define LK_DEFINE_MIX_WEIGHTS(NAME, T)                                                             \
 static void NAME(const lk_parscale_mix_params *p, int64_t r, double *w) {                          \
     const int64_t P = p->P;                                                                        \
-    const T *z = (const T *)p->z + r * P, *b2 = (const T *)p->b2;                                  \
+    const T *z = (const T *)p->z + r, *b2 = (const T *)p->b2;                                      \
     double m = -INFINITY, sum = 0;                                                                 \
     for (int64_t s = 0; s < P; s++) {                                                              \
-        w[s] = (double)z[s] + (b2 ? (double)b2[s] : 0.0);                                          \
+        w[s] = (double)z[s * p->R] + (b2 ? (double)b2[s] : 0.0);                                   \
         if (w[s] > m) m = w[s];                                                                    \
     }                                                                                              \
     for (int64_t s = 0; s < P; s++) sum += (w[s] = exp(w[s] - m));                                 \

@@ -161,7 +161,9 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
         w       = softmax_P(z) · (1 - smoothing) + smoothing / P
         y[b,t]  = sum_p w[b,t,p] · h[p·B+b, t]
 
-    The two GEMMs run in NumPy's BLAS; one kernel builds ``u`` in a single threaded pass, one adds
+    The two GEMMs run in NumPy's BLAS (feature-major, ``w1 @ u.T``: OpenBLAS runs the few-row
+    decode shapes up to 1.7x faster that way round; 2 or 3 rows walk ``w1`` once in L2-sized
+    blocks); one kernel builds ``u`` in one pass, one adds
     ``b1`` and applies SiLU in place on the GEMM output, and one fuses the softmax over P (in
     double precision, max-subtracted, so logits like 1e30 stay finite), the smoothing, and the
     weighted sum of the P streams (accumulated in float32 for float32, float64 for float64) - the
@@ -197,18 +199,37 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
     hc = np.ascontiguousarray(a["h"]).reshape(P * R, Hd)
     u = np.empty((R, P * Hd), dtype)
     _core.parscale_gather(hc, u, P, layout == "interleaved", _AGG_THREADS)
-    x = u @ a["w1"].T                                            # (R, Hh), BLAS
+    x = _w_times_ut(a["w1"], u)                                  # (Hh, R), BLAS
     del u
-    if not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x)
     _core.parscale_bias_silu_(x, np.ascontiguousarray(a["b1"]), _AGG_THREADS)
-    z = np.ascontiguousarray(x @ a["w2"].T)                      # (R, P), BLAS
+    z = a["w2"] @ x                                              # (P, R), BLAS
     buf = _dispatch.prepare_out(fn, out, (B, T, Hd), dtype)
     wts = np.empty((B, T, P), np.float32) if return_weights else None
     _core.parscale_mix(hc, z, np.ascontiguousarray(a["b2"]), buf.reshape(R, Hd),
                        None if wts is None else wts.reshape(R, P), P, float(smoothing), _AGG_THREADS)
     y = _dispatch.finish_out(buf, out)
     return (y, wts) if return_weights else y
+
+
+def _w_times_ut(w, u):
+    """``w @ u.T`` through NumPy's BLAS, C-contiguous ``(Hh, R)``.
+
+    Feature-major (``w @ u.T`` rather than ``u @ w.T``): OpenBLAS runs the few-row (decode) shapes
+    up to 1.7x faster this way round and the many-row ones no slower.  For R = 2 or 3 rows its
+    sgemm still makes three passes over ``w`` (it packs it), so there ``w`` is walked once in
+    blocks of about 1 MiB that stay in L2, each block times every row by sgemv (1.5-1.8x faster).
+    """
+    R = u.shape[0]
+    if R not in (2, 3) or not w.flags.c_contiguous:
+        return w @ u.T
+    Hh, K = w.shape
+    rows = max(16, (1 << 20) // max(K * w.itemsize, 1))
+    xt = np.empty((R, Hh), np.result_type(w, u))
+    for o in range(0, Hh, rows):
+        wb = w[o:o + rows]
+        for r in range(R):
+            np.matmul(wb, u[r], out=xt[r, o:o + rows])
+    return np.ascontiguousarray(xt.T)
 
 
 # ---------------------------------------------------------------- KV-cache memory
