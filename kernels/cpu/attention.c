@@ -1,15 +1,46 @@
-/* Attention (SPEC 1.1) with an optional ParScale shared prefix (SPEC 5.2): the generic path.
+/* Attention (SPEC 1.1) with an optional ParScale shared prefix (SPEC 5.2).
  *
- * One task per (b, h, i): an online softmax over the admissible keys,
- *   m = max_j s_j,  l = sum_j e^(s_j - m),  acc = sum_j e^(s_j - m) v_j,  out = acc / l.
- * No N x M matrix is ever formed.  Tasks are split statically over threads, so a fixed thread
- * count gives bitwise identical results. */
+ * Math, per batch row b, query i, head h, KV head g = h / G (G = Hq / Hkv):
+ *   s_j = scale <q[b,i,h], k[b,j,g]> over the admissible keys j (the L prefix keys of the row's
+ *   stream, always admissible; then j < kv_lens[b] and, when causal, kv_pos[b,j] <= q_pos[b,i]);
+ *   online softmax m = max_j s_j, l = sum_j e^(s_j - m), acc = sum_j e^(s_j - m) v_j;
+ *   out = acc / l, lse = m + log l (the one combine in softmax.h); no key: out 0, lse -inf.
+ * No N x M matrix is ever formed.
+ *
+ * Three paths:
+ * - generic (float64, and float32 when lk_simd_enabled() == 0): one task per (b, h, i), scalar.
+ * - float32 tiles (prefill): a task is (b, g, block of queries); its rows are the G query heads of
+ *   the group times the queries of the block, so every K/V block is read once per group.  K is
+ *   transposed once per call into key blocks of LK_BK keys (kt[d][j]), so S = Q K^T is a
+ *   register-blocked outer-product microkernel (LK_MR rows x 4 vectors of keys); online softmax
+ *   with lk_vf_exp; O = alpha O + P V with a LK_MR rows x 4 vectors of E microkernel.  Causal key
+ *   blocks whose smallest position exceeds every query position of the tile are skipped; blocks
+ *   straddling the diagonal are masked exactly, element by element.  Tasks are handed out
+ *   dynamically, heaviest first; each tile is computed the same way whichever thread takes it.
+ * - float32 split keys (decode / few query rows): each of C = lk_get_num_threads() chunks takes a
+ *   contiguous range of key blocks of every row, for all heads, with dot-product scores (no
+ *   transpose); the partial states (m, l, acc) are merged by lk_softmax_combine_f32.  A single
+ *   long decode uses every thread.
+ * For a fixed thread count every path is bitwise reproducible.
+ *
+ * Non-finite data: NaN and inf propagate as IEEE arithmetic says.  Decision: a non-finite value in
+ * a masked-out key or value that shares a key block with admissible keys in the tile path can
+ * contaminate that row (0 * inf = NaN), as it does in the NumPy twin; keys beyond kv_lens and
+ * skipped causal blocks are never read. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
 #include "lmkern/attention.h"
+#include "lmkern/simd.h"
+#include "lmkern/softmax.h"
+
+#define LK_BK (4 * LK_VF) /* keys per block */
+#define LK_MR 6           /* rows per microkernel call */
+#define LK_SUB 4          /* keys per memory-order step of the split path */
+#define LK_TILE_ROWS 64   /* target rows (queries x group heads) per prefill tile */
+#define LK_INLINE static inline __attribute__((always_inline))
 
 static inline int64_t lk_q_position(const lk_attention_params *p, int64_t b, int64_t i, int64_t len) {
     return p->q_pos ? p->q_pos[b * p->q_pos_bstride + i] : len - p->N + i;
@@ -19,22 +50,32 @@ static inline int64_t lk_kv_position(const lk_attention_params *p, int64_t b, in
     return p->kv_pos ? p->kv_pos[b * p->kv_pos_bstride + j] : j;
 }
 
+static inline int64_t lk_row_len(const lk_attention_params *p, int64_t b) {
+    return p->kv_lens ? p->kv_lens[b] : p->M;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Generic path                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
 #define LK_DEFINE_ATTENTION_GENERIC(NAME, T)                                                      \
-static void NAME(const lk_attention_params *p) {                                                  \
+static lk_status NAME(const lk_attention_params *p) {                                             \
     const int64_t B = p->B, N = p->N, Hq = p->Hq, D = p->D, E = p->E, L = p->prefix_len;         \
     const int64_t group = p->Hq / p->Hkv;                                                         \
     const int64_t tasks = B * Hq * N;                                                             \
     const T scale = (T)p->scale;                                                                  \
+    int failed = 0;                                                                               \
     _Pragma("omp parallel num_threads(lk_get_num_threads())")                                     \
     {                                                                                             \
         T *acc = (T *)malloc(sizeof(T) * (size_t)(E > 0 ? E : 1));                                \
+        if (!acc) { _Pragma("omp atomic write") failed = 1; }                                     \
         int64_t lo, hi;                                                                           \
         lk_chunk(tasks, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);                   \
         for (int64_t t = lo; t < hi && acc; t++) {                                                \
             const int64_t b = t / (Hq * N), h = (t / N) % Hq, i = t % N, g = h / group;           \
             const T *qv = (const T *)p->q + b * p->q_stride[0] + i * p->q_stride[1] + h * p->q_stride[2]; \
             T *o = (T *)p->out + b * p->out_stride[0] + i * p->out_stride[1] + h * p->out_stride[2]; \
-            const int64_t len = p->kv_lens ? p->kv_lens[b] : p->M;                                \
+            const int64_t len = lk_row_len(p, b);                                                 \
             const int64_t qp = lk_q_position(p, b, i, len);                                       \
             T m = -INFINITY, l = 0;                                                               \
             for (int64_t e = 0; e < E; e++) acc[e] = 0;                                           \
@@ -66,20 +107,519 @@ static void NAME(const lk_attention_params *p) {                                
             }                                                                                     \
             const T inv = l > 0 ? (T)1 / l : 0;                                                   \
             for (int64_t e = 0; e < E; e++) o[e] = acc[e] * inv;                                  \
-            if (p->lse) ((T *)p->lse)[t / (Hq * N) * N * Hq + i * Hq + h] =                       \
+            if (p->lse) ((T *)p->lse)[(b * N + i) * Hq + h] =                                     \
                 l > 0 ? m + (T)log((double)l) : -INFINITY;                                        \
         }                                                                                         \
         free(acc);                                                                                \
     }                                                                                             \
+    return failed ? LK_ERR_NOMEM : LK_OK;                                                         \
 }
 
 LK_DEFINE_ATTENTION_GENERIC(attention_generic_f32, float)
 LK_DEFINE_ATTENTION_GENERIC(attention_generic_f64, double)
 
+/* ------------------------------------------------------------------------------------------ */
+/* float32 SIMD building blocks                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+/* The online-softmax state of `rows` query rows: packed prescaled queries, the score block, the
+ * unnormalized output, and the running max / sum. */
+typedef struct {
+    int64_t rows, D, E, Ep;   /* Ep: E rounded up to LK_VF (row stride of o) */
+    const float *q;           /* rows x D, already multiplied by scale */
+    float *s;                 /* rows x LK_BK: scores, then probabilities */
+    float *o;                 /* rows x Ep */
+    float *m, *l, *alpha;     /* rows */
+    const int64_t *qpos;      /* rows: the position of each row's query */
+    int64_t qmin, qmax;
+} lk_tile;
+
+/* s[r][0:4 VF] = sum_d q[r][d] kt[d][0:4 VF] for NR rows (outer products; kt is a transposed block) */
+LK_INLINE void lk_qk_packed_micro(int NR, const float *q, int64_t D, const float *kt, float *s) {
+    lk_vf acc[LK_MR][4];
+#pragma GCC unroll 6
+    for (int r = 0; r < NR; r++)
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) acc[r][c] = lk_vf_zero();
+    for (int64_t d = 0; d < D; d++) {
+        const float *kd = kt + d * LK_BK;
+        const lk_vf k0 = lk_vf_load(kd), k1 = lk_vf_load(kd + LK_VF), k2 = lk_vf_load(kd + 2 * LK_VF),
+                    k3 = lk_vf_load(kd + 3 * LK_VF);
+#pragma GCC unroll 6
+        for (int r = 0; r < NR; r++) {
+            const lk_vf qb = lk_vf_set1(q[r * D + d]);
+            acc[r][0] = lk_vf_fma(qb, k0, acc[r][0]);
+            acc[r][1] = lk_vf_fma(qb, k1, acc[r][1]);
+            acc[r][2] = lk_vf_fma(qb, k2, acc[r][2]);
+            acc[r][3] = lk_vf_fma(qb, k3, acc[r][3]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < NR; r++)
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) lk_vf_store(s + r * LK_BK + c * LK_VF, acc[r][c]);
+}
+
+/* S = Q K^T for the whole tile against one transposed key block */
+static void lk_qk_packed(const lk_tile *t, const float *kt) {
+    int64_t r = 0;
+    for (; r + LK_MR <= t->rows; r += LK_MR) lk_qk_packed_micro(LK_MR, t->q + r * t->D, t->D, kt, t->s + r * LK_BK);
+    switch (t->rows - r) {
+    case 5: lk_qk_packed_micro(5, t->q + r * t->D, t->D, kt, t->s + r * LK_BK); break;
+    case 4: lk_qk_packed_micro(4, t->q + r * t->D, t->D, kt, t->s + r * LK_BK); break;
+    case 3: lk_qk_packed_micro(3, t->q + r * t->D, t->D, kt, t->s + r * LK_BK); break;
+    case 2: lk_qk_packed_micro(2, t->q + r * t->D, t->D, kt, t->s + r * LK_BK); break;
+    case 1: lk_qk_packed_micro(1, t->q + r * t->D, t->D, kt, t->s + r * LK_BK); break;
+    default: break;
+    }
+}
+
+/* S = Q K^T by dot products straight from the keys (no transpose): decode / few rows.
+ * s[r][col0 + j] = sum_d q[r][d] k_j[d], 4 rows at a time so every key vector is loaded once. */
+static void lk_qk_dot(const lk_tile *t, const float *k, int64_t kstride, int64_t nk, int64_t col0) {
+    const int64_t D = t->D, Dv = D / LK_VF * LK_VF;
+    const int tail = (int)(D - Dv);
+    for (int64_t r0 = 0; r0 < t->rows; r0 += 4) {
+        const int nr = (int)lk_min_i64(4, t->rows - r0);
+        const float *q0 = t->q + r0 * D;
+        const float *q1 = q0 + (nr > 1 ? D : 0), *q2 = q0 + (nr > 2 ? 2 * D : 0), *q3 = q0 + (nr > 3 ? 3 * D : 0);
+        for (int64_t j = 0; j < nk; j++) {
+            const float *kj = k + j * kstride;
+            lk_vf a0 = lk_vf_zero(), a1 = lk_vf_zero(), a2 = lk_vf_zero(), a3 = lk_vf_zero();
+            int64_t d = 0;
+            for (; d < Dv; d += LK_VF) {
+                const lk_vf kv = lk_vf_load(kj + d);
+                a0 = lk_vf_fma(lk_vf_load(q0 + d), kv, a0);
+                a1 = lk_vf_fma(lk_vf_load(q1 + d), kv, a1);
+                a2 = lk_vf_fma(lk_vf_load(q2 + d), kv, a2);
+                a3 = lk_vf_fma(lk_vf_load(q3 + d), kv, a3);
+            }
+            if (tail) {
+                const lk_vf kv = lk_vf_load_n(kj + d, tail);
+                a0 = lk_vf_fma(lk_vf_load_n(q0 + d, tail), kv, a0);
+                a1 = lk_vf_fma(lk_vf_load_n(q1 + d, tail), kv, a1);
+                a2 = lk_vf_fma(lk_vf_load_n(q2 + d, tail), kv, a2);
+                a3 = lk_vf_fma(lk_vf_load_n(q3 + d, tail), kv, a3);
+            }
+            float *s = t->s + r0 * LK_BK + col0 + j;
+            s[0] = lk_vf_sum(a0);
+            if (nr > 1) s[LK_BK] = lk_vf_sum(a1);
+            if (nr > 2) s[2 * LK_BK] = lk_vf_sum(a2);
+            if (nr > 3) s[3 * LK_BK] = lk_vf_sum(a3);
+        }
+    }
+}
+
+/* Masks the score block (keys >= nk; when kpos is given, keys with kpos[j] > qpos[r]), then one
+ * online-softmax step per row: m' = max(m, max_j s_j), alpha = e^(m - m'), p_j = e^(s_j - m'),
+ * l = alpha l + sum_j p_j.  A row that has seen no admissible key keeps m = -inf, l = 0, p = 0. */
+static void lk_softmax_step(const lk_tile *t, int64_t nk, const int64_t *kpos, int64_t kpos_first) {
+    for (int64_t r = 0; r < t->rows; r++) {
+        float *s = t->s + r * LK_BK;
+        for (int64_t j = nk; j < LK_BK; j++) s[j] = -INFINITY;
+        if (kpos || kpos_first != INT64_MIN) {
+            const int64_t qp = t->qpos[r];
+            const int64_t nk_eff = nk;
+            if (kpos) {
+                for (int64_t j = 0; j < nk_eff; j++)
+                    if (kpos[j] > qp) s[j] = -INFINITY;
+            } else {
+                /* positions kpos_first + j (kpos_first >= 0): keys j > qp - kpos_first are masked */
+                const int64_t first_bad = qp < kpos_first ? 0 : lk_min_i64(nk_eff, qp - kpos_first + 1);
+                for (int64_t j = first_bad; j < nk_eff; j++) s[j] = -INFINITY;
+            }
+        }
+        lk_vf s0 = lk_vf_load(s), s1 = lk_vf_load(s + LK_VF), s2 = lk_vf_load(s + 2 * LK_VF),
+              s3 = lk_vf_load(s + 3 * LK_VF);
+        const float bmax = lk_vf_hmax(lk_vf_max(lk_vf_max(s0, s1), lk_vf_max(s2, s3)));
+        const float m_old = t->m[r];
+        const float m_new = bmax > m_old ? bmax : m_old;
+        if (m_new == -INFINITY) {
+            /* nothing admissible yet: p = 0, state unchanged; unless a score is NaN (the max
+             * ignores NaN), which makes the whole row NaN */
+            const float nan_check = lk_vf_sum(lk_vf_add(lk_vf_add(s0, s1), lk_vf_add(s2, s3)));
+            lk_vf_store(s, lk_vf_zero()); lk_vf_store(s + LK_VF, lk_vf_zero());
+            lk_vf_store(s + 2 * LK_VF, lk_vf_zero()); lk_vf_store(s + 3 * LK_VF, lk_vf_zero());
+            t->alpha[r] = 1.0f;
+            if (nan_check != nan_check) t->m[r] = t->l[r] = NAN;
+            continue;
+        }
+        const lk_vf mv = lk_vf_set1(m_new);
+        s0 = lk_vf_exp(lk_vf_sub(s0, mv)); s1 = lk_vf_exp(lk_vf_sub(s1, mv));
+        s2 = lk_vf_exp(lk_vf_sub(s2, mv)); s3 = lk_vf_exp(lk_vf_sub(s3, mv));
+        lk_vf_store(s, s0); lk_vf_store(s + LK_VF, s1); lk_vf_store(s + 2 * LK_VF, s2); lk_vf_store(s + 3 * LK_VF, s3);
+        const float a = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+        t->alpha[r] = a;
+        t->l[r] = t->l[r] * a + lk_vf_sum(lk_vf_add(lk_vf_add(s0, s1), lk_vf_add(s2, s3)));
+        t->m[r] = m_new;
+    }
+}
+
+/* o[r][e0 : e0 + NV VF] = alpha[r] o[r][...] + sum_{j < nk} p[r][j] v_j[...] for NR rows (no
+ * rescaling when alpha is NULL); the last vector holds `last` (<= LK_VF) valid features of v. */
+LK_INLINE void lk_pv_micro(int NR, int NV, const float *p, const float *alpha, float *o, int64_t Ep,
+                           const float *v, int64_t vstride, int64_t nk, int last) {
+    lk_vf acc[LK_MR][4];
+#pragma GCC unroll 6
+    for (int r = 0; r < NR; r++) {
+        const lk_vf a = lk_vf_set1(alpha ? alpha[r] : 1.0f);
+#pragma GCC unroll 4
+        for (int c = 0; c < NV; c++)
+            acc[r][c] = alpha ? lk_vf_mul(a, lk_vf_load(o + r * Ep + c * LK_VF)) : lk_vf_load(o + r * Ep + c * LK_VF);
+    }
+    for (int64_t j = 0; j < nk; j++) {
+        const float *vj = v + j * vstride;
+        lk_vf vv[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < NV - 1; c++) vv[c] = lk_vf_load(vj + c * LK_VF);
+        vv[NV - 1] = last == LK_VF ? lk_vf_load(vj + (NV - 1) * LK_VF) : lk_vf_load_n(vj + (NV - 1) * LK_VF, last);
+#pragma GCC unroll 6
+        for (int r = 0; r < NR; r++) {
+            const lk_vf pb = lk_vf_set1(p[r * LK_BK + j]);
+#pragma GCC unroll 4
+            for (int c = 0; c < NV; c++) acc[r][c] = lk_vf_fma(pb, vv[c], acc[r][c]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < NR; r++)
+#pragma GCC unroll 4
+        for (int c = 0; c < NV; c++) lk_vf_store(o + r * Ep + c * LK_VF, acc[r][c]);
+}
+
+#define LK_PV_ROWS(NV)                                                                            \
+    do {                                                                                          \
+        int64_t r = 0;                                                                            \
+        for (; r + LK_MR <= t->rows; r += LK_MR)                                                  \
+            lk_pv_micro(LK_MR, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last); \
+        switch (t->rows - r) {                                                                    \
+        case 5: lk_pv_micro(5, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last); break; \
+        case 4: lk_pv_micro(4, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last); break; \
+        case 3: lk_pv_micro(3, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last); break; \
+        case 2: lk_pv_micro(2, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last); break; \
+        case 1: lk_pv_micro(1, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last); break; \
+        default: break;                                                                           \
+        }                                                                                         \
+    } while (0)
+
+/* O = diag(alpha) O + P[:, col0 : col0 + nk] V for the whole tile (alpha only when rescale) */
+static void lk_pv(const lk_tile *t, const float *v, int64_t vstride, int64_t nk, int64_t col0, int rescale) {
+    const int64_t Ep = t->Ep, E = t->E;
+    const float *alpha_all = rescale ? t->alpha : NULL;
+    for (int64_t e0 = 0; e0 < Ep; e0 += 4 * LK_VF) {
+        const int nv = (int)lk_min_i64(4, (Ep - e0) / LK_VF);
+        const int last = (int)lk_min_i64(LK_VF, E - (e0 + (nv - 1) * LK_VF));
+        switch (nv) {
+        case 4: LK_PV_ROWS(4); break;
+        case 3: LK_PV_ROWS(3); break;
+        case 2: LK_PV_ROWS(2); break;
+        default: LK_PV_ROWS(1); break;
+        }
+    }
+}
+
+static void lk_tile_reset(const lk_tile *t) {
+    memset(t->o, 0, sizeof(float) * (size_t)(t->rows * t->Ep));
+    for (int64_t r = 0; r < t->rows; r++) { t->m[r] = -INFINITY; t->l[r] = 0; t->alpha[r] = 1; }
+}
+
+/* One key block of the tile: scores (from a transposed block kt, or straight from k), mask,
+ * softmax step, P V.  Keys are block-relative; own keys carry positions (kpos or kpos_first + j),
+ * prefix keys none (kpos == NULL, kpos_first == INT64_MIN). */
+static void lk_tile_block(const lk_tile *t, const float *kt, const float *k, int64_t kstride,
+                          const float *v, int64_t vstride, int64_t nk, const int64_t *kpos, int64_t kpos_first) {
+    if (kt) lk_qk_packed(t, kt);
+    else lk_qk_dot(t, k, kstride, nk, 0);
+    lk_softmax_step(t, nk, kpos, kpos_first);
+    lk_pv(t, v, vstride, nk, 0, 1);
+}
+
+/* Visits the own-key block [j0, j0 + nk) of row b for a tile: skipped when fully masked
+ * (causal and min position > max query position), masked only when it straddles the diagonal. */
+static void lk_own_block(const lk_attention_params *p, const lk_tile *t, int64_t b, int64_t j0, int64_t nk,
+                         const float *kt, const float *k, const float *v, int64_t kmin, int64_t kmax) {
+    const int64_t kstride = p->k_stride[1], vstride = p->v_stride[1];
+    if (p->causal && kmin > t->qmax) return;
+    const int need_mask = p->causal && kmax > t->qmin;
+    const int64_t *kpos = need_mask && p->kv_pos ? p->kv_pos + b * p->kv_pos_bstride + j0 : NULL;
+    const int64_t first = need_mask && !p->kv_pos ? j0 : INT64_MIN;
+    lk_tile_block(t, kt, k + j0 * kstride, kstride, v + j0 * vstride, vstride, nk, kpos, first);
+}
+
+static void lk_block_pos_range(const lk_attention_params *p, int64_t b, int64_t j0, int64_t nk,
+                               int64_t *kmin, int64_t *kmax) {
+    if (!p->kv_pos) { *kmin = j0; *kmax = j0 + nk - 1; return; }
+    const int64_t *kp = p->kv_pos + b * p->kv_pos_bstride + j0;
+    int64_t lo = INT64_MAX, hi = INT64_MIN;
+    for (int64_t j = 0; j < nk; j++) { lo = kp[j] < lo ? kp[j] : lo; hi = kp[j] > hi ? kp[j] : hi; }
+    *kmin = lo; *kmax = hi;
+}
+
+/* Packs the tile's query rows r = iq * G + hl (query i0 + iq, head g G + hl), times scale, and their
+ * positions. */
+static void lk_pack_queries(const lk_attention_params *p, int64_t b, int64_t g, int64_t i0, int64_t nq,
+                            float *qdst, int64_t *qpos, int64_t *qmin, int64_t *qmax) {
+    const int64_t G = p->Hq / p->Hkv, D = p->D, len = lk_row_len(p, b);
+    const float scale = (float)p->scale;
+    int64_t lo = INT64_MAX, hi = INT64_MIN;
+    for (int64_t iq = 0; iq < nq; iq++) {
+        const int64_t i = i0 + iq, qp = lk_q_position(p, b, i, len);
+        lo = qp < lo ? qp : lo; hi = qp > hi ? qp : hi;
+        for (int64_t hl = 0; hl < G; hl++) {
+            const float *src = (const float *)p->q + b * p->q_stride[0] + i * p->q_stride[1] + (g * G + hl) * p->q_stride[2];
+            float *dst = qdst + (iq * G + hl) * D;
+            for (int64_t d = 0; d < D; d++) dst[d] = src[d] * scale;
+            qpos[iq * G + hl] = qp;
+        }
+    }
+    *qmin = lo; *qmax = hi;
+}
+
+/* Per-thread scratch for `rows` rows. */
+typedef struct { float *q, *s, *o, *m, *l, *alpha; int64_t *qpos; } lk_scratch;
+
+static int lk_scratch_alloc(lk_scratch *w, int64_t rows, int64_t D, int64_t Ep) {
+    const size_t R = (size_t)(rows > 0 ? rows : 1);
+    w->q = (float *)malloc(sizeof(float) * (R * (size_t)(D > 0 ? D : 1)));
+    w->s = (float *)aligned_alloc(64, sizeof(float) * R * LK_BK);
+    w->o = (float *)malloc(sizeof(float) * (R * (size_t)(Ep > 0 ? Ep : 1)));
+    w->m = (float *)malloc(sizeof(float) * 3 * R);
+    w->qpos = (int64_t *)malloc(sizeof(int64_t) * R);
+    w->l = w->m ? w->m + R : NULL;
+    w->alpha = w->m ? w->m + 2 * R : NULL;
+    return w->q && w->s && w->o && w->m && w->qpos;
+}
+
+static void lk_scratch_free(lk_scratch *w) {
+    free(w->q); free(w->s); free(w->o); free(w->m); free(w->qpos);
+}
+
+static lk_tile lk_tile_of(const lk_scratch *w, int64_t row0, int64_t rows, int64_t D, int64_t E, int64_t Ep) {
+    lk_tile t = {rows, D, E, Ep, w->q + row0 * D, w->s, w->o + row0 * Ep, w->m + row0, w->l + row0,
+                 w->alpha + row0, w->qpos + row0, 0, 0};
+    return t;
+}
+
+/* Writes out[b, i, h] (and lse) of tile row r = iq * G + hl from a single state (combine of one). */
+static void lk_tile_finish(const lk_attention_params *p, const lk_tile *t, int64_t b, int64_t g, int64_t i0, int64_t nq) {
+    const int64_t G = p->Hq / p->Hkv;
+    for (int64_t iq = 0; iq < nq; iq++)
+        for (int64_t hl = 0; hl < G; hl++) {
+            const int64_t r = iq * G + hl, i = i0 + iq, h = g * G + hl;
+            float *o = (float *)p->out + b * p->out_stride[0] + i * p->out_stride[1] + h * p->out_stride[2];
+            float *lse = p->lse ? (float *)p->lse + (b * p->N + i) * p->Hq + h : NULL;
+            lk_softmax_combine_f32(1, t->m + r, t->l + r, t->o + r * t->Ep, t->Ep, t->E, o, lse);
+        }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* float32 prefill: tiles                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+/* kt[d][j] = k[j][d] for nk <= LK_BK keys; keys nk.. are zero */
+static void lk_transpose_block(const float *k, int64_t kstride, int64_t nk, int64_t D, float *kt) {
+    for (int64_t j = 0; j < nk; j++) {
+        const float *kj = k + j * kstride;
+        for (int64_t d = 0; d < D; d++) kt[d * LK_BK + j] = kj[d];
+    }
+    if (nk < LK_BK)
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t j = nk; j < LK_BK; j++) kt[d * LK_BK + j] = 0.0f;
+}
+
+static lk_status attention_tiles_f32(const lk_attention_params *p) {
+    const int64_t B = p->B, N = p->N, Hkv = p->Hkv, G = p->Hq / p->Hkv, D = p->D, E = p->E;
+    const int64_t Ep = lk_cdiv(E, LK_VF) * LK_VF, L = p->prefix_len;
+    const int64_t Bq = lk_max_i64(1, LK_TILE_ROWS / G), nqb = lk_cdiv(N, Bq), rows_max = Bq * G;
+    const int64_t nbp = lk_cdiv(L, LK_BK), nbo = lk_cdiv(p->M, LK_BK), nbt = nbp + nbo;
+    const size_t blk = (size_t)LK_BK * (size_t)(D > 0 ? D : 1);
+    /* transposed keys of every (b, g): nbp prefix blocks then nbo own blocks */
+    float *kt = (float *)aligned_alloc(64, sizeof(float) * blk * (size_t)(B * Hkv * nbt > 0 ? B * Hkv * nbt : 1));
+    int64_t *kmin = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * B * nbo + 1));
+    if (!kt || !kmin) { free(kt); free(kmin); return LK_ERR_NOMEM; }
+    int64_t *kmax = kmin + B * nbo;
+    int failed = 0;
+#pragma omp parallel num_threads(lk_get_num_threads())
+    {
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < B * Hkv * nbt; u++) {
+            const int64_t b = u / (Hkv * nbt), g = (u / nbt) % Hkv, kb = u % nbt;
+            float *dst = kt + (size_t)u * blk;
+            if (kb < nbp) {
+                const int64_t j0 = kb * LK_BK, nk = lk_min_i64(LK_BK, L - j0);
+                const float *src = (const float *)p->prefix_k + (((b / p->prefix_rows) * L + j0) * Hkv + g) * D;
+                lk_transpose_block(src, Hkv * D, nk, D, dst);
+            } else {
+                const int64_t j0 = (kb - nbp) * LK_BK, nk = lk_min_i64(LK_BK, lk_row_len(p, b) - j0);
+                if (nk > 0) {
+                    const float *src = (const float *)p->k + b * p->k_stride[0] + j0 * p->k_stride[1] + g * p->k_stride[2];
+                    lk_transpose_block(src, p->k_stride[1], nk, D, dst);
+                    if (g == 0) lk_block_pos_range(p, b, j0, nk, &kmin[b * nbo + kb - nbp], &kmax[b * nbo + kb - nbp]);
+                }
+            }
+        }
+        lk_scratch w;
+        const int ok = lk_scratch_alloc(&w, rows_max, D, Ep);
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        /* heaviest tiles first: the last query blocks see the most causal keys */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < B * Hkv * nqb; task++) {
+            if (!ok) continue;
+            const int64_t qb = nqb - 1 - task % nqb, g = (task / nqb) % Hkv, b = task / (nqb * Hkv);
+            const int64_t i0 = qb * Bq, nq = lk_min_i64(Bq, N - i0), len = lk_row_len(p, b);
+            lk_tile t = lk_tile_of(&w, 0, nq * G, D, E, Ep);
+            lk_pack_queries(p, b, g, i0, nq, w.q, w.qpos, &t.qmin, &t.qmax);
+            lk_tile_reset(&t);
+            const float *ktb = kt + (size_t)(b * Hkv + g) * (size_t)nbt * blk;
+            for (int64_t kb = 0; kb < nbp; kb++) {
+                const int64_t j0 = kb * LK_BK, nk = lk_min_i64(LK_BK, L - j0);
+                const float *vp = (const float *)p->prefix_v + (((b / p->prefix_rows) * L + j0) * Hkv + g) * E;
+                lk_tile_block(&t, ktb + kb * blk, NULL, 0, vp, Hkv * E, nk, NULL, INT64_MIN);
+            }
+            const float *kb0 = (const float *)p->k + b * p->k_stride[0] + g * p->k_stride[2];
+            const float *vb0 = (const float *)p->v + b * p->v_stride[0] + g * p->v_stride[2];
+            for (int64_t kb = 0; kb * LK_BK < len; kb++) {
+                const int64_t j0 = kb * LK_BK, nk = lk_min_i64(LK_BK, len - j0);
+                lk_own_block(p, &t, b, j0, nk, ktb + (nbp + kb) * blk, kb0, vb0, kmin[b * nbo + kb], kmax[b * nbo + kb]);
+            }
+            lk_tile_finish(p, &t, b, g, i0, nq);
+        }
+        lk_scratch_free(&w);
+    }
+    free(kt);
+    free(kmin);
+    return failed ? LK_ERR_NOMEM : LK_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* float32 decode: keys split across threads, partial states merged by the one combine         */
+/* ------------------------------------------------------------------------------------------ */
+
+static lk_status attention_split_f32(const lk_attention_params *p) {
+    const int64_t B = p->B, N = p->N, Hq = p->Hq, Hkv = p->Hkv, G = Hq / Hkv, D = p->D, E = p->E;
+    const int64_t Ep = lk_cdiv(E, LK_VF) * LK_VF, L = p->prefix_len, rows = N * Hq, grows = N * G;
+    const int64_t C = lk_get_num_threads();
+    /* partials of row R = (b N + i) Hq + h, chunk c: m, l at R C + c, acc at (R C + c) E */
+    const size_t nR = (size_t)(B * rows) * (size_t)C;
+    float *pm = (float *)malloc(sizeof(float) * (2 * nR + 1));
+    float *pacc = (float *)malloc(sizeof(float) * (nR * (size_t)E + 1));
+    if (!pm || !pacc) { free(pm); free(pacc); return LK_ERR_NOMEM; }
+    float *pl = pm + nR;
+    int failed = 0;
+#pragma omp parallel num_threads((int)C)
+    {
+        lk_scratch w;
+        /* the score block serves one KV head at a time: grows rows; q, o, m, l for all rows */
+        lk_tile *tg = (lk_tile *)malloc(sizeof(lk_tile) * (size_t)Hkv);
+        const int ok = lk_scratch_alloc(&w, rows, D, Ep) && tg;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < C; c++) {
+            if (!ok) continue;
+            for (int64_t b = 0; b < B; b++) {
+                const int64_t len = lk_row_len(p, b), nbp = lk_cdiv(L, LK_BK), nbt = nbp + lk_cdiv(len, LK_BK);
+                int64_t lo, hi;
+                lk_chunk(nbt, C, c, &lo, &hi);
+                int64_t qmin = INT64_MAX, qmax = INT64_MIN;
+                for (int64_t g = 0; g < Hkv; g++) {
+                    tg[g] = lk_tile_of(&w, g * grows, grows, D, E, Ep);
+                    tg[g].s = w.s + g * grows * LK_BK;
+                    lk_pack_queries(p, b, g, 0, N, (float *)tg[g].q, (int64_t *)tg[g].qpos, &qmin, &qmax);
+                    lk_tile_reset(&tg[g]);
+                }
+                for (int64_t g = 0; g < Hkv; g++) { tg[g].qmin = qmin; tg[g].qmax = qmax; }
+                const float *kb0 = (const float *)p->k + b * p->k_stride[0];
+                const float *vb0 = (const float *)p->v + b * p->v_stride[0];
+                for (int64_t kb = lo; kb < hi; kb++) {
+                    int64_t kmin = 0, kmax = 0, j0, nk;
+                    const float *kbase, *vbase;
+                    int64_t kstride, vstride, hkstride, hvstride;
+                    const int64_t *kpos = NULL;
+                    int64_t first = INT64_MIN;
+                    if (kb >= nbp) {
+                        j0 = (kb - nbp) * LK_BK;
+                        nk = lk_min_i64(LK_BK, len - j0);
+                        lk_block_pos_range(p, b, j0, nk, &kmin, &kmax);
+                        if (p->causal && kmin > qmax) continue;
+                        if (p->causal && kmax > qmin) {
+                            if (p->kv_pos) kpos = p->kv_pos + b * p->kv_pos_bstride + j0;
+                            else first = j0;
+                        }
+                        kstride = p->k_stride[1]; vstride = p->v_stride[1];
+                        hkstride = p->k_stride[2]; hvstride = p->v_stride[2];
+                        kbase = kb0 + j0 * kstride;
+                        vbase = vb0 + j0 * vstride;
+                    } else {
+                        j0 = kb * LK_BK;
+                        nk = lk_min_i64(LK_BK, L - j0);
+                        const int64_t off = ((b / p->prefix_rows) * L + j0) * Hkv;
+                        kstride = Hkv * D; vstride = Hkv * E; hkstride = D; hvstride = E;
+                        kbase = (const float *)p->prefix_k + off * D;
+                        vbase = (const float *)p->prefix_v + off * E;
+                    }
+                    /* keys in memory order (token-major: all KV heads of a few tokens at a time),
+                     * so the hardware prefetchers see one sequential stream */
+                    for (int64_t js = 0; js < nk; js += LK_SUB) {
+                        const int64_t ns = lk_min_i64(LK_SUB, nk - js);
+                        for (int64_t g = 0; g < Hkv; g++)
+                            lk_qk_dot(&tg[g], kbase + js * kstride + g * hkstride, kstride, ns, js);
+                    }
+                    for (int64_t g = 0; g < Hkv; g++) lk_softmax_step(&tg[g], nk, kpos, first);
+                    for (int64_t js = 0; js < nk; js += LK_SUB) {
+                        const int64_t ns = lk_min_i64(LK_SUB, nk - js);
+                        for (int64_t g = 0; g < Hkv; g++)
+                            lk_pv(&tg[g], vbase + js * vstride + g * hvstride, vstride, ns, js, js == 0);
+                    }
+                }
+                /* partial states of this chunk; tile row g grows + iq G + hl is head h = g G + hl */
+                for (int64_t g = 0; g < Hkv; g++)
+                    for (int64_t i = 0; i < N; i++)
+                        for (int64_t hl = 0; hl < G; hl++) {
+                            const int64_t r = g * grows + i * G + hl, R = (b * N + i) * Hq + g * G + hl;
+                            const size_t at = (size_t)R * (size_t)C + (size_t)c;
+                            pm[at] = w.m[r];
+                            pl[at] = w.l[r];
+                            memcpy(pacc + at * (size_t)E, w.o + r * Ep, sizeof(float) * (size_t)E);
+                        }
+            }
+        }
+        lk_scratch_free(&w);
+        free(tg);
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t R = 0; R < B * rows; R++) {
+                const int64_t b = R / rows, i = (R / Hq) % N, h = R % Hq;
+                float *o = (float *)p->out + b * p->out_stride[0] + i * p->out_stride[1] + h * p->out_stride[2];
+                float *lse = p->lse ? (float *)p->lse + R : NULL;
+                const size_t at = (size_t)R * (size_t)C;
+                lk_softmax_combine_f32(C, pm + at, pl + at, pacc + at * (size_t)E, E, E, o, lse);
+            }
+        }
+    }
+    free(pm);
+    free(pacc);
+    return failed ? LK_ERR_NOMEM : LK_OK;
+}
+
+/* Tiles when there are enough query rows to amortize transposing K and enough tiles for every
+ * thread; otherwise split the keys. */
+static lk_status attention_f32(const lk_attention_params *p) {
+    const int64_t G = p->Hq / p->Hkv, threads = lk_get_num_threads();
+    const int64_t Bq = lk_max_i64(1, LK_TILE_ROWS / G), tiles = p->B * p->Hkv * lk_cdiv(p->N, Bq);
+    if (p->N * G >= 32 && tiles >= 2 * threads) return attention_tiles_f32(p);
+    return attention_split_f32(p);
+}
+
 lk_status lk_attention_cpu(const lk_attention_params *p) {
     if (p->B == 0 || p->N == 0 || p->Hq == 0) return LK_OK;
-    if (p->dtype == LK_F32) attention_generic_f32(p);
-    else if (p->dtype == LK_F64) attention_generic_f64(p);
-    else return LK_ERR_DTYPE;
-    return LK_OK;
+    if (p->Hkv <= 0 || p->Hq % p->Hkv) return LK_ERR_VALUE;
+    if (p->dtype == LK_F32) return lk_simd_enabled() ? attention_f32(p) : attention_generic_f32(p);
+    if (p->dtype == LK_F64) return attention_generic_f64(p);
+    return LK_ERR_DTYPE;
 }
