@@ -38,7 +38,7 @@
 
 #define LK_BK (4 * LK_VF) /* keys per block */
 #define LK_MR 6           /* rows per microkernel call */
-#define LK_SUB 4          /* keys per memory-order step of the split path */
+#define LK_SUB 16          /* keys per memory-order step of the split path */
 #define LK_TILE_ROWS 64   /* target rows (queries x group heads) per prefill tile */
 #define LK_INLINE static inline __attribute__((always_inline))
 
@@ -175,37 +175,50 @@ static void lk_qk_packed(const lk_tile *t, const float *kt) {
 }
 
 /* S = Q K^T by dot products straight from the keys (no transpose): decode / few rows.
- * s[r][col0 + j] = sum_d q[r][d] k_j[d], 4 rows at a time so every key vector is loaded once. */
+ * s[r][col0 + j] = sum_d q[r][d] k_j[d], blocks of 4 rows x 4 keys (16 accumulators, each key
+ * and query vector loaded once per block), reduced by lk_vf_sum4. */
 static void lk_qk_dot(const lk_tile *t, const float *k, int64_t kstride, int64_t nk, int64_t col0) {
     const int64_t D = t->D, Dv = D / LK_VF * LK_VF;
     const int tail = (int)(D - Dv);
     for (int64_t r0 = 0; r0 < t->rows; r0 += 4) {
         const int nr = (int)lk_min_i64(4, t->rows - r0);
-        const float *q0 = t->q + r0 * D;
-        const float *q1 = q0 + (nr > 1 ? D : 0), *q2 = q0 + (nr > 2 ? 2 * D : 0), *q3 = q0 + (nr > 3 ? 3 * D : 0);
-        for (int64_t j = 0; j < nk; j++) {
-            const float *kj = k + j * kstride;
-            lk_vf a0 = lk_vf_zero(), a1 = lk_vf_zero(), a2 = lk_vf_zero(), a3 = lk_vf_zero();
+        const float *qr[4];
+        for (int r = 0; r < 4; r++) qr[r] = t->q + (r0 + (r < nr ? r : nr - 1)) * D;
+        for (int64_t j0 = 0; j0 < nk; j0 += 4) {
+            const int nj = (int)lk_min_i64(4, nk - j0);
+            const float *kj[4];
+            for (int c = 0; c < 4; c++) kj[c] = k + (j0 + (c < nj ? c : nj - 1)) * kstride;
+            lk_vf acc[4][4];
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++)
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) acc[r][c] = lk_vf_zero();
             int64_t d = 0;
             for (; d < Dv; d += LK_VF) {
-                const lk_vf kv = lk_vf_load(kj + d);
-                a0 = lk_vf_fma(lk_vf_load(q0 + d), kv, a0);
-                a1 = lk_vf_fma(lk_vf_load(q1 + d), kv, a1);
-                a2 = lk_vf_fma(lk_vf_load(q2 + d), kv, a2);
-                a3 = lk_vf_fma(lk_vf_load(q3 + d), kv, a3);
+                lk_vf kv[4];
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) kv[c] = lk_vf_load(kj[c] + d);
+#pragma GCC unroll 4
+                for (int r = 0; r < 4; r++) {
+                    const lk_vf qv = lk_vf_load(qr[r] + d);
+#pragma GCC unroll 4
+                    for (int c = 0; c < 4; c++) acc[r][c] = lk_vf_fma(qv, kv[c], acc[r][c]);
+                }
             }
             if (tail) {
-                const lk_vf kv = lk_vf_load_n(kj + d, tail);
-                a0 = lk_vf_fma(lk_vf_load_n(q0 + d, tail), kv, a0);
-                a1 = lk_vf_fma(lk_vf_load_n(q1 + d, tail), kv, a1);
-                a2 = lk_vf_fma(lk_vf_load_n(q2 + d, tail), kv, a2);
-                a3 = lk_vf_fma(lk_vf_load_n(q3 + d, tail), kv, a3);
+                lk_vf kv[4];
+                for (int c = 0; c < 4; c++) kv[c] = lk_vf_load_n(kj[c] + d, tail);
+                for (int r = 0; r < 4; r++) {
+                    const lk_vf qv = lk_vf_load_n(qr[r] + d, tail);
+                    for (int c = 0; c < 4; c++) acc[r][c] = lk_vf_fma(qv, kv[c], acc[r][c]);
+                }
             }
-            float *s = t->s + r0 * LK_BK + col0 + j;
-            s[0] = lk_vf_sum(a0);
-            if (nr > 1) s[LK_BK] = lk_vf_sum(a1);
-            if (nr > 2) s[2 * LK_BK] = lk_vf_sum(a2);
-            if (nr > 3) s[3 * LK_BK] = lk_vf_sum(a3);
+            for (int r = 0; r < nr; r++) {
+                float sums[4];
+                lk_vf_sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], sums);
+                float *s = t->s + (r0 + r) * LK_BK + col0 + j0;
+                for (int c = 0; c < nj; c++) s[c] = sums[c];
+            }
         }
     }
 }

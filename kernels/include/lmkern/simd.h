@@ -37,6 +37,17 @@ static inline lk_vf lk_vf_min(lk_vf a, lk_vf b) { return _mm512_min_ps(a, b); }
 static inline float lk_vf_sum(lk_vf v) { return _mm512_reduce_add_ps(v); }
 static inline float lk_vf_hmax(lk_vf v) { return _mm512_reduce_max_ps(v); }
 static inline lk_vf lk_vf_round(lk_vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* out[0..3] = horizontal sums of a, b, c, d (one transposing reduction instead of four) */
+static inline void lk_vf_sum4(lk_vf a, lk_vf b, lk_vf c, lk_vf d, float *out) {
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    /* 128-bit lanes: [a, b, c, d] partials of 4 floats each */
+    __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));
+    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
+    const __m512 r = _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), t);
+    _mm_storeu_ps(out, _mm512_castps512_ps128(r));
+}
 /* 2^n for integral-valued n in [-126, 127] */
 static inline lk_vf lk_vf_pow2i(lk_vf n) {
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
@@ -121,6 +132,13 @@ static inline lk_vf lk_vf_pow2i(lk_vf n) {
 }
 static inline lk_vf lk_vf_select_lt(lk_vf a, lk_vf b, lk_vf c, lk_vf v) { return a < b ? c : v; }
 static inline lk_vf lk_vf_keep_nan(lk_vf x, lk_vf y) { return x != x ? x : y; }
+#endif
+
+#if !defined(__AVX512F__)
+/* out[0..3] = horizontal sums of a, b, c, d */
+static inline void lk_vf_sum4(lk_vf a, lk_vf b, lk_vf c, lk_vf d, float *out) {
+    out[0] = lk_vf_sum(a); out[1] = lk_vf_sum(b); out[2] = lk_vf_sum(c); out[3] = lk_vf_sum(d);
+}
 #endif
 
 /* e^x, |relative error| < 2e-7 on [-87.3, 88.7]; e^x = 0 below -87.3 (so exp(-inf) = 0) and
