@@ -105,10 +105,11 @@ static lk_status NAME(const lk_attention_params *p) {                           
                 l += w;                                                                           \
                 for (int64_t e = 0; e < E; e++) acc[e] += w * vv[e];                              \
             }                                                                                     \
-            const T inv = l > 0 ? (T)1 / l : 0;                                                   \
+            /* l == 0: no admissible key; l NaN (a NaN score) keeps out and lse NaN */            \
+            const T inv = l != 0 ? (T)1 / l : 0;                                                  \
             for (int64_t e = 0; e < E; e++) o[e] = acc[e] * inv;                                  \
             if (p->lse) ((T *)p->lse)[(b * N + i) * Hq + h] =                                     \
-                l > 0 ? m + (T)log((double)l) : -INFINITY;                                        \
+                l != 0 ? m + (T)log((double)l) : -INFINITY;                                       \
         }                                                                                         \
         free(acc);                                                                                \
     }                                                                                             \

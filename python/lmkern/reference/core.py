@@ -61,9 +61,10 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
             m = np.where(np.isfinite(m), m, 0)
             p = np.where(admissible, np.exp(s - m), 0)
             l = p.sum(axis=1, keepdims=True)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                res[b, :, h] = np.where(l > 0, (p @ vb[:, g]) / np.where(l > 0, l, 1), 0)
-                lse[b, :, h] = np.where(l[:, 0] > 0, np.log(np.where(l[:, 0] > 0, l[:, 0], 1)) + m[:, 0], -np.inf)
+            # l == 0: no admissible key (out 0, lse -inf); a NaN score makes l NaN and the row NaN
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                res[b, :, h] = np.where(l != 0, (p @ vb[:, g]) / np.where(l != 0, l, 1), 0)
+                lse[b, :, h] = np.where(l[:, 0] != 0, np.log(np.where(l[:, 0] != 0, l[:, 0], 1)) + m[:, 0], -np.inf)
     res = res.astype(dtype)
     if out is not None:
         out[...] = res
