@@ -54,6 +54,17 @@ static inline int64_t lk_row_len(const lk_attention_params *p, int64_t b) {
     return p->kv_lens ? p->kv_lens[b] : p->M;
 }
 
+/* Threads for a region: one for a call too small to repay waking (or, on a busy machine,
+ * waiting for) a second thread, at most `tasks`.  Results never depend on it: the split path's
+ * chunk count is lk_get_num_threads() whatever the team size. */
+static int lk_team(const lk_attention_params *p, int64_t tasks) {
+    const double flops = 2.0 * (double)p->B * (double)p->N * (double)p->Hq * (double)(p->M + p->prefix_len) *
+                         (double)(p->D + p->E);
+    int64_t n = lk_get_num_threads();
+    if (flops < 4e6) n = 1;
+    return (int)lk_max_i64(1, lk_min_i64(n, tasks));
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Generic path                                                                                */
 /* ------------------------------------------------------------------------------------------ */
@@ -452,7 +463,7 @@ static lk_status attention_tiles_f32(const lk_attention_params *p) {
     if (!kt || !kmin) { free(kt); free(kmin); return LK_ERR_NOMEM; }
     int64_t *kmax = kmin + B * nbo;
     int failed = 0;
-#pragma omp parallel num_threads(lk_get_num_threads())
+#pragma omp parallel num_threads(lk_team(p, B * Hkv * nqb))
     {
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < B * Hkv * nbt; u++) {
@@ -522,7 +533,7 @@ static lk_status attention_split_f32(const lk_attention_params *p) {
     if (!pm || !pacc) { free(pm); free(pacc); return LK_ERR_NOMEM; }
     float *pl = pm + nR;
     int failed = 0;
-#pragma omp parallel num_threads((int)C)
+#pragma omp parallel num_threads(lk_team(p, C))
     {
         lk_scratch w;
         /* the score block serves one KV head at a time: grows rows; q, o, m, l for all rows */
