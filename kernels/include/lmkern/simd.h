@@ -144,6 +144,27 @@ static inline void lk_vf_sum4(lk_vf a, lk_vf b, lk_vf c, lk_vf d, float *out) {
 /* e^x, |relative error| < 2e-7 on [-87.3, 88.7]; e^x = 0 below -87.3 (so exp(-inf) = 0) and
  * +inf above 88.7; NaN in, NaN out.  Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a
  * degree-6 polynomial for e^r. */
+#if defined(__AVX512F__)
+static inline lk_vf lk_vf_exp(lk_vf x) {
+    /* AVX-512: the same reduction and polynomial; 2^n by scalef (exact, overflows to inf by itself),
+     * NaN carried through by putting x second in max/min (which return their second operand when
+     * either is NaN). */
+    const lk_vf hi = lk_vf_set1(88.7228391f), lo = lk_vf_set1(-87.3365448f);
+    const lk_vf xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
+    const lk_vf n = lk_vf_round(lk_vf_mul(xc, lk_vf_set1(1.44269504088896341f)));
+    lk_vf r = lk_vf_fma(n, lk_vf_set1(-0.693359375f), xc);
+    r = lk_vf_fma(n, lk_vf_set1(2.12194440e-4f), r);
+    lk_vf p = lk_vf_set1(1.9875691500e-4f);
+    p = lk_vf_fma(p, r, lk_vf_set1(1.3981999507e-3f));
+    p = lk_vf_fma(p, r, lk_vf_set1(8.3334519073e-3f));
+    p = lk_vf_fma(p, r, lk_vf_set1(4.1665795894e-2f));
+    p = lk_vf_fma(p, r, lk_vf_set1(1.6666665459e-1f));
+    p = lk_vf_fma(p, r, lk_vf_set1(5.0000001201e-1f));
+    p = lk_vf_fma(p, lk_vf_mul(r, r), lk_vf_add(r, lk_vf_set1(1.0f)));
+    const lk_vf y = _mm512_scalef_ps(p, n);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), y, lk_vf_zero()); /* underflow, -inf -> 0 */
+}
+#else
 static inline lk_vf lk_vf_exp(lk_vf x) {
     const lk_vf hi = lk_vf_set1(88.7228391f), lo = lk_vf_set1(-87.3365448f);
     lk_vf xc = lk_vf_min(lk_vf_max(x, lo), hi);
@@ -164,6 +185,7 @@ static inline lk_vf lk_vf_exp(lk_vf x) {
     y = lk_vf_select_lt(hi, x, lk_vf_set1(INFINITY), y);              /* overflow (and +inf) -> inf */
     return lk_vf_keep_nan(x, y); /* min/max may have dropped a NaN input: restore it */
 }
+#endif
 
 /* Runtime switch between the SIMD and the generic path (tests diff the two). */
 int lk_simd_enabled(void);
