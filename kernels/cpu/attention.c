@@ -146,8 +146,36 @@ typedef struct {
     int64_t qmin, qmax;
 } lk_tile;
 
-/* s[r][0:4 VF] = sum_d q[r][d] kt[d][0:4 VF] for NR rows (outer products; kt is a transposed block) */
-LK_INLINE void lk_qk_packed_micro(int NR, const float *q, int64_t D, const float *kt, float *s) {
+/* One online-softmax step of one row over a block of scores s0..s3 (already masked with -inf):
+ * m' = max(m, max_j s_j), alpha = e^(m - m'), p_j = e^(s_j - m') stored to srow,
+ * l = alpha l + sum_j p_j.  A row that has seen no admissible key keeps m = -inf, l = 0, p = 0,
+ * unless a score is NaN (the max ignores NaN): then m = l = NaN and the row ends NaN. */
+LK_INLINE void lk_softmax_row(lk_vf s0, lk_vf s1, lk_vf s2, lk_vf s3, float *srow, float *m, float *l, float *alpha) {
+    const float bmax = lk_vf_hmax(lk_vf_max(lk_vf_max(s0, s1), lk_vf_max(s2, s3)));
+    const float m_old = *m;
+    const float m_new = bmax > m_old ? bmax : m_old;
+    if (m_new == -INFINITY) {
+        const float nan_check = lk_vf_sum(lk_vf_add(lk_vf_add(s0, s1), lk_vf_add(s2, s3)));
+        lk_vf_store(srow, lk_vf_zero()); lk_vf_store(srow + LK_VF, lk_vf_zero());
+        lk_vf_store(srow + 2 * LK_VF, lk_vf_zero()); lk_vf_store(srow + 3 * LK_VF, lk_vf_zero());
+        *alpha = 1.0f;
+        if (nan_check != nan_check) *m = *l = NAN;
+        return;
+    }
+    const lk_vf mv = lk_vf_set1(m_new);
+    s0 = lk_vf_exp(lk_vf_sub(s0, mv)); s1 = lk_vf_exp(lk_vf_sub(s1, mv));
+    s2 = lk_vf_exp(lk_vf_sub(s2, mv)); s3 = lk_vf_exp(lk_vf_sub(s3, mv));
+    lk_vf_store(srow, s0); lk_vf_store(srow + LK_VF, s1); lk_vf_store(srow + 2 * LK_VF, s2); lk_vf_store(srow + 3 * LK_VF, s3);
+    const float a = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+    *alpha = a;
+    *l = *l * a + lk_vf_sum(lk_vf_add(lk_vf_add(s0, s1), lk_vf_add(s2, s3)));
+    *m = m_new;
+}
+
+/* s[r][0:4 VF] = sum_d q[r][d] kt[d][0:4 VF] for NR rows (outer products; kt is a transposed block);
+ * with m given, also the softmax step of those rows (lk_softmax_row), s then holding p. */
+LK_INLINE void lk_qk_packed_micro(int NR, const float *q, int64_t D, const float *kt, float *s, float *m, float *l,
+                                  float *alpha) {
     lk_vf acc[LK_MR][4];
 #pragma GCC unroll 6
     for (int r = 0; r < NR; r++)
@@ -166,22 +194,31 @@ LK_INLINE void lk_qk_packed_micro(int NR, const float *q, int64_t D, const float
             acc[r][3] = lk_vf_fma(qb, k3, acc[r][3]);
         }
     }
+    if (m) {
+        /* a full unmasked block: the softmax step straight from the registers */
+#pragma GCC unroll 6
+        for (int r = 0; r < NR; r++)
+            lk_softmax_row(acc[r][0], acc[r][1], acc[r][2], acc[r][3], s + r * LK_BK, m + r, l + r, alpha + r);
+        return;
+    }
 #pragma GCC unroll 6
     for (int r = 0; r < NR; r++)
 #pragma GCC unroll 4
         for (int c = 0; c < 4; c++) lk_vf_store(s + r * LK_BK + c * LK_VF, acc[r][c]);
 }
 
-/* S = Q K^T for the whole tile against one transposed key block */
-static void lk_qk_packed(const lk_tile *t, const float *kt) {
+/* S = Q K^T for the whole tile against one transposed key block (fused: and the softmax step) */
+#define LK_QK_CALL(NR) \
+    lk_qk_packed_micro(NR, t->q + r * t->D, t->D, kt, t->s + r * LK_BK, fused ? t->m + r : NULL, t->l + r, t->alpha + r)
+static void lk_qk_packed(const lk_tile *t, const float *kt, int fused) {
     int64_t r = 0;
-    for (; r + LK_MR <= t->rows; r += LK_MR) lk_qk_packed_micro(LK_MR, t->q + r * t->D, t->D, kt, t->s + r * LK_BK);
+    for (; r + LK_MR <= t->rows; r += LK_MR) LK_QK_CALL(LK_MR);
     switch (t->rows - r) {
-    case 5: lk_qk_packed_micro(5, t->q + r * t->D, t->D, kt, t->s + r * LK_BK); break;
-    case 4: lk_qk_packed_micro(4, t->q + r * t->D, t->D, kt, t->s + r * LK_BK); break;
-    case 3: lk_qk_packed_micro(3, t->q + r * t->D, t->D, kt, t->s + r * LK_BK); break;
-    case 2: lk_qk_packed_micro(2, t->q + r * t->D, t->D, kt, t->s + r * LK_BK); break;
-    case 1: lk_qk_packed_micro(1, t->q + r * t->D, t->D, kt, t->s + r * LK_BK); break;
+    case 5: LK_QK_CALL(5); break;
+    case 4: LK_QK_CALL(4); break;
+    case 3: LK_QK_CALL(3); break;
+    case 2: LK_QK_CALL(2); break;
+    case 1: LK_QK_CALL(1); break;
     default: break;
     }
 }
@@ -235,48 +272,41 @@ static void lk_qk_dot(const lk_tile *t, const float *k, int64_t kstride, int64_t
     }
 }
 
-/* Masks the score block (keys >= nk; when kpos is given, keys with kpos[j] > qpos[r]), then one
- * online-softmax step per row: m' = max(m, max_j s_j), alpha = e^(m - m'), p_j = e^(s_j - m'),
- * l = alpha l + sum_j p_j.  A row that has seen no admissible key keeps m = -inf, l = 0, p = 0. */
+/* 0, 1, ..., LK_BK - 1 as floats: key indices within a block */
+static const float lk_iota[LK_BK] = {
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
+#if LK_BK > 32
+    32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60,
+    61, 62, 63,
+#endif
+};
+
+/* Masks the score block (keys >= nk; when kpos is given, keys with kpos[j] > qpos[r]; with
+ * kpos_first != INT64_MIN, keys kpos_first + j > qpos[r]), then one softmax step per row. */
 static void lk_softmax_step(const lk_tile *t, int64_t nk, const int64_t *kpos, int64_t kpos_first) {
     for (int64_t r = 0; r < t->rows; r++) {
         float *s = t->s + r * LK_BK;
-        for (int64_t j = nk; j < LK_BK; j++) s[j] = -INFINITY;
-        if (kpos || kpos_first != INT64_MIN) {
+        /* keys j >= limit are masked: the block tail, and with default positions kpos_first + j,
+         * keys j > qp - kpos_first (kpos_first >= 0) */
+        int64_t limit = nk;
+        if (kpos) {
             const int64_t qp = t->qpos[r];
-            const int64_t nk_eff = nk;
-            if (kpos) {
-                for (int64_t j = 0; j < nk_eff; j++)
-                    if (kpos[j] > qp) s[j] = -INFINITY;
-            } else {
-                /* positions kpos_first + j (kpos_first >= 0): keys j > qp - kpos_first are masked */
-                const int64_t first_bad = qp < kpos_first ? 0 : lk_min_i64(nk_eff, qp - kpos_first + 1);
-                for (int64_t j = first_bad; j < nk_eff; j++) s[j] = -INFINITY;
-            }
+            for (int64_t j = 0; j < nk; j++)
+                if (kpos[j] > qp) s[j] = -INFINITY;
+        } else if (kpos_first != INT64_MIN) {
+            const int64_t qp = t->qpos[r];
+            limit = qp < kpos_first ? 0 : lk_min_i64(nk, qp - kpos_first + 1);
         }
-        lk_vf s0 = lk_vf_load(s), s1 = lk_vf_load(s + LK_VF), s2 = lk_vf_load(s + 2 * LK_VF),
-              s3 = lk_vf_load(s + 3 * LK_VF);
-        const float bmax = lk_vf_hmax(lk_vf_max(lk_vf_max(s0, s1), lk_vf_max(s2, s3)));
-        const float m_old = t->m[r];
-        const float m_new = bmax > m_old ? bmax : m_old;
-        if (m_new == -INFINITY) {
-            /* nothing admissible yet: p = 0, state unchanged; unless a score is NaN (the max
-             * ignores NaN), which makes the whole row NaN */
-            const float nan_check = lk_vf_sum(lk_vf_add(lk_vf_add(s0, s1), lk_vf_add(s2, s3)));
-            lk_vf_store(s, lk_vf_zero()); lk_vf_store(s + LK_VF, lk_vf_zero());
-            lk_vf_store(s + 2 * LK_VF, lk_vf_zero()); lk_vf_store(s + 3 * LK_VF, lk_vf_zero());
-            t->alpha[r] = 1.0f;
-            if (nan_check != nan_check) t->m[r] = t->l[r] = NAN;
-            continue;
+        lk_vf s0 = lk_vf_load(s), s1 = lk_vf_load(s + LK_VF), s2 = lk_vf_load(s + 2 * LK_VF), s3 = lk_vf_load(s + 3 * LK_VF);
+        if (limit < LK_BK) {
+            /* lanes with index >= limit get -inf (indices are exact in float) */
+            const lk_vf lim = lk_vf_set1((float)limit - 0.5f), ninf = lk_vf_set1(-INFINITY);
+            s0 = lk_vf_select_lt(lim, lk_vf_load(lk_iota), ninf, s0);
+            s1 = lk_vf_select_lt(lim, lk_vf_load(lk_iota + LK_VF), ninf, s1);
+            s2 = lk_vf_select_lt(lim, lk_vf_load(lk_iota + 2 * LK_VF), ninf, s2);
+            s3 = lk_vf_select_lt(lim, lk_vf_load(lk_iota + 3 * LK_VF), ninf, s3);
         }
-        const lk_vf mv = lk_vf_set1(m_new);
-        s0 = lk_vf_exp(lk_vf_sub(s0, mv)); s1 = lk_vf_exp(lk_vf_sub(s1, mv));
-        s2 = lk_vf_exp(lk_vf_sub(s2, mv)); s3 = lk_vf_exp(lk_vf_sub(s3, mv));
-        lk_vf_store(s, s0); lk_vf_store(s + LK_VF, s1); lk_vf_store(s + 2 * LK_VF, s2); lk_vf_store(s + 3 * LK_VF, s3);
-        const float a = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
-        t->alpha[r] = a;
-        t->l[r] = t->l[r] * a + lk_vf_sum(lk_vf_add(lk_vf_add(s0, s1), lk_vf_add(s2, s3)));
-        t->m[r] = m_new;
+        lk_softmax_row(s0, s1, s2, s3, s, t->m + r, t->l + r, t->alpha + r);
     }
 }
 
@@ -352,9 +382,13 @@ static void lk_tile_reset(const lk_tile *t) {
  * prefix keys none (kpos == NULL, kpos_first == INT64_MIN). */
 static void lk_tile_block(const lk_tile *t, const float *kt, const float *k, int64_t kstride,
                           const float *v, int64_t vstride, int64_t nk, const int64_t *kpos, int64_t kpos_first) {
-    if (kt) lk_qk_packed(t, kt);
-    else lk_qk_dot(t, k, kstride, nk, 0);
-    lk_softmax_step(t, nk, kpos, kpos_first);
+    if (kt && nk == LK_BK && !kpos && kpos_first == INT64_MIN) {
+        lk_qk_packed(t, kt, 1);
+    } else {
+        if (kt) lk_qk_packed(t, kt, 0);
+        else lk_qk_dot(t, k, kstride, nk, 0);
+        lk_softmax_step(t, nk, kpos, kpos_first);
+    }
     lk_pv(t, v, vstride, nk, 0, 1);
 }
 
