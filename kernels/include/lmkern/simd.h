@@ -147,10 +147,13 @@ static inline void lk_vf_sum4(lk_vf a, lk_vf b, lk_vf c, lk_vf d, float *out) {
 #if defined(__AVX512F__)
 static inline lk_vf lk_vf_exp(lk_vf x) {
     /* AVX-512: the same reduction and polynomial; 2^n by scalef (exact, overflows to inf by itself),
-     * NaN carried through by putting x second in max/min (which return their second operand when
-     * either is NaN). */
+     * NaN carried through by putting x second in min (which returns its second operand when either
+     * is NaN).  Underflowing lanes (masked scores are -inf) are computed at x = 0 and zeroed at the
+     * end: clamping them to the bottom of the range would make scalef produce subnormals, and each
+     * subnormal costs a microcode assist (~20x slower). */
     const lk_vf hi = lk_vf_set1(88.7228391f), lo = lk_vf_set1(-87.3365448f);
-    const lk_vf xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    const lk_vf xc = _mm512_min_ps(hi, _mm512_mask_blend_ps(under, x, lk_vf_zero()));
     const lk_vf n = lk_vf_round(lk_vf_mul(xc, lk_vf_set1(1.44269504088896341f)));
     lk_vf r = lk_vf_fma(n, lk_vf_set1(-0.693359375f), xc);
     r = lk_vf_fma(n, lk_vf_set1(2.12194440e-4f), r);
@@ -161,8 +164,7 @@ static inline lk_vf lk_vf_exp(lk_vf x) {
     p = lk_vf_fma(p, r, lk_vf_set1(1.6666665459e-1f));
     p = lk_vf_fma(p, r, lk_vf_set1(5.0000001201e-1f));
     p = lk_vf_fma(p, lk_vf_mul(r, r), lk_vf_add(r, lk_vf_set1(1.0f)));
-    const lk_vf y = _mm512_scalef_ps(p, n);
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), y, lk_vf_zero()); /* underflow, -inf -> 0 */
+    return _mm512_mask_blend_ps(under, _mm512_scalef_ps(p, n), lk_vf_zero()); /* underflow, -inf -> 0 */
 }
 #else
 static inline lk_vf lk_vf_exp(lk_vf x) {
