@@ -39,6 +39,7 @@
 #define LK_BK (4 * LK_VF) /* keys per block */
 #define LK_MR 6           /* rows per microkernel call */
 #define LK_SUB 16          /* keys per memory-order step of the split path */
+#define LK_KT_BYTES ((size_t)64 << 20) /* bound on the transposed-key copy of one pass */
 #define LK_TILE_ROWS 64   /* target rows (queries x group heads) per prefill tile */
 #define LK_INLINE static inline __attribute__((always_inline))
 
@@ -491,17 +492,22 @@ static lk_status attention_tiles_f32(const lk_attention_params *p) {
     const int64_t Bq = lk_max_i64(1, LK_TILE_ROWS / G), nqb = lk_cdiv(N, Bq), rows_max = Bq * G;
     const int64_t nbp = lk_cdiv(L, LK_BK), nbo = lk_cdiv(p->M, LK_BK), nbt = nbp + nbo;
     const size_t blk = (size_t)LK_BK * (size_t)(D > 0 ? D : 1);
-    /* transposed keys of every (b, g): nbp prefix blocks then nbo own blocks */
-    float *kt = (float *)aligned_alloc(64, sizeof(float) * blk * (size_t)(B * Hkv * nbt > 0 ? B * Hkv * nbt : 1));
-    int64_t *kmin = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * B * nbo + 1));
+    /* transposed keys of every (b, g) of a pass: nbp prefix blocks then nbo own blocks; a pass
+     * takes as many batch rows as fit in LK_KT_BYTES (at least one), so the copy stays bounded */
+    const size_t row_bytes = sizeof(float) * blk * (size_t)(Hkv * nbt > 0 ? Hkv * nbt : 1);
+    const int64_t Bc = lk_max_i64(1, lk_min_i64(B, (int64_t)(LK_KT_BYTES / row_bytes)));
+    float *kt = (float *)aligned_alloc(64, row_bytes * (size_t)Bc);
+    int64_t *kmin = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * Bc * nbo + 1));
     if (!kt || !kmin) { free(kt); free(kmin); return LK_ERR_NOMEM; }
-    int64_t *kmax = kmin + B * nbo;
+    int64_t *kmax = kmin + Bc * nbo;
     int failed = 0;
-#pragma omp parallel num_threads(lk_team(p, B * Hkv * nqb))
+    for (int64_t b0 = 0; b0 < B && !failed; b0 += Bc) {
+    const int64_t nb = lk_min_i64(Bc, B - b0);
+#pragma omp parallel num_threads(lk_team(p, nb * Hkv * nqb))
     {
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < B * Hkv * nbt; u++) {
-            const int64_t b = u / (Hkv * nbt), g = (u / nbt) % Hkv, kb = u % nbt;
+        for (int64_t u = 0; u < nb * Hkv * nbt; u++) {
+            const int64_t bl = u / (Hkv * nbt), b = b0 + bl, g = (u / nbt) % Hkv, kb = u % nbt;
             float *dst = kt + (size_t)u * blk;
             if (kb < nbp) {
                 const int64_t j0 = kb * LK_BK, nk = lk_min_i64(LK_BK, L - j0);
@@ -512,7 +518,7 @@ static lk_status attention_tiles_f32(const lk_attention_params *p) {
                 if (nk > 0) {
                     const float *src = (const float *)p->k + b * p->k_stride[0] + j0 * p->k_stride[1] + g * p->k_stride[2];
                     lk_transpose_block(src, p->k_stride[1], nk, D, dst);
-                    if (g == 0) lk_block_pos_range(p, b, j0, nk, &kmin[b * nbo + kb - nbp], &kmax[b * nbo + kb - nbp]);
+                    if (g == 0) lk_block_pos_range(p, b, j0, nk, &kmin[bl * nbo + kb - nbp], &kmax[bl * nbo + kb - nbp]);
                 }
             }
         }
@@ -524,14 +530,14 @@ static lk_status attention_tiles_f32(const lk_attention_params *p) {
         }
         /* heaviest tiles first: the last query blocks see the most causal keys */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < B * Hkv * nqb; task++) {
+        for (int64_t task = 0; task < nb * Hkv * nqb; task++) {
             if (!ok) continue;
-            const int64_t qb = nqb - 1 - task % nqb, g = (task / nqb) % Hkv, b = task / (nqb * Hkv);
+            const int64_t qb = nqb - 1 - task % nqb, g = (task / nqb) % Hkv, bl = task / (nqb * Hkv), b = b0 + bl;
             const int64_t i0 = qb * Bq, nq = lk_min_i64(Bq, N - i0), len = lk_row_len(p, b);
             lk_tile t = lk_tile_of(&w, 0, nq * G, D, E, Ep);
             lk_pack_queries(p, b, g, i0, nq, w.q, w.qpos, &t.qmin, &t.qmax);
             lk_tile_reset(&t);
-            const float *ktb = kt + (size_t)(b * Hkv + g) * (size_t)nbt * blk;
+            const float *ktb = kt + (size_t)(bl * Hkv + g) * (size_t)nbt * blk;
             for (int64_t kb = 0; kb < nbp; kb++) {
                 const int64_t j0 = kb * LK_BK, nk = lk_min_i64(LK_BK, L - j0);
                 const float *vp = (const float *)p->prefix_v + (((b / p->prefix_rows) * L + j0) * Hkv + g) * E;
@@ -541,11 +547,12 @@ static lk_status attention_tiles_f32(const lk_attention_params *p) {
             const float *vb0 = (const float *)p->v + b * p->v_stride[0] + g * p->v_stride[2];
             for (int64_t kb = 0; kb * LK_BK < len; kb++) {
                 const int64_t j0 = kb * LK_BK, nk = lk_min_i64(LK_BK, len - j0);
-                lk_own_block(p, &t, b, j0, nk, ktb + (nbp + kb) * blk, kb0, vb0, kmin[b * nbo + kb], kmax[b * nbo + kb]);
+                lk_own_block(p, &t, b, j0, nk, ktb + (nbp + kb) * blk, kb0, vb0, kmin[bl * nbo + kb], kmax[bl * nbo + kb]);
             }
             lk_tile_finish(p, &t, b, g, i0, nq);
         }
         lk_scratch_free(&w);
+    }
     }
     free(kt);
     free(kmin);
