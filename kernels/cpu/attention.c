@@ -323,19 +323,23 @@ LK_INLINE void lk_pv_micro(int NR, int NV, const float *p, const float *alpha, f
         for (int c = 0; c < NV; c++)
             acc[r][c] = alpha ? lk_vf_mul(a, lk_vf_load(o + r * Ep + c * LK_VF)) : lk_vf_load(o + r * Ep + c * LK_VF);
     }
-    for (int64_t j = 0; j < nk; j++) {
-        const float *vj = v + j * vstride;
-        lk_vf vv[4];
-#pragma GCC unroll 4
-        for (int c = 0; c < NV - 1; c++) vv[c] = lk_vf_load(vj + c * LK_VF);
-        vv[NV - 1] = last == LK_VF ? lk_vf_load(vj + (NV - 1) * LK_VF) : lk_vf_load_n(vj + (NV - 1) * LK_VF, last);
-#pragma GCC unroll 6
-        for (int r = 0; r < NR; r++) {
-            const lk_vf pb = lk_vf_set1(p[r * LK_BK + j]);
-#pragma GCC unroll 4
-            for (int c = 0; c < NV; c++) acc[r][c] = lk_vf_fma(pb, vv[c], acc[r][c]);
-        }
+#define LK_PV_LOOP(LOAD_LAST)                                                                     \
+    for (int64_t j = 0; j < nk; j++) {                                                            \
+        const float *vj = v + j * vstride;                                                        \
+        lk_vf vv[4];                                                                              \
+        _Pragma("GCC unroll 4")                                                                   \
+        for (int c = 0; c < NV - 1; c++) vv[c] = lk_vf_load(vj + c * LK_VF);                      \
+        vv[NV - 1] = LOAD_LAST;                                                                   \
+        _Pragma("GCC unroll 6")                                                                   \
+        for (int r = 0; r < NR; r++) {                                                            \
+            const lk_vf pb = lk_vf_set1(p[r * LK_BK + j]);                                        \
+            _Pragma("GCC unroll 4")                                                               \
+            for (int c = 0; c < NV; c++) acc[r][c] = lk_vf_fma(pb, vv[c], acc[r][c]);             \
+        }                                                                                         \
     }
+    if (last == LK_VF) LK_PV_LOOP(lk_vf_load(vj + (NV - 1) * LK_VF))
+    else LK_PV_LOOP(lk_vf_load_n(vj + (NV - 1) * LK_VF, last))
+#undef LK_PV_LOOP
 #pragma GCC unroll 6
     for (int r = 0; r < NR; r++)
 #pragma GCC unroll 4
