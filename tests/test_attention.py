@@ -152,6 +152,10 @@ def test_zero_sized(rng, simd):
     q, k, v = make_qkv(rng, 1, 3, 0, 4, 2, 8, 0)
     out, lse = lmkern.attention(q, k, v, return_lse=True)
     assert out.shape == (1, 3, 4, 0) and np.all(lse == -np.inf)
+    # no features: D = 0 gives uniform weights (scale defaults to 1), E = 0 only lse
+    for N in (1, 70):
+        for D, E in ((0, 8), (8, 0), (0, 0)):
+            check_attention(*make_qkv(rng, 2, N, 100, 4, 2, D, E), causal=True)
 
 
 def test_nan_and_inf_propagate(rng, simd):

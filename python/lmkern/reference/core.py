@@ -33,7 +33,7 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
     B, N, Hq, D = q.shape
     M, Hkv, E = k.shape[1], k.shape[2], v.shape[3]
     group = Hq // Hkv if Hkv else 1
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = (D ** -0.5 if D else 1.0) if scale is None else float(scale)
     lens = np.full(B, M, np.int64) if kv_lens is None else np.asarray(kv_lens, np.int64).reshape(B)
     qp = default_q_pos(lens, B, N) if q_pos is None else np.broadcast_to(np.asarray(q_pos, np.int64), (B, N))
     kp = np.broadcast_to(np.arange(M, dtype=np.int64), (B, M)) if kv_pos is None else \
