@@ -1,6 +1,7 @@
 """The one timing and roofline helper shared by every benchmarks/bench_<family>.py (SPEC 7).
 
-* :func:`timeit` - median (or best) of repeats (after a warm-up).
+* :func:`timeit` - median (or best) of repeats (after a warm-up); :func:`timeit_many` - the same for
+  several functions sampled round-robin, so their ratios survive a noisy machine.
 * :func:`peaks` - float32 FMA throughput on all threads and read bandwidth over a 512 MiB buffer,
   measured once per run by lmkern's own micro-benchmarks (best of the repeats).
 * :class:`Table` - prints one row per case: shape, median time, GB/s, GFLOP/s, roofline share
@@ -43,6 +44,28 @@ def timeit(fn, *, repeat=7, min_time=0.05, warmup=1, stat="median"):
             fn()
         samples.append((time.perf_counter() - t0) / inner)
     return min(samples) if stat == "min" else statistics.median(samples)
+
+
+def timeit_many(fns, *, repeat=7, min_time=0.05, warmup=1, stat="median"):
+    """{name: seconds per call} for several ways of doing the same thing, sampled round-robin
+    (lmkern, torch, lmkern, torch, ...) so that a noisy neighbour slows them alike and the ratios
+    of one run stay meaningful; otherwise as :func:`timeit`."""
+    inner = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        inner[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+    samples = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+    pick = min if stat == "min" else statistics.median
+    return {name: pick(v) for name, v in samples.items()}
 
 
 _PEAKS = None
