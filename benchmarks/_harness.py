@@ -28,21 +28,26 @@ except Exception:  # optional
     HAVE_TORCH = False
 
 
+# The clock timeit reads.  Wall time by default; a single-threaded run on a shared, loaded machine may
+# switch to time.thread_time (CPU seconds of the calling thread, blind to time spent preempted).
+CLOCK = time.perf_counter
+
+
 def timeit(fn, *, repeat=7, min_time=0.05, warmup=1, stat="median"):
     """Median (``stat="min"``: best) seconds per call of fn(); each sample loops until min_time so
     short calls are measurable."""
     for _ in range(warmup):
         fn()
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    once = max(time.perf_counter() - t0, 1e-7)
+    once = max(CLOCK() - t0, 1e-7)
     inner = max(1, int(min_time / once))
     samples = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for _ in range(inner):
             fn()
-        samples.append((time.perf_counter() - t0) / inner)
+        samples.append((CLOCK() - t0) / inner)
     return min(samples) if stat == "min" else statistics.median(samples)
 
 
@@ -54,16 +59,16 @@ def timeit_many(fns, *, repeat=7, min_time=0.05, warmup=1, stat="median"):
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        inner[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+        inner[name] = max(1, int(min_time / max(CLOCK() - t0, 1e-7)))
     samples = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             for _ in range(inner[name]):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / inner[name])
+            samples[name].append((CLOCK() - t0) / inner[name])
     pick = min if stat == "min" else statistics.median
     return {name: pick(v) for name, v in samples.items()}
 
