@@ -66,7 +66,7 @@ def cases(quick):
     m = 65536 // s
     # 512 MiB of K/V, beyond the 480 MiB L3 this VM reports (the target's 256 MiB may partly hit L3);
     # lmkern only: the twin and torch's GQA path would copy K/V (torch 4x)
-    yield (f"decode B=1 N=1 M={m} Hq=32 Hkv=8 D=128 (K/V > L3; no baselines)", qkv(1, 1, m, 32, 8, 128),
+    yield (f"decode B=1 N=1 M={m} Hq=32 Hkv=8 D=128 ({2 * m * 8 * 128 * 4 >> 20} MiB K/V; no baselines)", qkv(1, 1, m, 32, 8, 128),
            dict(causal=True, _no_baselines=True))
     n = 2048 // s
     yield f"prefill causal MHA B=1 N=M={n} H=8 D=128", qkv(1, n, n, 8, 8, 128), dict(causal=True)
