@@ -38,7 +38,7 @@
 
 #define LK_BK (4 * LK_VF) /* keys per block */
 #define LK_MR 6           /* rows per microkernel call */
-#define LK_SUB 16          /* keys per memory-order step of the split path */
+#define LK_SUB 16         /* keys per memory-order step of the split path */
 #define LK_KT_BYTES ((size_t)64 << 20) /* bound on the transposed-key copy of one pass */
 #define LK_TILE_ROWS 64   /* target rows (queries x group heads) per prefill tile */
 #define LK_INLINE static inline __attribute__((always_inline))
@@ -145,6 +145,7 @@ typedef struct {
     float *m, *l, *alpha;     /* rows */
     const int64_t *qpos;      /* rows: the position of each row's query */
     int64_t qmin, qmax;
+    float *vbuf;              /* LK_BK x Ep: a packed copy of the value block (tile path), or NULL */
 } lk_tile;
 
 /* One online-softmax step of one row over a block of scores s0..s3 (already masked with -inf):
@@ -387,6 +388,13 @@ static void lk_tile_reset(const lk_tile *t) {
  * prefix keys none (kpos == NULL, kpos_first == INT64_MIN). */
 static void lk_tile_block(const lk_tile *t, const float *kt, const float *k, int64_t kstride,
                           const float *v, int64_t vstride, int64_t nk, const int64_t *kpos, int64_t kpos_first) {
+    if (t->vbuf) {
+        /* the value block, contiguous: P V then streams it from L1 at unit stride for every row
+         * block of the tile (~10% faster than the strided rows; the copy is 1/rows of the work) */
+        for (int64_t j = 0; j < nk; j++) memcpy(t->vbuf + j * t->Ep, v + j * vstride, sizeof(float) * (size_t)t->E);
+        v = t->vbuf;
+        vstride = t->Ep;
+    }
     if (kt && nk == LK_BK && !kpos && kpos_first == INT64_MIN) {
         lk_qk_packed(t, kt, 1);
     } else {
@@ -439,7 +447,7 @@ static void lk_pack_queries(const lk_attention_params *p, int64_t b, int64_t g, 
 }
 
 /* Per-thread scratch for `rows` rows. */
-typedef struct { float *q, *s, *o, *m, *l, *alpha; int64_t *qpos; } lk_scratch;
+typedef struct { float *q, *s, *o, *m, *l, *alpha, *vbuf; int64_t *qpos; } lk_scratch;
 
 static int lk_scratch_alloc(lk_scratch *w, int64_t rows, int64_t D, int64_t Ep) {
     const size_t R = (size_t)(rows > 0 ? rows : 1);
@@ -448,18 +456,19 @@ static int lk_scratch_alloc(lk_scratch *w, int64_t rows, int64_t D, int64_t Ep) 
     w->o = (float *)malloc(sizeof(float) * (R * (size_t)(Ep > 0 ? Ep : 1)));
     w->m = (float *)malloc(sizeof(float) * 3 * R);
     w->qpos = (int64_t *)malloc(sizeof(int64_t) * R);
+    w->vbuf = (float *)aligned_alloc(64, sizeof(float) * LK_BK * (size_t)(Ep > 0 ? Ep : LK_VF));
     w->l = w->m ? w->m + R : NULL;
     w->alpha = w->m ? w->m + 2 * R : NULL;
-    return w->q && w->s && w->o && w->m && w->qpos;
+    return w->q && w->s && w->o && w->m && w->qpos && w->vbuf;
 }
 
 static void lk_scratch_free(lk_scratch *w) {
-    free(w->q); free(w->s); free(w->o); free(w->m); free(w->qpos);
+    free(w->q); free(w->s); free(w->o); free(w->m); free(w->qpos); free(w->vbuf);
 }
 
 static lk_tile lk_tile_of(const lk_scratch *w, int64_t row0, int64_t rows, int64_t D, int64_t E, int64_t Ep) {
     lk_tile t = {rows, D, E, Ep, w->q + row0 * D, w->s, w->o + row0 * Ep, w->m + row0, w->l + row0,
-                 w->alpha + row0, w->qpos + row0, 0, 0};
+                 w->alpha + row0, w->qpos + row0, 0, 0, NULL};
     return t;
 }
 
@@ -539,6 +548,7 @@ static lk_status attention_tiles_f32(const lk_attention_params *p) {
             const int64_t qb = nqb - 1 - task % nqb, g = (task / nqb) % Hkv, bl = task / (nqb * Hkv), b = b0 + bl;
             const int64_t i0 = qb * Bq, nq = lk_min_i64(Bq, N - i0), len = lk_row_len(p, b);
             lk_tile t = lk_tile_of(&w, 0, nq * G, D, E, Ep);
+            t.vbuf = w.vbuf;
             lk_pack_queries(p, b, g, i0, nq, w.q, w.qpos, &t.qmin, &t.qmax);
             lk_tile_reset(&t);
             const float *ktb = kt + (size_t)(bl * Hkv + g) * (size_t)nbt * blk;
