@@ -17,10 +17,10 @@
  *   blocks whose smallest position exceeds every query position of the tile are skipped; blocks
  *   straddling the diagonal are masked exactly, element by element.  Tasks are handed out
  *   dynamically, heaviest first; each tile is computed the same way whichever thread takes it.
- * - float32 split keys (decode / few query rows): each of C = lk_get_num_threads() chunks takes a
+ * - float32 split keys (decode / few query rows): each of C = 4 lk_get_num_threads() chunks takes a
  *   contiguous range of key blocks of every row, for all heads, with dot-product scores (no
  *   transpose); the partial states (m, l, acc) are merged by lk_softmax_combine_f32.  A single
- *   long decode uses every thread.
+ *   long decode uses every thread; chunks are handed out dynamically.
  * For a fixed thread count every path is bitwise reproducible.
  *
  * Non-finite data: NaN and inf propagate as IEEE arithmetic says.  Decision: a non-finite value in
@@ -39,6 +39,7 @@
 #define LK_BK (4 * LK_VF) /* keys per block */
 #define LK_MR 6           /* rows per microkernel call */
 #define LK_SUB 16         /* keys per memory-order step of the split path */
+#define LK_SPLIT 4         /* key chunks per thread in the split path */
 #define LK_KT_BYTES ((size_t)64 << 20) /* bound on the transposed-key copy of one pass */
 #define LK_TILE_ROWS 64   /* target rows (queries x group heads) per prefill tile */
 #define LK_INLINE static inline __attribute__((always_inline))
@@ -57,7 +58,7 @@ static inline int64_t lk_row_len(const lk_attention_params *p, int64_t b) {
 
 /* Threads for a region: one for a call too small to repay waking (or, on a busy machine,
  * waiting for) a second thread, at most `tasks`.  Results never depend on it: the split path's
- * chunk count is lk_get_num_threads() whatever the team size. */
+ * chunk count is LK_SPLIT lk_get_num_threads() whatever the team size. */
 static int lk_team(const lk_attention_params *p, int64_t tasks) {
     const double flops = 2.0 * (double)p->B * (double)p->N * (double)p->Hq * (double)(p->M + p->prefix_len) *
                          (double)(p->D + p->E);
@@ -580,7 +581,10 @@ static lk_status attention_tiles_f32(const lk_attention_params *p) {
 static lk_status attention_split_f32(const lk_attention_params *p) {
     const int64_t B = p->B, N = p->N, Hq = p->Hq, Hkv = p->Hkv, G = Hq / Hkv, D = p->D, E = p->E;
     const int64_t Ep = lk_cdiv(E, LK_VF) * LK_VF, L = p->prefix_len, rows = N * Hq, grows = N * G;
-    const int64_t C = lk_get_num_threads();
+    /* LK_SPLIT chunks per thread, handed out dynamically: a thread that the OS preempts (a shared
+     * machine) leaves its chunks to the others.  C depends on the thread count only, and each chunk
+     * is computed the same way whichever thread takes it, so results stay reproducible. */
+    const int64_t C = LK_SPLIT * (int64_t)lk_get_num_threads();
     /* partials of row R = (b N + i) Hq + h, chunk c: m, l at R C + c, acc at (R C + c) E */
     const size_t nR = (size_t)(B * rows) * (size_t)C;
     float *pm = (float *)malloc(sizeof(float) * (2 * nR + 1));
@@ -598,7 +602,7 @@ static lk_status attention_split_f32(const lk_attention_params *p) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < C; c++) {
             if (!ok) continue;
             for (int64_t b = 0; b < B; b++) {
