@@ -12,11 +12,14 @@
  * - float32 tiles (prefill): a task is (b, g, block of queries); its rows are the G query heads of
  *   the group times the queries of the block, so every K/V block is read once per group.  K is
  *   transposed once per call into key blocks of LK_BK keys (kt[d][j]), so S = Q K^T is a
- *   register-blocked outer-product microkernel (LK_MR rows x 4 vectors of keys); online softmax
- *   with lk_vf_exp; O = alpha O + P V with a LK_MR rows x 4 vectors of E microkernel.  Causal key
- *   blocks whose smallest position exceeds every query position of the tile are skipped; blocks
- *   straddling the diagonal are masked exactly, element by element.  Tasks are handed out
- *   dynamically, heaviest first; each tile is computed the same way whichever thread takes it.
+ *   register-blocked outer-product microkernel (LK_MR rows x 4 vectors of keys) with the online
+ *   softmax step (lk_vf_exp) fused in for full unmasked blocks; O = alpha O + P V with a LK_MR rows
+ *   x 4 vectors of E microkernel over a contiguous copy of the value block.  Causal key blocks whose
+ *   smallest position exceeds every query position of the tile are skipped (per-block min/max of
+ *   the positions, so explicit positions skip too); blocks straddling the diagonal are masked
+ *   exactly, element by element.  Tasks are handed out dynamically, heaviest first; each tile is
+ *   computed the same way whichever thread takes it.  The transposed-K copy is bounded to
+ *   LK_KT_BYTES per pass over the batch rows.
  * - float32 split keys (decode / few query rows): each of C = 4 lk_get_num_threads() chunks takes a
  *   contiguous range of key blocks of every row, for all heads, with dot-product scores (no
  *   transpose); the partial states (m, l, acc) are merged by lk_softmax_combine_f32.  A single
