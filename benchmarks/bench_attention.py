@@ -110,7 +110,7 @@ def main(argv=None):
         fns = {"lmkern": lambda: lmkern.attention(q, k, v, out=out, **kw)}
         if H.HAVE_TORCH and not no_baselines:
             fns["torch SDPA"] = torch_sdpa(q, k, v, causal=kw.get("causal", False), mask=mask)
-        times = H.timeit_many(fns, repeat=9)
+        times = H.timeit_many(fns, repeat=3, min_time=0.01) if args.quick else H.timeit_many(fns, repeat=9)
         base = {}
         if not no_baselines:
             base["numpy twin"] = H.timeit(lambda: ref.core.attention(q, k, v, **kw), repeat=1, min_time=0, warmup=0)
