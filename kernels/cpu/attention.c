@@ -20,10 +20,11 @@
  *   exactly, element by element.  Tasks are handed out dynamically, heaviest first; each tile is
  *   computed the same way whichever thread takes it.  The transposed-K copy is bounded to
  *   LK_KT_BYTES per pass over the batch rows.
- * - float32 split keys (decode / few query rows): each of C = 4 lk_get_num_threads() chunks takes a
- *   contiguous range of key blocks of every row, for all heads, with dot-product scores (no
- *   transpose); the partial states (m, l, acc) are merged by lk_softmax_combine_f32.  A single
- *   long decode uses every thread; chunks are handed out dynamically.
+ * - float32 split keys (decode / few query rows): the keys of each row are cut into C chunks
+ *   (about 4 units (row, chunk) per thread), each a contiguous range of key blocks for all heads,
+ *   with dot-product scores (no transpose); the partial states (m, l, acc) are merged by
+ *   lk_softmax_combine_f32.  A single long decode uses every thread; units are handed out
+ *   dynamically.
  * For a fixed thread count every path is bitwise reproducible.
  *
  * Non-finite data: NaN and inf propagate as IEEE arithmetic says.  Decision: a non-finite value in
@@ -61,7 +62,7 @@ static inline int64_t lk_row_len(const lk_attention_params *p, int64_t b) {
 
 /* Threads for a region: one for a call too small to repay waking (or, on a busy machine,
  * waiting for) a second thread, at most `tasks`.  Results never depend on it: the split path's
- * chunk count is LK_SPLIT lk_get_num_threads() whatever the team size. */
+ * chunk count depends on B and lk_get_num_threads() only, whatever the team size. */
 static int lk_team(const lk_attention_params *p, int64_t tasks) {
     const double flops = 2.0 * (double)p->B * (double)p->N * (double)p->Hq * (double)(p->M + p->prefix_len) *
                          (double)(p->D + p->E);
@@ -592,10 +593,13 @@ static lk_status attention_tiles_f32(const lk_attention_params *p) {
 static lk_status attention_split_f32(const lk_attention_params *p) {
     const int64_t B = p->B, N = p->N, Hq = p->Hq, Hkv = p->Hkv, G = Hq / Hkv, D = p->D, E = p->E;
     const int64_t Ep = lk_cdiv(E, LK_VF) * LK_VF, L = p->prefix_len, rows = N * Hq, grows = N * G;
-    /* LK_SPLIT chunks per thread, handed out dynamically: a thread that the OS preempts (a shared
-     * machine) leaves its chunks to the others.  C depends on the thread count only, and each chunk
-     * is computed the same way whichever thread takes it, so results stay reproducible. */
-    const int64_t C = LK_SPLIT * (int64_t)lk_get_num_threads();
+    /* Work units (b, c): the keys of row b in C chunks, C = ceil(LK_SPLIT threads / B), so there are
+     * about LK_SPLIT units per thread (a long single decode is split LK_SPLIT x threads ways; a big
+     * batch is not split at all and the partials stay small).  Units are handed out dynamically: a
+     * thread the OS preempts (a shared machine) leaves its units to the others.  C depends on B and
+     * the thread count only, and each unit is computed the same way whichever thread takes it, so
+     * results stay reproducible. */
+    const int64_t C = lk_max_i64(1, lk_cdiv(LK_SPLIT * (int64_t)lk_get_num_threads(), B));
     /* partials of row R = (b N + i) Hq + h, chunk c: m, l at R C + c, acc at (R C + c) E */
     const size_t nR = (size_t)(B * rows) * (size_t)C;
     float *pm = (float *)malloc(sizeof(float) * (2 * nR + 1));
@@ -603,7 +607,7 @@ static lk_status attention_split_f32(const lk_attention_params *p) {
     if (!pm || !pacc) { free(pm); free(pacc); return LK_ERR_NOMEM; }
     float *pl = pm + nR;
     int failed = 0;
-#pragma omp parallel num_threads(lk_team(p, C))
+#pragma omp parallel num_threads(lk_team(p, B * C))
     {
         lk_scratch w;
         /* the score block serves one KV head at a time: grows rows; q, o, m, l for all rows */
@@ -614,9 +618,10 @@ static lk_status attention_split_f32(const lk_attention_params *p) {
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < C; c++) {
+        for (int64_t u = 0; u < B * C; u++) {
             if (!ok) continue;
-            for (int64_t b = 0; b < B; b++) {
+            {
+                const int64_t b = u / C, c = u % C;
                 const int64_t len = lk_row_len(p, b), nbp = lk_cdiv(L, LK_BK), nbt = nbp + lk_cdiv(len, LK_BK);
                 int64_t lo, hi;
                 lk_chunk(nbt, C, c, &lo, &hi);
