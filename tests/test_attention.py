@@ -91,6 +91,17 @@ def test_explicit_positions_with_gaps(rng, N, simd):
     np.testing.assert_array_equal(a, lmkern.attention(q, k, v))
 
 
+def test_extreme_positions(rng, simd):
+    big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    for N in (1, 70):
+        q, k, v = make_qkv(rng, 2, N, 130, 4, 2, 16)
+        q_pos = np.where(np.arange(N) % 2, big, small)
+        check_attention(q, k, v, causal=True, q_pos=q_pos)
+        kv_pos = np.where(np.arange(130) % 3, small, big)
+        check_attention(q, k, v, causal=True, q_pos=q_pos, kv_pos=kv_pos)
+        check_attention(q, k, v, causal=True, q_pos=np.full(N, big), kv_pos=np.full(130, big))
+
+
 def test_no_admissible_key_gives_zero_and_neg_inf(rng, simd):
     q, k, v = make_qkv(rng, 2, 6, 50, 4, 2, 8)
     out, lse = lmkern.attention(q, k, v, causal=True, q_pos=np.full(6, -1), kv_lens=[50, 0], return_lse=True)

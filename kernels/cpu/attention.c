@@ -302,7 +302,7 @@ static void lk_softmax_step(const lk_tile *t, int64_t nk, const int64_t *kpos, i
                 if (kpos[j] > qp) s[j] = -INFINITY;
         } else if (kpos_first != INT64_MIN) {
             const int64_t qp = t->qpos[r];
-            limit = qp < kpos_first ? 0 : lk_min_i64(nk, qp - kpos_first + 1);
+            limit = qp < kpos_first ? 0 : qp - kpos_first >= nk ? nk : qp - kpos_first + 1; /* no overflow */
         }
         lk_vf s0 = lk_vf_load(s), s1 = lk_vf_load(s + LK_VF), s2 = lk_vf_load(s + 2 * LK_VF), s3 = lk_vf_load(s + 3 * LK_VF);
         if (limit < LK_BK) {
