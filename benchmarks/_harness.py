@@ -1,8 +1,9 @@
 """The one timing and roofline helper shared by every benchmarks/bench_<family>.py (SPEC 7).
 
-* :func:`timeit` - median of repeats (after a warm-up).
+* :func:`timeit` - median (or best) of repeats (after a warm-up); :func:`timeit_many` - the same for
+  several functions sampled round-robin, so their ratios survive a noisy machine.
 * :func:`peaks` - float32 FMA throughput on all threads and read bandwidth over a 512 MiB buffer,
-  measured once per run by lmkern's own micro-benchmarks.
+  measured once per run by lmkern's own micro-benchmarks (best of the repeats).
 * :class:`Table` - prints one row per case: shape, median time, GB/s, GFLOP/s, roofline share
   (``max(flops / peak_flops, bytes / peak_bw) / time``) and speed-ups against the baselines given.
 """
@@ -32,8 +33,9 @@ except Exception:  # optional
 CLOCK = time.perf_counter
 
 
-def timeit(fn, *, repeat=7, min_time=0.05, warmup=1):
-    """Median seconds per call of fn(); each sample loops until min_time so short calls are measurable."""
+def timeit(fn, *, repeat=7, min_time=0.05, warmup=1, stat="median"):
+    """Median (``stat="min"``: best) seconds per call of fn(); each sample loops until min_time so
+    short calls are measurable."""
     for _ in range(warmup):
         fn()
     t0 = CLOCK()
@@ -46,7 +48,29 @@ def timeit(fn, *, repeat=7, min_time=0.05, warmup=1):
         for _ in range(inner):
             fn()
         samples.append((CLOCK() - t0) / inner)
-    return statistics.median(samples)
+    return min(samples) if stat == "min" else statistics.median(samples)
+
+
+def timeit_many(fns, *, repeat=7, min_time=0.05, warmup=1, stat="median"):
+    """{name: seconds per call} for several ways of doing the same thing, sampled round-robin
+    (lmkern, torch, lmkern, torch, ...) so that a noisy neighbour slows them alike and the ratios
+    of one run stay meaningful; otherwise as :func:`timeit`."""
+    inner = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        t0 = CLOCK()
+        fn()
+        inner[name] = max(1, int(min_time / max(CLOCK() - t0, 1e-7)))
+    samples = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = CLOCK()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((CLOCK() - t0) / inner[name])
+    pick = min if stat == "min" else statistics.median
+    return {name: pick(v) for name, v in samples.items()}
 
 
 _PEAKS = None
@@ -56,10 +80,12 @@ def peaks():
     """(peak float32 FLOP/s on all threads, peak read bytes/s), measured once per process."""
     global _PEAKS
     if _PEAKS is None:
+        # peaks are the best of the repeats (a shared machine only ever makes a sample slower), so
+        # the roofline share errs low, never high
         iters = 2_000_000
-        flops = max(_core._peak_fma(iters) / t for t in [timeit(lambda: _core._peak_fma(iters), repeat=5, min_time=0)])
+        flops = _core._peak_fma(iters) / timeit(lambda: _core._peak_fma(iters), repeat=5, min_time=0, stat="min")
         buf = np.ones(128 * 1024 * 1024, np.float32)  # 512 MiB
-        t = timeit(lambda: _core._read_sum(buf), repeat=5, min_time=0)
+        t = timeit(lambda: _core._read_sum(buf), repeat=7, min_time=0, stat="min")
         _PEAKS = (flops, buf.nbytes / t)
     return _PEAKS
 

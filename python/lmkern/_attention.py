@@ -53,10 +53,32 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
     """Scaled dot-product attention with GQA, explicit positions and ragged lengths (SPEC 1.1).
 
     ``q (B,N,Hq,D)``, ``k (B,M,Hkv,D)``, ``v (B,M,Hkv,E)`` -> ``out (B,N,Hq,E)`` [and ``lse (B,N,Hq)``].
-    Key j is admissible for query i of row b iff ``j < kv_lens[b]`` and, when ``causal``,
-    ``kv_pos[b,j] <= q_pos[b,i]``; defaults ``kv_pos = j``, ``q_pos = kv_lens[b] - N + i``
-    (bottom-right, as FlashAttention >= 2.1).  A query with no admissible key gives 0 and lse -inf.
-    ``scale`` defaults to ``D**-0.5``.  No N x M matrix is formed.
+    ``out[b,i,h] = sum_j softmax_j(scale <q[b,i,h], k[b,j,g]>) v[b,j,g]`` with ``g = h // (Hq//Hkv)``,
+    over the admissible keys: ``j < kv_lens[b]`` and, when ``causal``, ``kv_pos[b,j] <= q_pos[b,i]``;
+    defaults ``kv_pos = j``, ``q_pos = kv_lens[b] - N + i`` (bottom-right, as FlashAttention >= 2.1);
+    ``q_pos`` may be ``(N,)`` or ``(B,N)``, ``kv_pos`` ``(M,)`` or ``(B,M)``.  ``lse = log sum_j e^(s_ij)``.
+    ``scale`` defaults to ``D**-0.5``.  No ``N x M`` matrix or mask is ever formed.
+
+    Decisions where the SPEC is silent:
+
+    * a query with no admissible key gives ``out = 0``, ``lse = -inf`` (no NaN);
+    * a NaN score (NaN in ``q`` or an admissible key) makes that query's whole output row and lse NaN,
+      as IEEE arithmetic over the row would; inf in ``v`` propagates linearly.  Masked keys beyond
+      ``kv_lens`` or in skipped causal blocks are never read; a non-finite value in a masked key that
+      shares a 64-key block with admissible ones may still reach the row (``0 * inf``);
+    * float16 computes and returns float32; float32 accumulates in float32 (statistics too),
+      float64 in float64;
+    * results are bitwise reproducible for a fixed ``lmkern.set_num_threads``; changing the thread
+      count can change the last bits of decode-shaped calls (the key split follows the thread count).
+
+    How (CPU, float32): prefill runs flash-style tiles of (row, KV head, query block) holding all
+    ``Hq/Hkv`` query heads of the group, so K and V are read once per group (torch's SDPA repeats
+    K/V per query head for GQA), an AVX-512 register-blocked ``Q K^T`` on a once-transposed K, the
+    online softmax fused into it, and causal blocks above the diagonal skipped (by the positions'
+    per-block min/max, so explicit MoR positions skip too).  Decode and other few-row calls split the
+    keys of every row across all threads and merge the partial ``(max, sum, acc)`` states with the
+    one log-sum-exp combine, so a single long sequence uses every core.  float64 uses the generic
+    scalar kernel (also selected for float32 by ``lmkern._core._set_simd(False)``).
 
     Example::
 

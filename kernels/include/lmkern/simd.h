@@ -38,6 +38,17 @@ static inline lk_vf lk_vf_min(lk_vf a, lk_vf b) { return _mm512_min_ps(a, b); }
 static inline float lk_vf_sum(lk_vf v) { return _mm512_reduce_add_ps(v); }
 static inline float lk_vf_hmax(lk_vf v) { return _mm512_reduce_max_ps(v); }
 static inline lk_vf lk_vf_round(lk_vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* out[0..3] = horizontal sums of a, b, c, d (one transposing reduction instead of four) */
+static inline void lk_vf_sum4(lk_vf a, lk_vf b, lk_vf c, lk_vf d, float *out) {
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    /* 128-bit lanes: [a, b, c, d] partials of 4 floats each */
+    __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));
+    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
+    const __m512 r = _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), t);
+    _mm_storeu_ps(out, _mm512_castps512_ps128(r));
+}
 /* 2^n for integral-valued n in [-126, 127] */
 static inline lk_vf lk_vf_pow2i(lk_vf n) {
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
@@ -136,9 +147,39 @@ static inline lk_vf lk_vf_select_lt(lk_vf a, lk_vf b, lk_vf c, lk_vf v) { return
 static inline lk_vf lk_vf_keep_nan(lk_vf x, lk_vf y) { return lk__vsel(x != x, x, y); }
 #endif
 
+#if !defined(__AVX512F__)
+/* out[0..3] = horizontal sums of a, b, c, d */
+static inline void lk_vf_sum4(lk_vf a, lk_vf b, lk_vf c, lk_vf d, float *out) {
+    out[0] = lk_vf_sum(a); out[1] = lk_vf_sum(b); out[2] = lk_vf_sum(c); out[3] = lk_vf_sum(d);
+}
+#endif
+
 /* e^x, |relative error| < 2e-7 on [-87.3, 88.7]; e^x = 0 below -87.3 (so exp(-inf) = 0) and
  * +inf above 88.7; NaN in, NaN out.  Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a
  * degree-6 polynomial for e^r. */
+#if defined(__AVX512F__)
+static inline lk_vf lk_vf_exp(lk_vf x) {
+    /* AVX-512: the same reduction and polynomial; 2^n by scalef (exact, overflows to inf by itself),
+     * NaN carried through by putting x second in min (which returns its second operand when either
+     * is NaN).  Underflowing lanes (masked scores are -inf) are computed at x = 0 and zeroed at the
+     * end: clamping them to the bottom of the range would make scalef produce subnormals, and each
+     * subnormal costs a microcode assist (~20x slower). */
+    const lk_vf hi = lk_vf_set1(88.7228391f), lo = lk_vf_set1(-87.3365448f);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    const lk_vf xc = _mm512_min_ps(hi, _mm512_mask_blend_ps(under, x, lk_vf_zero()));
+    const lk_vf n = lk_vf_round(lk_vf_mul(xc, lk_vf_set1(1.44269504088896341f)));
+    lk_vf r = lk_vf_fma(n, lk_vf_set1(-0.693359375f), xc);
+    r = lk_vf_fma(n, lk_vf_set1(2.12194440e-4f), r);
+    lk_vf p = lk_vf_set1(1.9875691500e-4f);
+    p = lk_vf_fma(p, r, lk_vf_set1(1.3981999507e-3f));
+    p = lk_vf_fma(p, r, lk_vf_set1(8.3334519073e-3f));
+    p = lk_vf_fma(p, r, lk_vf_set1(4.1665795894e-2f));
+    p = lk_vf_fma(p, r, lk_vf_set1(1.6666665459e-1f));
+    p = lk_vf_fma(p, r, lk_vf_set1(5.0000001201e-1f));
+    p = lk_vf_fma(p, lk_vf_mul(r, r), lk_vf_add(r, lk_vf_set1(1.0f)));
+    return _mm512_mask_blend_ps(under, _mm512_scalef_ps(p, n), lk_vf_zero()); /* underflow, -inf -> 0 */
+}
+#else
 static inline lk_vf lk_vf_exp(lk_vf x) {
     const lk_vf hi = lk_vf_set1(88.7228391f), lo = lk_vf_set1(-87.3365448f);
     lk_vf xc = lk_vf_min(lk_vf_max(x, lo), hi);
@@ -159,6 +200,7 @@ static inline lk_vf lk_vf_exp(lk_vf x) {
     y = lk_vf_select_lt(hi, x, lk_vf_set1(INFINITY), y);              /* overflow (and +inf) -> inf */
     return lk_vf_keep_nan(x, y); /* min/max may have dropped a NaN input: restore it */
 }
+#endif
 
 /* Non-temporal (streaming) stores for bandwidth-bound kernels that write large outputs once
  * (lmkern.mor scatter): no read-for-ownership of the destination lines.  lk_vf_stream needs p

@@ -6,7 +6,8 @@
  *   out = acc / l,  lse = M + log l.
  * Stabilized by the maximum (not the minimum), so no partial can overflow; an empty partial has
  * m = -inf, l = 0 and contributes nothing; all-empty gives out = 0, lse = -inf.  Partials are kept in
- * float32 for float32 inputs and float64 for float64 inputs.  The merge order is fixed (s = 0..n-1),
+ * float32 for float32 inputs and float64 for float64 inputs.  A NaN in any partial's m or l (a NaN
+ * score reached it) makes out and lse NaN, as IEEE arithmetic over the whole row would.  The merge order is fixed (s = 0..n-1),
  * so results are bitwise reproducible. */
 #ifndef LMKERN_SOFTMAX_H
 #define LMKERN_SOFTMAX_H
@@ -18,7 +19,16 @@
 static inline void NAME(int64_t n, const real *m, const real *l, const real *acc, int64_t acc_stride, \
                         int64_t E, real *out, real *lse) {                                        \
     real mx = -INFINITY;                                                                          \
-    for (int64_t s = 0; s < n; s++) mx = m[s] > mx ? m[s] : mx;                                  \
+    int nan = 0;                                                                                  \
+    for (int64_t s = 0; s < n; s++) {                                                             \
+        mx = m[s] > mx ? m[s] : mx;                                                               \
+        nan |= m[s] != m[s] || l[s] != l[s];                                                      \
+    }                                                                                             \
+    if (nan) {                                                                                    \
+        for (int64_t e = 0; e < E; e++) out[e] = (real)NAN;                                       \
+        if (lse) *lse = (real)NAN;                                                                \
+        return;                                                                                   \
+    }                                                                                             \
     real total = 0;                                                                               \
     for (int64_t e = 0; e < E; e++) out[e] = 0;                                                   \
     if (mx != -INFINITY) {                                                                        \

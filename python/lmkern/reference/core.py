@@ -33,7 +33,7 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
     B, N, Hq, D = q.shape
     M, Hkv, E = k.shape[1], k.shape[2], v.shape[3]
     group = Hq // Hkv if Hkv else 1
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = (D ** -0.5 if D else 1.0) if scale is None else float(scale)
     lens = np.full(B, M, np.int64) if kv_lens is None else np.asarray(kv_lens, np.int64).reshape(B)
     qp = default_q_pos(lens, B, N) if q_pos is None else np.broadcast_to(np.asarray(q_pos, np.int64), (B, N))
     kp = np.broadcast_to(np.arange(M, dtype=np.int64), (B, M)) if kv_pos is None else \
@@ -61,9 +61,10 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
             m = np.where(np.isfinite(m), m, 0)
             p = np.where(admissible, np.exp(s - m), 0)
             l = p.sum(axis=1, keepdims=True)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                res[b, :, h] = np.where(l > 0, (p @ vb[:, g]) / np.where(l > 0, l, 1), 0)
-                lse[b, :, h] = np.where(l[:, 0] > 0, np.log(np.where(l[:, 0] > 0, l[:, 0], 1)) + m[:, 0], -np.inf)
+            # l == 0: no admissible key (out 0, lse -inf); a NaN score makes l NaN and the row NaN
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                res[b, :, h] = np.where(l != 0, (p @ vb[:, g]) / np.where(l != 0, l, 1), 0)
+                lse[b, :, h] = np.where(l[:, 0] != 0, np.log(np.where(l[:, 0] != 0, l[:, 0], 1)) + m[:, 0], -np.inf)
     res = res.astype(dtype)
     if out is not None:
         out[...] = res
