@@ -1,0 +1,493 @@
+/* Tensor Product Attention over factors (SPEC 2.2 prefill, 2.4 decode): the FlashTPA engine.
+ *
+ * Math.  With c = scale / (Rq Rk):
+ *   s[h,j] = c sum_{r,s} aq[h,r] ak[j,h,s] <bq[r], bk[j,s]>
+ *   o[h]   = sum_j softmax_j(s[h,j]) (1/Rv) sum_u av[j,h,u] bv[j,u,:]
+ * K and V are never formed.  Per block of cached tokens (FlashTPA, T6 paper Algorithm 2):
+ *   1. Y = bk_block @ P^T: every cached bk row is contracted once with a small per-query matrix P,
+ *   2. scores: head mixing of Y, multiplied by ak,
+ *   3. online softmax per head (running max m, sum l, accumulator acc),
+ *   4. W = p * av / Rv (fold av into the probabilities), acc[h] += sum_j,u W[j,u,h] bv[j,u,:].
+ * Two contractions for steps 1-2 (the "path"), both exact rewrites of the same sum:
+ *   factor:       P = bq (Rq x D): Y[j,s,r] = <bq[r], bk[j,s]>, shared by all heads, then
+ *                 s[h,j] = sum_s ak[j,h,s] sum_r (c aq[h,r]) Y[j,s,r]       (Rq Rk D + H Rq Rk per key)
+ *   materialized: P = Q = c aq @ bq (H x D, once per query): s[h,j] = sum_s ak[j,h,s] <Q[h], bk[j,s]>
+ *                                                                           (H Rk D per key)
+ * LK_TPA_PATH_AUTO takes the one with fewer vector FMAs per key for the ranks (tpa_use_factor).
+ * Both paths read each cached factor exactly once per query.
+ *
+ * Work split.  Tasks are (row b, query i, cache split s); each task runs the online softmax over its
+ * slice of the admissible keys and hands its state (m, l, acc) to lk_softmax_combine (softmax.h, the
+ * one combine: max-stabilized, partials in the input precision, float32 for float32).  Tasks are
+ * independent, so dynamic scheduling keeps results bitwise reproducible for a fixed split count,
+ * and the split count depends only on the shape and the thread count.
+ *
+ * Masking.  Only admissible keys enter a block: with default positions the causal range is cut to
+ * j <= q_pos, with explicit kv_pos an inadmissible key scores -inf.  A partial last block is simply a
+ * shorter block (there is no padded tail to forget to mask).
+ *
+ * SIMD (float32, lk_simd_enabled()): lanes run over P's rows in step 1 (Rq or H, zero-padded to a
+ * multiple of LK_VF), over heads in steps 2-3 (no horizontal reductions: the running max is a lane-wise
+ * max), over features E in step 4 (4 heads x 4 vectors of accumulators in registers while a block of
+ * bv rows streams through).  The generic path (float64, or SIMD off) is the same algorithm one key at
+ * a time, in scalar code. */
+#include <math.h>
+#include <float.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#include "lmkern/tpa.h"
+#include "lmkern/simd.h"
+#include "lmkern/softmax.h"
+
+#define LK_TPA_BLOCK 64          /* cached tokens per block in the SIMD path */
+#define LK_TPA_MIN_SPLIT 512     /* fewest keys per cache split */
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+/* Vector FMAs per cached key of each path for `lanes`-wide vectors (1: scalar). */
+static int tpa_use_factor(const lk_tpa_attention_params *p, int64_t lanes) {
+    const int64_t vq = lk_cdiv(p->Rq, lanes), vh = lk_cdiv(p->H, lanes);
+    const int64_t factor = p->Rk * p->D * vq + p->Rk * p->Rq * vh;
+    const int64_t materialized = p->Rk * p->D * vh;
+    if (p->path == LK_TPA_PATH_FACTOR) return 1;
+    if (p->path == LK_TPA_PATH_MATERIALIZED) return 0;
+    return factor <= materialized;
+}
+
+int64_t lk_tpa_default_splits(int64_t queries, int64_t M, int threads) {
+    if (threads <= 1 || queries <= 0) return 1;
+    int64_t s = lk_cdiv(2 * (int64_t)threads, queries);
+    int64_t cap = M / LK_TPA_MIN_SPLIT;
+    if (s > cap) s = cap;
+    return s < 1 ? 1 : s;
+}
+
+/* The key range and query position of task (b, i): keys [0, end) are candidates. */
+static inline void tpa_query_range(const lk_tpa_attention_params *p, int64_t b, int64_t i, int64_t *end,
+                                   int64_t *qp) {
+    const int64_t len = p->kv_lens ? p->kv_lens[b] : p->M;
+    *qp = p->q_pos ? p->q_pos[b * p->q_pos_bstride + i] : len - p->N + i;
+    *end = len;
+    if (p->causal && !p->kv_pos) *end = lk_max_i64(0, lk_min_i64(len, *qp + 1));
+}
+
+static inline int tpa_admissible(const lk_tpa_attention_params *p, int64_t b, int64_t j, int64_t qp) {
+    return !(p->causal && p->kv_pos) || p->kv_pos[b * p->kv_pos_bstride + j] <= qp;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Generic path: float32 / float64, one key at a time.                                            */
+/* ---------------------------------------------------------------------------------------------- */
+
+#define LK_DEFINE_TPA_GENERIC(NAME, T, COMBINE)                                                   \
+static void NAME(const lk_tpa_attention_params *p, int64_t S, T *part, int *failed) {             \
+    const int64_t B = p->B, N = p->N, M = p->M, H = p->H, Rq = p->Rq, Rk = p->Rk, Rv = p->Rv;    \
+    const int64_t D = p->D, E = p->E, tasks = B * N * S;                                          \
+    const int factor = tpa_use_factor(p, 1);                                                      \
+    const T c = (T)(p->scale / (double)(Rq * Rk)), inv_rv = (T)(1.0 / (double)Rv);                \
+    _Pragma("omp parallel num_threads(lk_get_num_threads())")                                     \
+    {                                                                                             \
+        /* per query: aqs = c aq (H x Rq) and, materialized path, Q (H x D); per key: P, s */     \
+        const size_t ws = (size_t)(H * Rq + (factor ? Rq * Rk : H * D) + 3 * H + H * E + 1);      \
+        T *work = (T *)malloc(sizeof(T) * ws);                                                    \
+        T *aqs = work, *aux = aqs + H * Rq, *s = aux + (factor ? Rq * Rk : H * D);               \
+        T *m = s + H, *l = m + H, *acc = l + H;                                                   \
+        if (!work) { _Pragma("omp atomic write") *failed = 1; }                                   \
+        _Pragma("omp for schedule(dynamic, 1)")                                                   \
+        for (int64_t task = 0; task < tasks; task++) {                                            \
+            if (!work) continue;                                                                  \
+            const int64_t q = task / S, sp = task % S, b = q / N, i = q % N;                      \
+            int64_t end, qp, j0, j1;                                                              \
+            tpa_query_range(p, b, i, &end, &qp);                                                  \
+            lk_chunk(end, S, sp, &j0, &j1);                                                       \
+            const T *aq = (const T *)p->aq + q * H * Rq, *bq = (const T *)p->bq + q * Rq * D;    \
+            for (int64_t x = 0; x < H * Rq; x++) aqs[x] = c * aq[x];                              \
+            if (!factor) /* Q[h,:] = sum_r aqs[h,r] bq[r,:] */                                    \
+                for (int64_t h = 0; h < H; h++) {                                                 \
+                    for (int64_t d = 0; d < D; d++) aux[h * D + d] = 0;                           \
+                    for (int64_t r = 0; r < Rq; r++)                                              \
+                        for (int64_t d = 0; d < D; d++) aux[h * D + d] += aqs[h * Rq + r] * bq[r * D + d]; \
+                }                                                                                 \
+            for (int64_t h = 0; h < H; h++) { m[h] = -INFINITY; l[h] = 0; }                       \
+            for (int64_t x = 0; x < H * E; x++) acc[x] = 0;                                       \
+            for (int64_t j = j0; j < j1; j++) {                                                   \
+                if (!tpa_admissible(p, b, j, qp)) continue;                                       \
+                const T *ak = (const T *)p->ak + (b * M + j) * H * Rk;                            \
+                const T *bk = (const T *)p->bk + (b * M + j) * Rk * D;                            \
+                const T *av = (const T *)p->av + (b * M + j) * H * Rv;                            \
+                const T *bv = (const T *)p->bv + (b * M + j) * Rv * E;                            \
+                if (factor) {                                                                     \
+                    /* P[r,u] = <bq[r], bk[u]> (shared by the heads) */                           \
+                    for (int64_t r = 0; r < Rq; r++)                                              \
+                        for (int64_t u = 0; u < Rk; u++) {                                        \
+                            T dot = 0;                                                            \
+                            for (int64_t d = 0; d < D; d++) dot += bq[r * D + d] * bk[u * D + d]; \
+                            aux[r * Rk + u] = dot;                                                \
+                        }                                                                         \
+                    /* s[h] = sum_u ak[h,u] sum_r aqs[h,r] P[r,u] */                              \
+                    for (int64_t h = 0; h < H; h++) {                                             \
+                        T sh = 0;                                                                 \
+                        for (int64_t u = 0; u < Rk; u++) {                                        \
+                            T mix = 0;                                                            \
+                            for (int64_t r = 0; r < Rq; r++) mix += aqs[h * Rq + r] * aux[r * Rk + u]; \
+                            sh += ak[h * Rk + u] * mix;                                           \
+                        }                                                                         \
+                        s[h] = sh;                                                                \
+                    }                                                                             \
+                } else {                                                                          \
+                    /* s[h] = sum_u ak[h,u] <Q[h], bk[u]> */                                      \
+                    for (int64_t h = 0; h < H; h++) {                                             \
+                        T sh = 0;                                                                 \
+                        for (int64_t u = 0; u < Rk; u++) {                                        \
+                            T dot = 0;                                                            \
+                            for (int64_t d = 0; d < D; d++) dot += aux[h * D + d] * bk[u * D + d]; \
+                            sh += ak[h * Rk + u] * dot;                                           \
+                        }                                                                         \
+                        s[h] = sh;                                                                \
+                    }                                                                             \
+                }                                                                                 \
+                for (int64_t h = 0; h < H; h++) {                                                 \
+                    if (s[h] > m[h]) { /* rescale what was accumulated under the old max */       \
+                        const T alpha = m[h] == -INFINITY ? 0 : (T)exp((double)(m[h] - s[h]));    \
+                        l[h] *= alpha;                                                            \
+                        for (int64_t e = 0; e < E; e++) acc[h * E + e] *= alpha;                  \
+                        m[h] = s[h];                                                              \
+                    }                                                                             \
+                    if (m[h] == -INFINITY) continue; /* s = -inf under m = -inf: weight 0 */      \
+                    const T w = (T)exp((double)(s[h] - m[h]));                                    \
+                    l[h] += w;                                                                    \
+                    /* acc[h] += (w / Rv) sum_u av[h,u] bv[u,:] */                                \
+                    for (int64_t u = 0; u < Rv; u++) {                                            \
+                        const T wu = w * inv_rv * av[h * Rv + u];                                 \
+                        for (int64_t e = 0; e < E; e++) acc[h * E + e] += wu * bv[u * E + e];     \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+            tpa_finish_##T(p, S, q, sp, m, l, acc, E, part);                                      \
+        }                                                                                         \
+        free(work);                                                                               \
+    }                                                                                             \
+}
+
+/* Hands a task's state to the combine: written out directly when the query has a single split,
+ * else stored as partial sp of query q (layout per query and head: m[S], l[S], acc[S][E]). */
+#define LK_DEFINE_TPA_FINISH(T, COMBINE)                                                          \
+static void tpa_finish_##T(const lk_tpa_attention_params *p, int64_t S, int64_t q, int64_t sp,   \
+                           const T *m, const T *l, const T *acc, int64_t acc_stride, T *part) {   \
+    const int64_t H = p->H, E = p->E;                                                             \
+    for (int64_t h = 0; h < H; h++) {                                                             \
+        if (S == 1) {                                                                             \
+            COMBINE(1, m + h, l + h, acc + h * acc_stride, acc_stride, E,                          \
+                    (T *)p->out + (q * H + h) * E, p->lse ? (T *)p->lse + q * H + h : NULL);      \
+        } else {                                                                                  \
+            T *ph = part + (q * H + h) * S * (E + 2);                                             \
+            ph[sp] = m[h];                                                                        \
+            ph[S + sp] = l[h];                                                                    \
+            memcpy(ph + 2 * S + sp * E, acc + h * acc_stride, sizeof(T) * (size_t)E);             \
+        }                                                                                         \
+    }                                                                                             \
+}
+
+LK_DEFINE_TPA_FINISH(float, lk_softmax_combine_f32)
+LK_DEFINE_TPA_FINISH(double, lk_softmax_combine_f64)
+LK_DEFINE_TPA_GENERIC(tpa_generic_f32, float, lk_softmax_combine_f32)
+LK_DEFINE_TPA_GENERIC(tpa_generic_f64, double, lk_softmax_combine_f64)
+
+/* ---------------------------------------------------------------------------------------------- */
+/* SIMD path: float32, blocks of LK_TPA_BLOCK cached tokens.                                      */
+/* ---------------------------------------------------------------------------------------------- */
+
+/* first n lanes of p (n <= LK_VF), zeros beyond */
+static inline lk_vf load_upto(const float *p, int64_t n) {
+    return n >= LK_VF ? lk_vf_load(p) : lk_vf_load_n(p, (int)n);
+}
+
+/* Step 1.  Y[r, :Xp] = sum_d x[r, d] PT[d, :Xp] for r < rows (x: rows x D, PT: D x Xp, Xp = Xv LK_VF). */
+static void tpa_project(int64_t rows, int64_t D, const float *x, const float *PT, int64_t Xv, float *Y) {
+    const int64_t Xp = Xv * LK_VF;
+    for (int64_t xv = 0; xv < Xv; xv++) {
+        const float *pt = PT + xv * LK_VF;
+        int64_t r = 0;
+        for (; r + 8 <= rows; r += 8) {
+            const float *x0 = x + r * D;
+            lk_vf a0 = lk_vf_zero(), a1 = lk_vf_zero(), a2 = lk_vf_zero(), a3 = lk_vf_zero();
+            lk_vf a4 = lk_vf_zero(), a5 = lk_vf_zero(), a6 = lk_vf_zero(), a7 = lk_vf_zero();
+            for (int64_t d = 0; d < D; d++) {
+                const lk_vf pv = lk_vf_load(pt + d * Xp);
+                a0 = lk_vf_fma(lk_vf_set1(x0[d]), pv, a0);
+                a1 = lk_vf_fma(lk_vf_set1(x0[D + d]), pv, a1);
+                a2 = lk_vf_fma(lk_vf_set1(x0[2 * D + d]), pv, a2);
+                a3 = lk_vf_fma(lk_vf_set1(x0[3 * D + d]), pv, a3);
+                a4 = lk_vf_fma(lk_vf_set1(x0[4 * D + d]), pv, a4);
+                a5 = lk_vf_fma(lk_vf_set1(x0[5 * D + d]), pv, a5);
+                a6 = lk_vf_fma(lk_vf_set1(x0[6 * D + d]), pv, a6);
+                a7 = lk_vf_fma(lk_vf_set1(x0[7 * D + d]), pv, a7);
+            }
+            float *y = Y + r * Xp + xv * LK_VF;
+            lk_vf_store(y, a0); lk_vf_store(y + Xp, a1); lk_vf_store(y + 2 * Xp, a2); lk_vf_store(y + 3 * Xp, a3);
+            lk_vf_store(y + 4 * Xp, a4); lk_vf_store(y + 5 * Xp, a5); lk_vf_store(y + 6 * Xp, a6); lk_vf_store(y + 7 * Xp, a7);
+        }
+        for (; r < rows; r++) {
+            lk_vf a0 = lk_vf_zero();
+            for (int64_t d = 0; d < D; d++) a0 = lk_vf_fma(lk_vf_set1(x[r * D + d]), lk_vf_load(pt + d * Xp), a0);
+            lk_vf_store(Y + r * Xp + xv * LK_VF, a0);
+        }
+    }
+}
+
+/* Step 4 for heads h0 .. h0+G-1 and features e0 .. e0 + NV LK_VF (the last vector holding tail lanes):
+ * acc[h, e] += sum_{t, u} W[t, u, h] bv[t, u, e].  G and NV are compile-time constants at each call. */
+static inline __attribute__((always_inline)) void tpa_fold_v(int G, int NV, int64_t nt, int64_t Rv, int64_t E,
+                                                             int64_t Hp, int64_t Ep, int64_t h0, int64_t e0,
+                                                             int64_t tail, const float *W, const float *bv,
+                                                             float *acc) {
+    lk_vf a[4][4];
+    for (int g = 0; g < G; g++)
+        for (int v = 0; v < NV; v++) a[g][v] = lk_vf_load(acc + (h0 + g) * Ep + e0 + v * LK_VF);
+    const int64_t rows = nt * Rv;
+    for (int64_t row = 0; row < rows; row++) {
+        const float *b = bv + row * E + e0;
+        const float *w = W + row * Hp + h0;
+        lk_vf x[4];
+        for (int v = 0; v < NV; v++) x[v] = (v == NV - 1 && tail < LK_VF) ? lk_vf_load_n(b + v * LK_VF, (int)tail)
+                                                                            : lk_vf_load(b + v * LK_VF);
+        for (int g = 0; g < G; g++) {
+            const lk_vf wg = lk_vf_set1(w[g]);
+            for (int v = 0; v < NV; v++) a[g][v] = lk_vf_fma(wg, x[v], a[g][v]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int v = 0; v < NV; v++) lk_vf_store(acc + (h0 + g) * Ep + e0 + v * LK_VF, a[g][v]);
+}
+
+#define LK_TPA_FOLD_NV(G)                                                                         \
+    switch (nv) {                                                                                 \
+    case 1: tpa_fold_v(G, 1, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc); break;                 \
+    case 2: tpa_fold_v(G, 2, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc); break;                 \
+    case 3: tpa_fold_v(G, 3, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc); break;                 \
+    default: tpa_fold_v(G, 4, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc); break;                \
+    }
+
+static void tpa_fold_block(int64_t nt, int64_t H, int64_t Rv, int64_t E, int64_t Hp, int64_t Ep, const float *W,
+                           const float *bv, float *acc) {
+    for (int64_t e0 = 0; e0 < E; e0 += 4 * LK_VF) {
+        const int64_t width = lk_min_i64(4 * LK_VF, E - e0);
+        const int nv = (int)lk_cdiv(width, LK_VF);
+        const int64_t tail = width - (nv - 1) * LK_VF;
+        int64_t h0 = 0;
+        for (; h0 + 4 <= H; h0 += 4) { LK_TPA_FOLD_NV(4) }
+        for (; h0 < H; h0++) { LK_TPA_FOLD_NV(1) }
+    }
+}
+
+/* Per-thread scratch of the SIMD path. */
+typedef struct {
+    int64_t Hp, Ep, Xv, Xp;
+    float *PT;    /* D x Xp: bq^T (factor) or (c Q)^T (materialized) */
+    float *aqT;   /* Rq x Hp: c aq^T (factor) */
+    float *Y;     /* BLOCK Rk x Xp */
+    float *sc;    /* BLOCK x Hp */
+    float *W;     /* BLOCK Rv x Hp */
+    float *akd;   /* BLOCK Rk x Hp (ak de-interleaved when Rk > 1) */
+    float *avd;   /* BLOCK Rv x Hp (av de-interleaved when Rv > 1) */
+    float *m, *l, *alpha; /* Hp */
+    float *acc;   /* H x Ep */
+    float *mem;
+} tpa_scratch;
+
+static int tpa_scratch_alloc(tpa_scratch *w, const lk_tpa_attention_params *p, int factor) {
+    const int64_t BL = LK_TPA_BLOCK;
+    w->Hp = round_up(p->H, LK_VF);
+    w->Ep = round_up(p->E, LK_VF);
+    w->Xp = factor ? round_up(p->Rq, LK_VF) : w->Hp;
+    w->Xv = w->Xp / LK_VF;
+    const int64_t sizes[11] = {p->D * w->Xp, p->Rq * w->Hp, BL * p->Rk * w->Xp, BL * w->Hp, BL * p->Rv * w->Hp,
+                               BL * p->Rk * w->Hp, BL * p->Rv * w->Hp, w->Hp, w->Hp, w->Hp, p->H * w->Ep};
+    int64_t total = 0;
+    for (int k = 0; k < 11; k++) total += round_up(sizes[k], 16) + 16;
+    w->mem = (float *)calloc((size_t)total, sizeof(float));
+    if (!w->mem) return 0;
+    float **dst[11] = {&w->PT, &w->aqT, &w->Y, &w->sc, &w->W, &w->akd, &w->avd, &w->m, &w->l, &w->alpha, &w->acc};
+    float *cur = w->mem;
+    for (int k = 0; k < 11; k++) {
+        *dst[k] = cur;
+        cur += round_up(sizes[k], 16) + 16;
+    }
+    return 1;
+}
+
+/* Per-query setup: PT and aqT from the query's factors, fresh softmax state. */
+static void tpa_simd_query(const lk_tpa_attention_params *p, int factor, tpa_scratch *w, const float *aq,
+                           const float *bq) {
+    const int64_t H = p->H, Rq = p->Rq, D = p->D, Hp = w->Hp, Xp = w->Xp;
+    const float c = (float)(p->scale / (double)(Rq * p->Rk));
+    memset(w->PT, 0, sizeof(float) * (size_t)(D * Xp));
+    if (factor) {
+        memset(w->aqT, 0, sizeof(float) * (size_t)(Rq * Hp));
+        for (int64_t r = 0; r < Rq; r++)
+            for (int64_t d = 0; d < D; d++) w->PT[d * Xp + r] = bq[r * D + d];
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t r = 0; r < Rq; r++) w->aqT[r * Hp + h] = c * aq[h * Rq + r];
+    } else {
+        /* PT[d, h] = sum_r (c aq[h,r]) bq[r,d] */
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t r = 0; r < Rq; r++) {
+                const float a = c * aq[h * Rq + r];
+                for (int64_t d = 0; d < D; d++) w->PT[d * Xp + h] += a * bq[r * D + d];
+            }
+    }
+    for (int64_t h = 0; h < Hp; h++) { w->m[h] = -INFINITY; w->l[h] = 0; }
+    memset(w->acc, 0, sizeof(float) * (size_t)(p->H * w->Ep));
+}
+
+/* Steps 1-4 for cached tokens j0 .. j0+nt-1 of row b (nt <= LK_TPA_BLOCK). */
+static void tpa_simd_block(const lk_tpa_attention_params *p, int factor, tpa_scratch *w, int64_t b, int64_t j0,
+                           int64_t nt, int64_t qp) {
+    const int64_t H = p->H, Rq = p->Rq, Rk = p->Rk, Rv = p->Rv, D = p->D, E = p->E, M = p->M;
+    const int64_t Hp = w->Hp, Xp = w->Xp, Hv = Hp / LK_VF;
+    const float *ak = (const float *)p->ak + (b * M + j0) * H * Rk;
+    const float *bk = (const float *)p->bk + (b * M + j0) * Rk * D;
+    const float *av = (const float *)p->av + (b * M + j0) * H * Rv;
+    const float *bv = (const float *)p->bv + (b * M + j0) * Rv * E;
+    const float inv_rv = 1.0f / (float)Rv;
+
+    /* de-interleave ak[t, h, u] -> akd[t, u, h] (and av) when the rank is > 1: head lanes */
+    if (Rk > 1)
+        for (int64_t t = 0; t < nt; t++)
+            for (int64_t h = 0; h < H; h++)
+                for (int64_t u = 0; u < Rk; u++) w->akd[(t * Rk + u) * Hp + h] = ak[(t * H + h) * Rk + u];
+    if (Rv > 1)
+        for (int64_t t = 0; t < nt; t++)
+            for (int64_t h = 0; h < H; h++)
+                for (int64_t u = 0; u < Rv; u++) w->avd[(t * Rv + u) * Hp + h] = av[(t * H + h) * Rv + u];
+    /* head-lane views of ak / av: row (t, u), lanes h */
+    const float *akl = Rk > 1 ? w->akd : ak;
+    const int64_t ak_row = Rk > 1 ? Hp : H;
+    const float *avl = Rv > 1 ? w->avd : av;
+    const int64_t av_row = Rv > 1 ? Hp : H;
+
+    /* 1. Y[t,u,:] = bk[t,u,:] @ PT   (factor: <bk[t,u], bq[r]> for every r; materialized: <bk[t,u], cQ[h]>) */
+    tpa_project(nt * Rk, D, bk, w->PT, w->Xv, w->Y);
+
+    /* 2. sc[t, h] = sum_u ak[t,h,u] mix[t,u,h],  mix = sum_r Y[t,u,r] (c aq[h,r])  or  Y[t,u,h] */
+    for (int64_t hv = 0; hv < Hv; hv++) {
+        const int64_t h = hv * LK_VF, nh = H - h;
+        for (int64_t t = 0; t < nt; t++) {
+            lk_vf s = lk_vf_zero();
+            for (int64_t u = 0; u < Rk; u++) {
+                const float *y = w->Y + (t * Rk + u) * Xp;
+                lk_vf mix;
+                if (factor) {
+                    mix = lk_vf_zero();
+                    for (int64_t r = 0; r < Rq; r++) mix = lk_vf_fma(lk_vf_set1(y[r]), lk_vf_load(w->aqT + r * Hp + h), mix);
+                } else {
+                    mix = lk_vf_load(y + h);
+                }
+                const int64_t arow = (t * (Rk > 1 ? Rk : 1) + u) * ak_row;
+                s = lk_vf_fma(mix, load_upto(akl + arow + h, Rk > 1 ? LK_VF : nh), s);
+            }
+            if (!tpa_admissible(p, b, j0 + t, qp)) s = lk_vf_set1(-INFINITY);
+            lk_vf_store(w->sc + t * Hp + h, s);
+        }
+    }
+
+    /* 3. online softmax, head lanes; W[t,u,h] = p[t,h] av[t,h,u] / Rv */
+    for (int64_t hv = 0; hv < Hv; hv++) {
+        const int64_t h = hv * LK_VF, nh = H - h;
+        lk_vf mb = lk_vf_set1(-INFINITY);
+        for (int64_t t = 0; t < nt; t++) mb = lk_vf_max(mb, lk_vf_load(w->sc + t * Hp + h));
+        const lk_vf mo = lk_vf_load(w->m + h), mn = lk_vf_max(mo, mb);
+        /* all -inf so far: subtract 0 instead (weights stay 0, never NaN) */
+        const lk_vf ms = lk_vf_select_lt(mn, lk_vf_set1(-FLT_MAX), lk_vf_zero(), mn);
+        const lk_vf alpha = lk_vf_exp(lk_vf_sub(mo, ms));
+        lk_vf l = lk_vf_mul(lk_vf_load(w->l + h), alpha);
+        lk_vf_store(w->alpha + h, alpha);
+        lk_vf_store(w->m + h, mn);
+        for (int64_t t = 0; t < nt; t++) {
+            const lk_vf pr = lk_vf_exp(lk_vf_sub(lk_vf_load(w->sc + t * Hp + h), ms));
+            l = lk_vf_add(l, pr);
+            const lk_vf pw = lk_vf_mul(pr, lk_vf_set1(inv_rv));
+            for (int64_t u = 0; u < Rv; u++) {
+                const int64_t arow = (t * (Rv > 1 ? Rv : 1) + u) * av_row;
+                lk_vf_store(w->W + (t * Rv + u) * Hp + h, lk_vf_mul(pw, load_upto(avl + arow + h, Rv > 1 ? LK_VF : nh)));
+            }
+        }
+        lk_vf_store(w->l + h, l);
+    }
+    /* rescale the accumulators of heads whose max moved */
+    for (int64_t h = 0; h < H; h++) {
+        const float a = w->alpha[h];
+        if (a == 1.0f) continue;
+        float *acc = w->acc + h * w->Ep;
+        const lk_vf av_ = lk_vf_set1(a);
+        for (int64_t e = 0; e < w->Ep; e += LK_VF) lk_vf_store(acc + e, lk_vf_mul(lk_vf_load(acc + e), av_));
+    }
+
+    /* 4. acc[h,:] += sum_{t,u} W[t,u,h] bv[t,u,:] */
+    tpa_fold_block(nt, H, Rv, E, Hp, w->Ep, w->W, bv, w->acc);
+}
+
+static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *part, int *failed) {
+    const int64_t B = p->B, N = p->N, H = p->H, Rq = p->Rq, D = p->D, tasks = B * N * S;
+    const int factor = tpa_use_factor(p, LK_VF);
+    _Pragma("omp parallel num_threads(lk_get_num_threads())")
+    {
+        tpa_scratch w;
+        const int ok = tpa_scratch_alloc(&w, p, factor);
+        if (!ok) {
+            _Pragma("omp atomic write")
+            *failed = 1;
+        }
+        _Pragma("omp for schedule(dynamic, 1)")
+        for (int64_t task = 0; task < tasks; task++) {
+            if (!ok) continue;
+            const int64_t q = task / S, sp = task % S, b = q / N, i = q % N;
+            int64_t end, qp, j0, j1;
+            tpa_query_range(p, b, i, &end, &qp);
+            lk_chunk(end, S, sp, &j0, &j1);
+            tpa_simd_query(p, factor, &w, (const float *)p->aq + q * H * Rq, (const float *)p->bq + q * Rq * D);
+            for (int64_t j = j0; j < j1; j += LK_TPA_BLOCK)
+                tpa_simd_block(p, factor, &w, b, j, lk_min_i64(LK_TPA_BLOCK, j1 - j), qp);
+            tpa_finish_float(p, S, q, sp, w.m, w.l, w.acc, w.Ep, part);
+        }
+        if (ok) free(w.mem);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+
+lk_status lk_tpa_attention_cpu(const lk_tpa_attention_params *p) {
+    if (p->B == 0 || p->N == 0 || p->H == 0) return LK_OK;
+    if (p->dtype != LK_F32 && p->dtype != LK_F64) return LK_ERR_DTYPE;
+    if (p->Rq < 1 || p->Rk < 1 || p->Rv < 1) return LK_ERR_VALUE;
+    const int64_t S = p->splits > 0 ? p->splits : lk_tpa_default_splits(p->B * p->N, p->M, lk_get_num_threads());
+    const size_t esize = p->dtype == LK_F64 ? sizeof(double) : sizeof(float);
+    void *part = NULL;
+    if (S > 1) {
+        part = malloc(esize * (size_t)(p->B * p->N * p->H * S * (p->E + 2)));
+        if (!part) return LK_ERR_NOMEM;
+    }
+    int failed = 0;
+    if (p->dtype == LK_F64) tpa_generic_f64(p, S, (double *)part, &failed);
+    else if (lk_simd_enabled()) tpa_simd_f32(p, S, (float *)part, &failed);
+    else tpa_generic_f32(p, S, (float *)part, &failed);
+    if (!failed && S > 1) {
+        const int64_t rows = p->B * p->N * p->H, E = p->E;
+        _Pragma("omp parallel for num_threads(lk_get_num_threads()) schedule(static)")
+        for (int64_t r = 0; r < rows; r++) {
+            if (p->dtype == LK_F64) {
+                const double *ph = (const double *)part + r * S * (E + 2);
+                lk_softmax_combine_f64(S, ph, ph + S, ph + 2 * S, E, E, (double *)p->out + r * E,
+                                       p->lse ? (double *)p->lse + r : NULL);
+            } else {
+                const float *ph = (const float *)part + r * S * (E + 2);
+                lk_softmax_combine_f32(S, ph, ph + S, ph + 2 * S, E, E, (float *)p->out + r * E,
+                                       p->lse ? (float *)p->lse + r : NULL);
+            }
+        }
+    }
+    free(part);
+    return failed ? LK_ERR_NOMEM : LK_OK;
+}
