@@ -204,36 +204,40 @@ static inline lk_vf load_upto(const float *p, int64_t n) {
     return n >= LK_VF ? lk_vf_load(p) : lk_vf_load_n(p, (int)n);
 }
 
-/* Step 1.  Y[r, :Xp] = sum_d x[r, d] PT[d, :Xp] for r < rows (x: rows x D, PT: D x Xp, Xp = Xv LK_VF). */
-static void tpa_project(int64_t rows, int64_t D, const float *x, const float *PT, int64_t Xv, float *Y) {
+/* Steps 1-2.  Y[r, :Xp] = sum_k x[r, k] PT[k, :Xp] for r < rows (x: rows x K with row stride xs,
+ * PT: K x Xp, Xp = Xv LK_VF).  A tile of ROWS rows x XW vectors keeps ROWS XW independent FMA
+ * chains in registers per step of k (ROWS and XW are compile-time constants at each call). */
+static inline __attribute__((always_inline)) void tpa_project_tile(int ROWS, int XW, int64_t K, const float *x,
+                                                                   int64_t xs, const float *pt, int64_t Xp,
+                                                                   float *y) {
+    lk_vf a[16][2];
+    for (int r = 0; r < ROWS; r++)
+        for (int v = 0; v < XW; v++) a[r][v] = lk_vf_zero();
+    for (int64_t k = 0; k < K; k++) {
+        lk_vf pv[2];
+        for (int v = 0; v < XW; v++) pv[v] = lk_vf_load(pt + k * Xp + v * LK_VF);
+        for (int r = 0; r < ROWS; r++) {
+            const lk_vf xr = lk_vf_set1(x[r * xs + k]);
+            for (int v = 0; v < XW; v++) a[r][v] = lk_vf_fma(xr, pv[v], a[r][v]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int v = 0; v < XW; v++) lk_vf_store(y + r * Xp + v * LK_VF, a[r][v]);
+}
+
+static void tpa_project(int64_t rows, int64_t K, const float *x, int64_t xs, const float *PT, int64_t Xv, float *Y) {
     const int64_t Xp = Xv * LK_VF;
-    for (int64_t xv = 0; xv < Xv; xv++) {
-        const float *pt = PT + xv * LK_VF;
+    int64_t xv = 0;
+    for (; xv + 2 <= Xv; xv += 2) {
         int64_t r = 0;
-        for (; r + 8 <= rows; r += 8) {
-            const float *x0 = x + r * D;
-            lk_vf a0 = lk_vf_zero(), a1 = lk_vf_zero(), a2 = lk_vf_zero(), a3 = lk_vf_zero();
-            lk_vf a4 = lk_vf_zero(), a5 = lk_vf_zero(), a6 = lk_vf_zero(), a7 = lk_vf_zero();
-            for (int64_t d = 0; d < D; d++) {
-                const lk_vf pv = lk_vf_load(pt + d * Xp);
-                a0 = lk_vf_fma(lk_vf_set1(x0[d]), pv, a0);
-                a1 = lk_vf_fma(lk_vf_set1(x0[D + d]), pv, a1);
-                a2 = lk_vf_fma(lk_vf_set1(x0[2 * D + d]), pv, a2);
-                a3 = lk_vf_fma(lk_vf_set1(x0[3 * D + d]), pv, a3);
-                a4 = lk_vf_fma(lk_vf_set1(x0[4 * D + d]), pv, a4);
-                a5 = lk_vf_fma(lk_vf_set1(x0[5 * D + d]), pv, a5);
-                a6 = lk_vf_fma(lk_vf_set1(x0[6 * D + d]), pv, a6);
-                a7 = lk_vf_fma(lk_vf_set1(x0[7 * D + d]), pv, a7);
-            }
-            float *y = Y + r * Xp + xv * LK_VF;
-            lk_vf_store(y, a0); lk_vf_store(y + Xp, a1); lk_vf_store(y + 2 * Xp, a2); lk_vf_store(y + 3 * Xp, a3);
-            lk_vf_store(y + 4 * Xp, a4); lk_vf_store(y + 5 * Xp, a5); lk_vf_store(y + 6 * Xp, a6); lk_vf_store(y + 7 * Xp, a7);
-        }
-        for (; r < rows; r++) {
-            lk_vf a0 = lk_vf_zero();
-            for (int64_t d = 0; d < D; d++) a0 = lk_vf_fma(lk_vf_set1(x[r * D + d]), lk_vf_load(pt + d * Xp), a0);
-            lk_vf_store(Y + r * Xp + xv * LK_VF, a0);
-        }
+        for (; r + 8 <= rows; r += 8) tpa_project_tile(8, 2, K, x + r * xs, xs, PT + xv * LK_VF, Xp, Y + r * Xp + xv * LK_VF);
+        for (; r < rows; r++) tpa_project_tile(1, 2, K, x + r * xs, xs, PT + xv * LK_VF, Xp, Y + r * Xp + xv * LK_VF);
+    }
+    for (; xv < Xv; xv++) {
+        int64_t r = 0;
+        for (; r + 16 <= rows; r += 16) tpa_project_tile(16, 1, K, x + r * xs, xs, PT + xv * LK_VF, Xp, Y + r * Xp + xv * LK_VF);
+        for (; r + 4 <= rows; r += 4) tpa_project_tile(4, 1, K, x + r * xs, xs, PT + xv * LK_VF, Xp, Y + r * Xp + xv * LK_VF);
+        for (; r < rows; r++) tpa_project_tile(1, 1, K, x + r * xs, xs, PT + xv * LK_VF, Xp, Y + r * Xp + xv * LK_VF);
     }
 }
 
@@ -288,6 +292,7 @@ typedef struct {
     float *PT;    /* D x Xp: bq^T (factor) or (c Q)^T (materialized) */
     float *aqT;   /* Rq x Hp: c aq^T (factor) */
     float *Y;     /* BLOCK Rk x Xp */
+    float *Z;     /* BLOCK Rk x Hp: mixed scores before ak (factor path) */
     float *sc;    /* BLOCK x Hp */
     float *W;     /* BLOCK Rv x Hp */
     float *akd;   /* BLOCK Rk x Hp (ak de-interleaved when Rk > 1) */
@@ -303,15 +308,15 @@ static int tpa_scratch_alloc(tpa_scratch *w, const lk_tpa_attention_params *p, i
     w->Ep = round_up(p->E, LK_VF);
     w->Xp = factor ? round_up(p->Rq, LK_VF) : w->Hp;
     w->Xv = w->Xp / LK_VF;
-    const int64_t sizes[11] = {p->D * w->Xp, p->Rq * w->Hp, BL * p->Rk * w->Xp, BL * w->Hp, BL * p->Rv * w->Hp,
+    const int64_t sizes[12] = {p->D * w->Xp, p->Rq * w->Hp, BL * p->Rk * w->Xp, BL * p->Rk * w->Hp, BL * w->Hp, BL * p->Rv * w->Hp,
                                BL * p->Rk * w->Hp, BL * p->Rv * w->Hp, w->Hp, w->Hp, w->Hp, p->H * w->Ep};
     int64_t total = 0;
-    for (int k = 0; k < 11; k++) total += round_up(sizes[k], 16) + 16;
+    for (int k = 0; k < 12; k++) total += round_up(sizes[k], 16) + 16;
     w->mem = (float *)calloc((size_t)total, sizeof(float));
     if (!w->mem) return 0;
-    float **dst[11] = {&w->PT, &w->aqT, &w->Y, &w->sc, &w->W, &w->akd, &w->avd, &w->m, &w->l, &w->alpha, &w->acc};
+    float **dst[12] = {&w->PT, &w->aqT, &w->Y, &w->Z, &w->sc, &w->W, &w->akd, &w->avd, &w->m, &w->l, &w->alpha, &w->acc};
     float *cur = w->mem;
-    for (int k = 0; k < 11; k++) {
+    for (int k = 0; k < 12; k++) {
         *dst[k] = cur;
         cur += round_up(sizes[k], 16) + 16;
     }
@@ -352,7 +357,6 @@ static void tpa_simd_block(const lk_tpa_attention_params *p, int factor, tpa_scr
     const float *av = (const float *)p->av + (b * M + j0) * H * Rv;
     const float *bv = (const float *)p->bv + (b * M + j0) * Rv * E;
     const float inv_rv = 1.0f / (float)Rv;
-
     /* de-interleave ak[t, h, u] -> akd[t, u, h] (and av) when the rank is > 1: head lanes */
     if (Rk > 1)
         for (int64_t t = 0; t < nt; t++)
@@ -369,24 +373,21 @@ static void tpa_simd_block(const lk_tpa_attention_params *p, int factor, tpa_scr
     const int64_t av_row = Rv > 1 ? Hp : H;
 
     /* 1. Y[t,u,:] = bk[t,u,:] @ PT   (factor: <bk[t,u], bq[r]> for every r; materialized: <bk[t,u], cQ[h]>) */
-    tpa_project(nt * Rk, D, bk, w->PT, w->Xv, w->Y);
-
-    /* 2. sc[t, h] = sum_u ak[t,h,u] mix[t,u,h],  mix = sum_r Y[t,u,r] (c aq[h,r])  or  Y[t,u,h] */
+    tpa_project(nt * Rk, D, bk, D, w->PT, w->Xv, w->Y);
+    /* 2. factor path: mix with the heads, Z[t,u,h] = sum_r Y[t,u,r] (c aq[h,r]) */
+    const float *Z = w->Y;
+    if (factor) {
+        tpa_project(nt * Rk, Rq, w->Y, Xp, w->aqT, Hv, w->Z);
+        Z = w->Z;
+    }
+    /*    sc[t, h] = sum_u ak[t,h,u] Z[t,u,h]   (-inf for an inadmissible key) */
     for (int64_t hv = 0; hv < Hv; hv++) {
         const int64_t h = hv * LK_VF, nh = H - h;
         for (int64_t t = 0; t < nt; t++) {
             lk_vf s = lk_vf_zero();
             for (int64_t u = 0; u < Rk; u++) {
-                const float *y = w->Y + (t * Rk + u) * Xp;
-                lk_vf mix;
-                if (factor) {
-                    mix = lk_vf_zero();
-                    for (int64_t r = 0; r < Rq; r++) mix = lk_vf_fma(lk_vf_set1(y[r]), lk_vf_load(w->aqT + r * Hp + h), mix);
-                } else {
-                    mix = lk_vf_load(y + h);
-                }
                 const int64_t arow = (t * (Rk > 1 ? Rk : 1) + u) * ak_row;
-                s = lk_vf_fma(mix, load_upto(akl + arow + h, Rk > 1 ? LK_VF : nh), s);
+                s = lk_vf_fma(lk_vf_load(Z + (t * Rk + u) * Hp + h), load_upto(akl + arow + h, Rk > 1 ? LK_VF : nh), s);
             }
             if (!tpa_admissible(p, b, j0 + t, qp)) s = lk_vf_set1(-INFINITY);
             lk_vf_store(w->sc + t * Hp + h, s);
