@@ -106,11 +106,14 @@ def materialize(a, b, *, scale=None, out=None):
     return _dispatch.finish_out(buf, out)
 
 
-def _check_kv(fn, sh, a, kv_lens):
+def _check_factors(fn, sh, a, kv_lens, query_spec):
+    """The cached factors bind the letters first (so a wrong query names the query), then aq, bq."""
     sh.check("ak", a["ak"], "B,M,H,Rk")
     sh.check("bk", a["bk"], "B,M,Rk,D")
     sh.check("av", a["av"], "B,M,H,Rv")
     sh.check("bv", a["bv"], "B,M,Rv,E")
+    sh.check("aq", a["aq"], query_spec[0])
+    sh.check("bq", a["bq"], query_spec[1])
     _check_ranks(fn, sh, (("Rq", "aq"), ("Rk", "ak"), ("Rv", "av")))
     if kv_lens is not None:
         sh.check("kv_lens", kv_lens, "B")
@@ -147,9 +150,7 @@ def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, k
     kv_pos = _dispatch.index_array(fn, "kv_pos", kv_pos)
     kv_lens = _dispatch.index_array(fn, "kv_lens", kv_lens)
     sh = _dispatch.Shapes(fn)
-    sh.check("aq", a["aq"], "B,N,H,Rq")
-    sh.check("bq", a["bq"], "B,N,Rq,D")
-    _check_kv(fn, sh, a, kv_lens)
+    _check_factors(fn, sh, a, kv_lens, ("B,N,H,Rq", "B,N,Rq,D"))
     if q_pos is not None:
         sh.check_one_of("q_pos", q_pos, "N", "B,N")
     if kv_pos is not None:
@@ -189,9 +190,7 @@ def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False
     dtype, a = _dispatch.float_arrays(fn, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv)
     kv_lens = _dispatch.index_array(fn, "kv_lens", kv_lens)
     sh = _dispatch.Shapes(fn)
-    sh.check("aq", a["aq"], "B,H,Rq")
-    sh.check("bq", a["bq"], "B,Rq,D")
-    _check_kv(fn, sh, a, kv_lens)
+    _check_factors(fn, sh, a, kv_lens, ("B,H,Rq", "B,Rq,D"))
     path = _dispatch.check_choice(fn, "_path", _path, tuple(_PATHS))
     B, H, E, D = sh["B"], sh["H"], sh["E"], sh["D"]
     scale = _dispatch.as_scale(fn, scale, D ** -0.5 if D else 1.0)
