@@ -380,25 +380,22 @@ static void tpa_simd_block(const lk_tpa_attention_params *p, int factor, tpa_scr
         tpa_project(nt * Rk, Rq, w->Y, Xp, w->aqT, Hv, w->Z);
         Z = w->Z;
     }
-    /*    sc[t, h] = sum_u ak[t,h,u] Z[t,u,h]   (-inf for an inadmissible key) */
+    /* 3. per head lane: sc[t, h] = sum_u ak[t,h,u] Z[t,u,h] (-inf for an inadmissible key), then the
+     *    online softmax and W[t,u,h] = p[t,h] av[t,h,u] / Rv */
+    const int masked = p->causal && p->kv_pos;
     for (int64_t hv = 0; hv < Hv; hv++) {
         const int64_t h = hv * LK_VF, nh = H - h;
+        lk_vf mb = lk_vf_set1(-INFINITY);
         for (int64_t t = 0; t < nt; t++) {
             lk_vf s = lk_vf_zero();
             for (int64_t u = 0; u < Rk; u++) {
                 const int64_t arow = (t * (Rk > 1 ? Rk : 1) + u) * ak_row;
                 s = lk_vf_fma(lk_vf_load(Z + (t * Rk + u) * Hp + h), load_upto(akl + arow + h, Rk > 1 ? LK_VF : nh), s);
             }
-            if (!tpa_admissible(p, b, j0 + t, qp)) s = lk_vf_set1(-INFINITY);
+            if (masked && !tpa_admissible(p, b, j0 + t, qp)) s = lk_vf_set1(-INFINITY);
             lk_vf_store(w->sc + t * Hp + h, s);
+            mb = lk_vf_max(mb, s);
         }
-    }
-
-    /* 3. online softmax, head lanes; W[t,u,h] = p[t,h] av[t,h,u] / Rv */
-    for (int64_t hv = 0; hv < Hv; hv++) {
-        const int64_t h = hv * LK_VF, nh = H - h;
-        lk_vf mb = lk_vf_set1(-INFINITY);
-        for (int64_t t = 0; t < nt; t++) mb = lk_vf_max(mb, lk_vf_load(w->sc + t * Hp + h));
         const lk_vf mo = lk_vf_load(w->m + h), mn = lk_vf_max(mo, mb);
         /* all -inf so far: subtract 0 instead (weights stay 0, never NaN) */
         const lk_vf ms = lk_vf_select_lt(mn, lk_vf_set1(-FLT_MAX), lk_vf_zero(), mn);
@@ -406,10 +403,11 @@ static void tpa_simd_block(const lk_tpa_attention_params *p, int factor, tpa_scr
         lk_vf l = lk_vf_mul(lk_vf_load(w->l + h), alpha);
         lk_vf_store(w->alpha + h, alpha);
         lk_vf_store(w->m + h, mn);
+        const lk_vf scale_v = lk_vf_set1(inv_rv);
         for (int64_t t = 0; t < nt; t++) {
             const lk_vf pr = lk_vf_exp(lk_vf_sub(lk_vf_load(w->sc + t * Hp + h), ms));
             l = lk_vf_add(l, pr);
-            const lk_vf pw = lk_vf_mul(pr, lk_vf_set1(inv_rv));
+            const lk_vf pw = lk_vf_mul(pr, scale_v);
             for (int64_t u = 0; u < Rv; u++) {
                 const int64_t arow = (t * (Rv > 1 ? Rv : 1) + u) * av_row;
                 lk_vf_store(w->W + (t * Rv + u) * Hp + h, lk_vf_mul(pw, load_upto(avl + arow + h, Rv > 1 ? LK_VF : nh)));
