@@ -76,7 +76,7 @@ def bench_decode(table, rng, H, Rq, Rk, Rv, D, Ms, label, twin_max=16384):
             torch_threads()
             tf = [torch.from_numpy(x) for x in (aq[:, None], bq[:, None], ak, bk, av, bv)]
             base["torch materialize+SDPA"] = timeit(lambda: torch_materialize_sdpa(tf), repeat=3, min_time=0)
-            tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in (q, k, v))
+            tq, tk, tv = (torch.from_numpy(x).transpose(1, 2) for x in (q, k, v))   # (B, H, T, D) views
             base["torch SDPA on MHA cache"] = timeit(
                 lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv), repeat=3, min_time=0)
         if M <= twin_max:
@@ -143,24 +143,34 @@ def bench_prefill(table, rng, H, Rq, Rk, Rv, D, T, label):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--threads", type=int, default=0, help="threads for lmkern and torch (default: all cores)")
+    ap.add_argument("--skip-prefill", action="store_true", help="decode and KV bytes only")
     args = ap.parse_args(argv)
+    if args.threads:
+        lmkern.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    Ms = [2048] if args.quick else [4096, 8192, 16384, 32768, 65536, 131072]
+    Ms = [1024] if args.quick else [4096, 8192, 16384, 32768, 65536, 131072]
+    tables = []
 
     table = Table("tpa.decode, float32, B=1 (speed-ups: how many times faster tpa.decode is)")
     bench_decode(table, rng, 32, 16, 1, 1, 64, Ms, "H=32 D=64 R=16/1/1")
-    bench_decode(table, rng, 47, 6, 2, 2, 64, [2048] if args.quick else [32768], "T6-medium H=47 R=6/2/2")
+    bench_decode(table, rng, 47, 6, 2, 2, 64, [1024] if args.quick else [32768], "T6-medium H=47 R=6/2/2")
+    tables.append(table)
     for label, cfg in (("H=32 R=16/1/1", (32, 16, 1, 1, 64)), ("T6-medium", (47, 6, 2, 2, 64))):
         ratio, byte_ratio = mha_ceiling(*cfg)
         print(f"\nceiling of the MHA / TPA decode ratio ({label}) on this machine: {ratio:.1f}x "
               f"(bytes alone: {byte_ratio:.1f}x)")
 
     kv_bytes_table()
+    if args.skip_prefill:
+        return tables
 
     table = Table("tpa.attention prefill, float32, B=1, causal")
-    T = 256 if args.quick else 2048
+    T = 128 if args.quick else 2048
     bench_prefill(table, rng, 34, 6, 2, 2, 64, T, "T6-small H=34 R=6/2/2")
     bench_prefill(table, rng, 32, 16, 1, 1, 64, T, "H=32 R=16/1/1")
+    tables.append(table)
+    return tables
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
 """lmkern.tpa against its NumPy twin (lmkern.reference.tpa) and against the T6 computation in torch."""
+import os
+import sys
+
 import numpy as np
 import pytest
 
@@ -392,3 +395,12 @@ def test_matches_t6_torch_computation(rng):
     cache = tpa.KVCache(B, T, H, Rk, Rv, D)
     cache.append(ak, rbk, av, bv)
     assert_close(cache.decode(aq[:, -1], rbq[:, -1]), want[:, -1], tol=1e-4)
+
+
+def test_bench_quick_runs(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import bench_tpa
+    decode_table, prefill_table = bench_tpa.main(["--quick"])
+    assert len(decode_table.rows) == 2 and len(prefill_table.rows) == 2
+    out = capsys.readouterr().out
+    assert "T6-medium" in out and "KV-cache bytes per token" in out
