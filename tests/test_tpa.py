@@ -146,6 +146,33 @@ def test_attention_positions_ragged_and_noncontiguous(rng):
         assert_close(tpa.attention(*args, causal=True, q_pos=q_pos[0], kv_pos=kv_pos[0]), want, dtype)
 
 
+def test_inadmissible_keys_never_leak_and_nan_propagates(rng):
+    """NaN/inf in keys beyond kv_lens or causally masked never reaches the output; NaN in an
+    admissible key's factors gives NaN for exactly the queries that see it (IEEE propagation)."""
+    B, N, M, H, Rq, Rk, Rv, D, E = 2, 3, 150, 5, 3, 2, 2, 8, 8
+    args = factors(rng, B, N, M, H, Rq, Rk, Rv, D, E)
+    lens = np.array([100, 150])
+    want = ref.attention(*args, causal=True, kv_lens=lens)
+    dirty = [x.copy() for x in args]
+    for x in dirty[2:]:
+        x[0, 100:] = np.nan                      # beyond kv_lens of row 0
+    dirty[3][1, 149] = np.inf                    # row 1: key 149 is admissible only for the last query
+    dirty[5][1, 149] = np.nan
+    for simd in (True, False):
+        _core._set_simd(simd)
+        for path in ("factor", "materialized"):
+            out = tpa.attention(*dirty, causal=True, kv_lens=lens, _path=path)
+            assert_close(out[0], want[0])
+            assert_close(out[1, :2], want[1, :2])      # queries at positions 147, 148 never see key 149
+            assert np.all(np.isnan(out[1, 2]))
+            dec = tpa.decode(dirty[0][:, 0], dirty[1][:, 0], *dirty[2:], kv_lens=lens - [0, 1], _path=path)
+            assert np.all(np.isfinite(dec))
+        bad = [x.copy() for x in args]
+        bad[2][0, 99, 2, 0] = np.nan                 # one head of one admissible key
+        out = tpa.attention(*bad, causal=True, kv_lens=lens)
+        assert np.all(np.isnan(out[0, 2, 2])) and np.all(np.isfinite(out[0, :2])) and np.all(np.isfinite(out[0, 2, :2]))
+
+
 def test_attention_equals_materialized_core_attention(rng):
     """SPEC 2.2: equals lmkern.attention over the materialized Q, K, V."""
     aq, bq, ak, bk, av, bv = factors(rng, 2, 5, 60, 9, 3, 2, 2, 16, 16)

@@ -394,7 +394,7 @@ static void tpa_simd_block(const lk_tpa_attention_params *p, int factor, tpa_scr
             }
             if (masked && !tpa_admissible(p, b, j0 + t, qp)) s = lk_vf_set1(-INFINITY);
             lk_vf_store(w->sc + t * Hp + h, s);
-            mb = lk_vf_max(mb, s);
+            mb = lk_vf_max(s, mb); /* a NaN score leaves the max alone and reaches l and acc */
         }
         const lk_vf mo = lk_vf_load(w->m + h), mn = lk_vf_max(mo, mb);
         /* all -inf so far: subtract 0 instead (weights stay 0, never NaN) */
