@@ -242,16 +242,19 @@ static void tpa_project(int64_t rows, int64_t K, const float *x, int64_t xs, con
 }
 
 /* Step 4 for heads h0 .. h0+G-1 and features e0 .. e0 + NV LK_VF (the last vector holding tail lanes):
- * acc[h, e] += sum_{t, u} W[t, u, h] bv[t, u, e].  G and NV are compile-time constants at each call. */
+ * acc[h, e] += sum_{t, u} W[t, u, h] bv[t, u, e].  G and NV are compile-time constants at each call.
+ * Tokens with skip[t] set (inadmissible: W = 0) are left out, so that their values, however
+ * non-finite, cannot turn 0 * inf into NaN. */
 static inline __attribute__((always_inline)) void tpa_fold_v(int G, int NV, int64_t nt, int64_t Rv, int64_t E,
                                                              int64_t Hp, int64_t Ep, int64_t h0, int64_t e0,
                                                              int64_t tail, const float *W, const float *bv,
-                                                             float *acc) {
+                                                             float *acc, const uint8_t *skip) {
     lk_vf a[4][4];
     for (int g = 0; g < G; g++)
         for (int v = 0; v < NV; v++) a[g][v] = lk_vf_load(acc + (h0 + g) * Ep + e0 + v * LK_VF);
     const int64_t rows = nt * Rv;
     for (int64_t row = 0; row < rows; row++) {
+        if (skip && skip[row / Rv]) continue;
         const float *b = bv + row * E + e0;
         const float *w = W + row * Hp + h0;
         lk_vf x[4];
@@ -268,14 +271,14 @@ static inline __attribute__((always_inline)) void tpa_fold_v(int G, int NV, int6
 
 #define LK_TPA_FOLD_NV(G)                                                                         \
     switch (nv) {                                                                                 \
-    case 1: tpa_fold_v(G, 1, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc); break;                 \
-    case 2: tpa_fold_v(G, 2, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc); break;                 \
-    case 3: tpa_fold_v(G, 3, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc); break;                 \
-    default: tpa_fold_v(G, 4, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc); break;                \
+    case 1: tpa_fold_v(G, 1, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc, skip); break;                 \
+    case 2: tpa_fold_v(G, 2, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc, skip); break;                 \
+    case 3: tpa_fold_v(G, 3, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc, skip); break;                 \
+    default: tpa_fold_v(G, 4, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc, skip); break;                \
     }
 
 static void tpa_fold_block(int64_t nt, int64_t H, int64_t Rv, int64_t E, int64_t Hp, int64_t Ep, const float *W,
-                           const float *bv, float *acc) {
+                           const float *bv, float *acc, const uint8_t *skip) {
     for (int64_t e0 = 0; e0 < E; e0 += 4 * LK_VF) {
         const int64_t width = lk_min_i64(4 * LK_VF, E - e0);
         const int nv = (int)lk_cdiv(width, LK_VF);
@@ -286,37 +289,110 @@ static void tpa_fold_block(int64_t nt, int64_t H, int64_t Rv, int64_t E, int64_t
     }
 }
 
+/* Step 4 with materialized value tiles (prefill): for queries q0 .. q0+G-1 of a tile, head h and
+ * features e0 .. e0 + NV LK_VF: acc_q[h, e] += sum_t W_q[t, h] V[t, h, e].  One V row load serves G
+ * queries. */
+static inline __attribute__((always_inline)) void tpa_fold_vtile(int G, int NV, int64_t nt, int64_t H, int64_t Hp,
+                                                                 int64_t Ep, int64_t h, int64_t e0, float *const *W,
+                                                                 float *const *acc, const float *V,
+                                                                 const uint8_t *const *skip) {
+    lk_vf a[4][4];
+    for (int g = 0; g < G; g++)
+        for (int v = 0; v < NV; v++) a[g][v] = lk_vf_load(acc[g] + h * Ep + e0 + v * LK_VF);
+    for (int64_t t = 0; t < nt; t++) {
+        const float *row = V + (t * H + h) * Ep + e0;
+        lk_vf x[4];
+        for (int v = 0; v < NV; v++) x[v] = lk_vf_load(row + v * LK_VF);
+        for (int g = 0; g < G; g++) {
+            if (skip && skip[g][t]) continue;
+            const lk_vf wg = lk_vf_set1(W[g][t * Hp + h]);
+            for (int v = 0; v < NV; v++) a[g][v] = lk_vf_fma(wg, x[v], a[g][v]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int v = 0; v < NV; v++) lk_vf_store(acc[g] + h * Ep + e0 + v * LK_VF, a[g][v]);
+}
+
+#define LK_TPA_VTILE_NV(G)                                                                        \
+    switch (nv) {                                                                                 \
+    case 1: tpa_fold_vtile(G, 1, nt, H, Hp, Ep, h, e0, W + g0, acc + g0, V, skip ? skip + g0 : NULL); break;               \
+    case 2: tpa_fold_vtile(G, 2, nt, H, Hp, Ep, h, e0, W + g0, acc + g0, V, skip ? skip + g0 : NULL); break;               \
+    case 3: tpa_fold_vtile(G, 3, nt, H, Hp, Ep, h, e0, W + g0, acc + g0, V, skip ? skip + g0 : NULL); break;               \
+    default: tpa_fold_vtile(G, 4, nt, H, Hp, Ep, h, e0, W + g0, acc + g0, V, skip ? skip + g0 : NULL); break;              \
+    }
+
+static void tpa_fold_vtile_block(int64_t nq, int64_t nt, int64_t H, int64_t Hp, int64_t Ep, float *const *W,
+                                 float *const *acc, const float *V, const uint8_t *const *skip) {
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t e0 = 0; e0 < Ep; e0 += 4 * LK_VF) {
+            const int nv = (int)lk_min_i64(4, (Ep - e0) / LK_VF);
+            int64_t g0 = 0;
+            for (; g0 + 4 <= nq; g0 += 4) { LK_TPA_VTILE_NV(4) }
+            for (; g0 + 2 <= nq; g0 += 2) { LK_TPA_VTILE_NV(2) }
+            for (; g0 < nq; g0++) { LK_TPA_VTILE_NV(1) }
+        }
+}
+
+#define LK_TPA_QTILE 8           /* queries sharing each key block in prefill */
+
+/* Per-query state of the SIMD path. */
+typedef struct {
+    float *PT;    /* D x Xp: bq^T (factor) or (c Q)^T (materialized) */
+    float *aqT;   /* Rq x Hp: c aq^T (factor) */
+    float *W;     /* BLOCK Rv x Hp: p av / Rv (or BLOCK x Hp: p, with value tiles) */
+    float *m, *l, *alpha; /* Hp */
+    float *acc;   /* H x Ep */
+    int64_t qp, end;      /* query position; candidate keys [0, end) */
+    uint8_t skip[LK_TPA_BLOCK]; /* inadmissible tokens of the current block */
+    int has_skip;
+} tpa_query_state;
+
 /* Per-thread scratch of the SIMD path. */
 typedef struct {
     int64_t Hp, Ep, Xv, Xp;
-    float *PT;    /* D x Xp: bq^T (factor) or (c Q)^T (materialized) */
-    float *aqT;   /* Rq x Hp: c aq^T (factor) */
     float *Y;     /* BLOCK Rk x Xp */
     float *Z;     /* BLOCK Rk x Hp: mixed scores before ak (factor path) */
     float *sc;    /* BLOCK x Hp */
-    float *W;     /* BLOCK Rv x Hp */
     float *akd;   /* BLOCK Rk x Hp (ak de-interleaved when Rk > 1) */
     float *avd;   /* BLOCK Rv x Hp (av de-interleaved when Rv > 1) */
-    float *m, *l, *alpha; /* Hp */
-    float *acc;   /* H x Ep */
+    float *V;     /* BLOCK x H x Ep: the materialized value tile (prefill), else unused */
+    tpa_query_state q[LK_TPA_QTILE];
     float *mem;
 } tpa_scratch;
 
-static int tpa_scratch_alloc(tpa_scratch *w, const lk_tpa_attention_params *p, int factor) {
+static int tpa_scratch_alloc(tpa_scratch *w, const lk_tpa_attention_params *p, int factor, int64_t nq, int vtile) {
     const int64_t BL = LK_TPA_BLOCK;
     w->Hp = round_up(p->H, LK_VF);
     w->Ep = round_up(p->E, LK_VF);
     w->Xp = factor ? round_up(p->Rq, LK_VF) : w->Hp;
     w->Xv = w->Xp / LK_VF;
-    const int64_t sizes[12] = {p->D * w->Xp, p->Rq * w->Hp, BL * p->Rk * w->Xp, BL * p->Rk * w->Hp, BL * w->Hp, BL * p->Rv * w->Hp,
-                               BL * p->Rk * w->Hp, BL * p->Rv * w->Hp, w->Hp, w->Hp, w->Hp, p->H * w->Ep};
+    int64_t sizes[6 + 7 * LK_TPA_QTILE];
+    float **dst[6 + 7 * LK_TPA_QTILE];
+    int n = 0;
+#define LK_TPA_SLOT(ptr, size) do { dst[n] = (ptr); sizes[n] = (size); n++; } while (0)
+    LK_TPA_SLOT(&w->Y, BL * p->Rk * w->Xp);
+    LK_TPA_SLOT(&w->Z, BL * p->Rk * w->Hp);
+    LK_TPA_SLOT(&w->sc, BL * w->Hp);
+    LK_TPA_SLOT(&w->akd, BL * p->Rk * w->Hp);
+    LK_TPA_SLOT(&w->avd, BL * p->Rv * w->Hp);
+    LK_TPA_SLOT(&w->V, vtile ? BL * p->H * w->Ep : 0);
+    for (int64_t g = 0; g < nq; g++) {
+        tpa_query_state *qs = &w->q[g];
+        LK_TPA_SLOT(&qs->PT, p->D * w->Xp);
+        LK_TPA_SLOT(&qs->aqT, p->Rq * w->Hp);
+        LK_TPA_SLOT(&qs->W, BL * p->Rv * w->Hp);
+        LK_TPA_SLOT(&qs->m, w->Hp);
+        LK_TPA_SLOT(&qs->l, w->Hp);
+        LK_TPA_SLOT(&qs->alpha, w->Hp);
+        LK_TPA_SLOT(&qs->acc, p->H * w->Ep);
+    }
+#undef LK_TPA_SLOT
     int64_t total = 0;
-    for (int k = 0; k < 12; k++) total += round_up(sizes[k], 16) + 16;
+    for (int k = 0; k < n; k++) total += round_up(sizes[k], 16) + 16;
     w->mem = (float *)calloc((size_t)total, sizeof(float));
     if (!w->mem) return 0;
-    float **dst[12] = {&w->PT, &w->aqT, &w->Y, &w->Z, &w->sc, &w->W, &w->akd, &w->avd, &w->m, &w->l, &w->alpha, &w->acc};
     float *cur = w->mem;
-    for (int k = 0; k < 12; k++) {
+    for (int k = 0; k < n; k++) {
         *dst[k] = cur;
         cur += round_up(sizes[k], 16) + 16;
     }
@@ -324,65 +400,77 @@ static int tpa_scratch_alloc(tpa_scratch *w, const lk_tpa_attention_params *p, i
 }
 
 /* Per-query setup: PT and aqT from the query's factors, fresh softmax state. */
-static void tpa_simd_query(const lk_tpa_attention_params *p, int factor, tpa_scratch *w, const float *aq,
-                           const float *bq) {
+static void tpa_simd_query(const lk_tpa_attention_params *p, int factor, const tpa_scratch *w, tpa_query_state *qs,
+                           const float *aq, const float *bq) {
     const int64_t H = p->H, Rq = p->Rq, D = p->D, Hp = w->Hp, Xp = w->Xp;
     const float c = (float)(p->scale / (double)(Rq * p->Rk));
-    memset(w->PT, 0, sizeof(float) * (size_t)(D * Xp));
+    memset(qs->PT, 0, sizeof(float) * (size_t)(D * Xp));
     if (factor) {
-        memset(w->aqT, 0, sizeof(float) * (size_t)(Rq * Hp));
+        memset(qs->aqT, 0, sizeof(float) * (size_t)(Rq * Hp));
         for (int64_t r = 0; r < Rq; r++)
-            for (int64_t d = 0; d < D; d++) w->PT[d * Xp + r] = bq[r * D + d];
+            for (int64_t d = 0; d < D; d++) qs->PT[d * Xp + r] = bq[r * D + d];
         for (int64_t h = 0; h < H; h++)
-            for (int64_t r = 0; r < Rq; r++) w->aqT[r * Hp + h] = c * aq[h * Rq + r];
+            for (int64_t r = 0; r < Rq; r++) qs->aqT[r * Hp + h] = c * aq[h * Rq + r];
     } else {
         /* PT[d, h] = sum_r (c aq[h,r]) bq[r,d] */
         for (int64_t h = 0; h < H; h++)
             for (int64_t r = 0; r < Rq; r++) {
                 const float a = c * aq[h * Rq + r];
-                for (int64_t d = 0; d < D; d++) w->PT[d * Xp + h] += a * bq[r * D + d];
+                for (int64_t d = 0; d < D; d++) qs->PT[d * Xp + h] += a * bq[r * D + d];
             }
     }
-    for (int64_t h = 0; h < Hp; h++) { w->m[h] = -INFINITY; w->l[h] = 0; }
-    memset(w->acc, 0, sizeof(float) * (size_t)(p->H * w->Ep));
+    for (int64_t h = 0; h < Hp; h++) { qs->m[h] = -INFINITY; qs->l[h] = 0; }
+    memset(qs->acc, 0, sizeof(float) * (size_t)(p->H * w->Ep));
 }
 
-/* Steps 1-4 for cached tokens j0 .. j0+nt-1 of row b (nt <= LK_TPA_BLOCK). */
-static void tpa_simd_block(const lk_tpa_attention_params *p, int factor, tpa_scratch *w, int64_t b, int64_t j0,
-                           int64_t nt, int64_t qp) {
-    const int64_t H = p->H, Rq = p->Rq, Rk = p->Rk, Rv = p->Rv, D = p->D, E = p->E, M = p->M;
+/* The value tile of a block: V[t, h, :] = (1/Rv) sum_u av[t,h,u] bv[t,u,:] (tail lanes zero). */
+static void tpa_simd_vtile(const lk_tpa_attention_params *p, tpa_scratch *w, const float *av, const float *bv,
+                           int64_t nt) {
+    const int64_t H = p->H, Rv = p->Rv, E = p->E, Ep = w->Ep;
+    const float inv_rv = 1.0f / (float)Rv;
+    for (int64_t t = 0; t < nt; t++)
+        for (int64_t h = 0; h < H; h++) {
+            float *row = w->V + (t * H + h) * Ep;
+            for (int64_t e = 0; e < Ep; e += LK_VF) {
+                lk_vf x = lk_vf_zero();
+                for (int64_t u = 0; u < Rv; u++)
+                    x = lk_vf_fma(lk_vf_set1(inv_rv * av[(t * H + h) * Rv + u]), load_upto(bv + (t * Rv + u) * E + e, E - e), x);
+                lk_vf_store(row + e, x);
+            }
+        }
+}
+
+/* Steps 1-3 for cached tokens j0 .. j0+nt-1 of row b (nt <= LK_TPA_BLOCK) and one query:
+ * scores, online softmax, the query's accumulators rescaled, and W ready for step 4:
+ * W[t,u,h] = p[t,h] av[t,h,u] / Rv, or W[t,h] = p[t,h] with value tiles. */
+static void tpa_simd_scores(const lk_tpa_attention_params *p, int factor, int vtile, tpa_scratch *w,
+                            tpa_query_state *qs, int64_t b, int64_t j0, int64_t nt) {
+    const int64_t H = p->H, Rq = p->Rq, Rk = p->Rk, D = p->D, M = p->M;
+    const int64_t Rv = vtile ? 1 : p->Rv; /* value tiles: no av to fold */
     const int64_t Hp = w->Hp, Xp = w->Xp, Hv = Hp / LK_VF;
     const float *ak = (const float *)p->ak + (b * M + j0) * H * Rk;
     const float *bk = (const float *)p->bk + (b * M + j0) * Rk * D;
-    const float *av = (const float *)p->av + (b * M + j0) * H * Rv;
-    const float *bv = (const float *)p->bv + (b * M + j0) * Rv * E;
-    const float inv_rv = 1.0f / (float)Rv;
-    /* de-interleave ak[t, h, u] -> akd[t, u, h] (and av) when the rank is > 1: head lanes */
-    if (Rk > 1)
-        for (int64_t t = 0; t < nt; t++)
-            for (int64_t h = 0; h < H; h++)
-                for (int64_t u = 0; u < Rk; u++) w->akd[(t * Rk + u) * Hp + h] = ak[(t * H + h) * Rk + u];
-    if (Rv > 1)
-        for (int64_t t = 0; t < nt; t++)
-            for (int64_t h = 0; h < H; h++)
-                for (int64_t u = 0; u < Rv; u++) w->avd[(t * Rv + u) * Hp + h] = av[(t * H + h) * Rv + u];
-    /* head-lane views of ak / av: row (t, u), lanes h */
+    const float *av = (const float *)p->av + (b * M + j0) * H * p->Rv;
+    const float inv_rv = vtile ? 1.0f : 1.0f / (float)Rv;
+    /* head-lane views of ak / av: row (t, u), lanes h (de-interleaved by the caller when rank > 1) */
     const float *akl = Rk > 1 ? w->akd : ak;
     const int64_t ak_row = Rk > 1 ? Hp : H;
     const float *avl = Rv > 1 ? w->avd : av;
     const int64_t av_row = Rv > 1 ? Hp : H;
 
     /* 1. Y[t,u,:] = bk[t,u,:] @ PT   (factor: <bk[t,u], bq[r]> for every r; materialized: <bk[t,u], cQ[h]>) */
-    tpa_project(nt * Rk, D, bk, D, w->PT, w->Xv, w->Y);
+    tpa_project(nt * Rk, D, bk, D, qs->PT, w->Xv, w->Y);
     /* 2. factor path: mix with the heads, Z[t,u,h] = sum_r Y[t,u,r] (c aq[h,r]) */
     const float *Z = w->Y;
     if (factor) {
-        tpa_project(nt * Rk, Rq, w->Y, Xp, w->aqT, Hv, w->Z);
+        tpa_project(nt * Rk, Rq, w->Y, Xp, qs->aqT, Hv, w->Z);
         Z = w->Z;
     }
     /* 3. per head lane: sc[t, h] = sum_u ak[t,h,u] Z[t,u,h] (-inf for an inadmissible key), then the
-     *    online softmax and W[t,u,h] = p[t,h] av[t,h,u] / Rv */
+     *    online softmax and W */
     const int masked = p->causal && p->kv_pos;
+    const int64_t lim = qs->end - j0; /* tokens t >= lim are beyond this query's range */
+    qs->has_skip = 0;
     for (int64_t hv = 0; hv < Hv; hv++) {
         const int64_t h = hv * LK_VF, nh = H - h;
         lk_vf mb = lk_vf_set1(-INFINITY);
@@ -392,49 +480,64 @@ static void tpa_simd_block(const lk_tpa_attention_params *p, int factor, tpa_scr
                 const int64_t arow = (t * (Rk > 1 ? Rk : 1) + u) * ak_row;
                 s = lk_vf_fma(lk_vf_load(Z + (t * Rk + u) * Hp + h), load_upto(akl + arow + h, Rk > 1 ? LK_VF : nh), s);
             }
-            if (masked && !tpa_admissible(p, b, j0 + t, qp)) s = lk_vf_set1(-INFINITY);
+            if (hv == 0) {
+                qs->skip[t] = t >= lim || (masked && !tpa_admissible(p, b, j0 + t, qs->qp));
+                qs->has_skip |= qs->skip[t];
+            }
+            if (qs->skip[t]) s = lk_vf_set1(-INFINITY);
             lk_vf_store(w->sc + t * Hp + h, s);
             mb = lk_vf_max(s, mb); /* a NaN score leaves the max alone and reaches l and acc */
         }
-        const lk_vf mo = lk_vf_load(w->m + h), mn = lk_vf_max(mo, mb);
+        const lk_vf mo = lk_vf_load(qs->m + h), mn = lk_vf_max(mo, mb);
         /* all -inf so far: subtract 0 instead (weights stay 0, never NaN) */
         const lk_vf ms = lk_vf_select_lt(mn, lk_vf_set1(-FLT_MAX), lk_vf_zero(), mn);
         const lk_vf alpha = lk_vf_exp(lk_vf_sub(mo, ms));
-        lk_vf l = lk_vf_mul(lk_vf_load(w->l + h), alpha);
-        lk_vf_store(w->alpha + h, alpha);
-        lk_vf_store(w->m + h, mn);
+        lk_vf l = lk_vf_mul(lk_vf_load(qs->l + h), alpha);
+        lk_vf_store(qs->alpha + h, alpha);
+        lk_vf_store(qs->m + h, mn);
         const lk_vf scale_v = lk_vf_set1(inv_rv);
         for (int64_t t = 0; t < nt; t++) {
             const lk_vf pr = lk_vf_exp(lk_vf_sub(lk_vf_load(w->sc + t * Hp + h), ms));
             l = lk_vf_add(l, pr);
+            if (vtile) {
+                lk_vf_store(qs->W + t * Hp + h, pr);
+                continue;
+            }
             const lk_vf pw = lk_vf_mul(pr, scale_v);
             for (int64_t u = 0; u < Rv; u++) {
                 const int64_t arow = (t * (Rv > 1 ? Rv : 1) + u) * av_row;
-                lk_vf_store(w->W + (t * Rv + u) * Hp + h, lk_vf_mul(pw, load_upto(avl + arow + h, Rv > 1 ? LK_VF : nh)));
+                lk_vf_store(qs->W + (t * Rv + u) * Hp + h, lk_vf_mul(pw, load_upto(avl + arow + h, Rv > 1 ? LK_VF : nh)));
             }
         }
-        lk_vf_store(w->l + h, l);
+        lk_vf_store(qs->l + h, l);
     }
     /* rescale the accumulators of heads whose max moved */
     for (int64_t h = 0; h < H; h++) {
-        const float a = w->alpha[h];
+        const float a = qs->alpha[h];
         if (a == 1.0f) continue;
-        float *acc = w->acc + h * w->Ep;
+        float *acc = qs->acc + h * w->Ep;
         const lk_vf av_ = lk_vf_set1(a);
         for (int64_t e = 0; e < w->Ep; e += LK_VF) lk_vf_store(acc + e, lk_vf_mul(lk_vf_load(acc + e), av_));
     }
+}
 
-    /* 4. acc[h,:] += sum_{t,u} W[t,u,h] bv[t,u,:] */
-    tpa_fold_block(nt, H, Rv, E, Hp, w->Ep, w->W, bv, w->acc);
+/* Value tiles pay H Rv E per key once per query tile, then H E per (query, key); the factor fold pays
+ * H Rv E per (query, key).  Only prefill (several queries per tile) can profit. */
+static int tpa_use_vtile(const lk_tpa_attention_params *p, int64_t nq) {
+    if (nq < 2 || p->path == LK_TPA_PATH_FACTOR) return 0;
+    if (p->path == LK_TPA_PATH_MATERIALIZED) return 1;
+    return p->Rv + nq < p->Rv * nq;
 }
 
 static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *part, int *failed) {
-    const int64_t B = p->B, N = p->N, H = p->H, Rq = p->Rq, D = p->D, tasks = B * N * S;
+    const int64_t B = p->B, N = p->N, H = p->H, Rq = p->Rq, Rk = p->Rk, Rv = p->Rv, D = p->D, E = p->E, M = p->M;
     const int factor = tpa_use_factor(p, LK_VF);
+    const int64_t QT = lk_min_i64(LK_TPA_QTILE, N), tiles = lk_cdiv(N, QT), tasks = B * tiles * S;
+    const int vtile = tpa_use_vtile(p, QT);
     _Pragma("omp parallel num_threads(lk_get_num_threads())")
     {
         tpa_scratch w;
-        const int ok = tpa_scratch_alloc(&w, p, factor);
+        const int ok = tpa_scratch_alloc(&w, p, factor, QT, vtile);
         if (!ok) {
             _Pragma("omp atomic write")
             *failed = 1;
@@ -442,14 +545,52 @@ static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *par
         _Pragma("omp for schedule(dynamic, 1)")
         for (int64_t task = 0; task < tasks; task++) {
             if (!ok) continue;
-            const int64_t q = task / S, sp = task % S, b = q / N, i = q % N;
-            int64_t end, qp, j0, j1;
-            tpa_query_range(p, b, i, &end, &qp);
-            lk_chunk(end, S, sp, &j0, &j1);
-            tpa_simd_query(p, factor, &w, (const float *)p->aq + q * H * Rq, (const float *)p->bq + q * Rq * D);
-            for (int64_t j = j0; j < j1; j += LK_TPA_BLOCK)
-                tpa_simd_block(p, factor, &w, b, j, lk_min_i64(LK_TPA_BLOCK, j1 - j), qp);
-            tpa_finish_float(p, S, q, sp, w.m, w.l, w.acc, w.Ep, part);
+            const int64_t tile = task / S, sp = task % S, b = tile / tiles, i0 = (tile % tiles) * QT;
+            const int64_t nq = lk_min_i64(QT, N - i0);
+            int64_t max_end = 0, j0, j1;
+            for (int64_t g = 0; g < nq; g++) {
+                tpa_query_state *qs = &w.q[g];
+                const int64_t q = b * N + i0 + g;
+                tpa_query_range(p, b, i0 + g, &qs->end, &qs->qp);
+                max_end = lk_max_i64(max_end, qs->end);
+                tpa_simd_query(p, factor, &w, qs, (const float *)p->aq + q * H * Rq, (const float *)p->bq + q * Rq * D);
+            }
+            lk_chunk(max_end, S, sp, &j0, &j1);
+            for (int64_t j = j0; j < j1; j += LK_TPA_BLOCK) {
+                const int64_t nt = lk_min_i64(LK_TPA_BLOCK, j1 - j);
+                const float *ak = (const float *)p->ak + (b * M + j) * H * Rk;
+                const float *av = (const float *)p->av + (b * M + j) * H * Rv;
+                const float *bv = (const float *)p->bv + (b * M + j) * Rv * E;
+                /* de-interleave ak[t, h, u] -> akd[t, u, h] (and av) when the rank is > 1: head lanes */
+                if (Rk > 1)
+                    for (int64_t t = 0; t < nt; t++)
+                        for (int64_t h = 0; h < H; h++)
+                            for (int64_t u = 0; u < Rk; u++) w.akd[(t * Rk + u) * w.Hp + h] = ak[(t * H + h) * Rk + u];
+                if (Rv > 1 && !vtile)
+                    for (int64_t t = 0; t < nt; t++)
+                        for (int64_t h = 0; h < H; h++)
+                            for (int64_t u = 0; u < Rv; u++) w.avd[(t * Rv + u) * w.Hp + h] = av[(t * H + h) * Rv + u];
+                if (vtile) tpa_simd_vtile(p, &w, av, bv, nt);
+                /* queries whose range ends before this block skip it */
+                float *Wa[LK_TPA_QTILE], *acca[LK_TPA_QTILE];
+                const uint8_t *skipa[LK_TPA_QTILE];
+                int64_t active = 0, any_skip = 0;
+                for (int64_t g = 0; g < nq; g++) {
+                    tpa_query_state *qs = &w.q[g];
+                    if (j >= qs->end) continue;
+                    tpa_simd_scores(p, factor, vtile, &w, qs, b, j, nt);
+                    /* 4. acc[h,:] += sum_{t,u} W[t,u,h] bv[t,u,:]  (or the value tile, below) */
+                    if (!vtile) tpa_fold_block(nt, H, Rv, E, w.Hp, w.Ep, qs->W, bv, qs->acc, qs->has_skip ? qs->skip : NULL);
+                    Wa[active] = qs->W;
+                    acca[active] = qs->acc;
+                    skipa[active] = qs->skip;
+                    any_skip |= qs->has_skip;
+                    active++;
+                }
+                if (vtile) tpa_fold_vtile_block(active, nt, H, w.Hp, w.Ep, Wa, acca, w.V, any_skip ? skipa : NULL);
+            }
+            for (int64_t g = 0; g < nq; g++)
+                tpa_finish_float(p, S, b * N + i0 + g, sp, w.q[g].m, w.q[g].l, w.q[g].acc, w.Ep, part);
         }
         if (ok) free(w.mem);
     }
