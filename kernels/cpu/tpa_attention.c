@@ -14,17 +14,25 @@
  *   materialized: P = Q = c aq @ bq (H x D, once per query): s[h,j] = sum_s ak[j,h,s] <Q[h], bk[j,s]>
  *                                                                           (H Rk D per key)
  * LK_TPA_PATH_AUTO takes the one with fewer vector FMAs per key for the ranks (tpa_use_factor).
- * Both paths read each cached factor exactly once per query.
+ * Step 4 likewise has two forms: the factor fold above (H Rv E per query and key, bv rows shared by
+ * all heads), or, in prefill, a materialized value tile V[t,h,:] = (1/Rv) sum_u av[t,h,u] bv[t,u,:]
+ * built once per key block and shared by a tile of LK_TPA_QTILE queries (H Rv E per key and tile,
+ * then H E per query and key); tpa_use_vtile picks it when that is cheaper (Rv >= 2 in practice).
+ * LK_TPA_PATH_MATERIALIZED forces Q materialization and, with several queries, value tiles.
+ * Decode reads each cached factor exactly once.
  *
- * Work split.  Tasks are (row b, query i, cache split s); each task runs the online softmax over its
- * slice of the admissible keys and hands its state (m, l, acc) to lk_softmax_combine (softmax.h, the
+ * Work split.  Tasks are (row b, tile of up to LK_TPA_QTILE queries, cache split s); each task runs
+ * the online softmax of each of its queries over its slice of the admissible keys (key blocks are read
+ * once per tile) and hands its state (m, l, acc) to lk_softmax_combine (softmax.h, the
  * one combine: max-stabilized, partials in the input precision, float32 for float32).  Tasks are
  * independent, so dynamic scheduling keeps results bitwise reproducible for a fixed split count,
  * and the split count depends only on the shape and the thread count.
  *
- * Masking.  Only admissible keys enter a block: with default positions the causal range is cut to
- * j <= q_pos, with explicit kv_pos an inadmissible key scores -inf.  A partial last block is simply a
- * shorter block (there is no padded tail to forget to mask).
+ * Masking.  Keys at or beyond kv_lens never enter a block; with default positions the causal range is
+ * cut to j <= q_pos; any other inadmissible key (explicit kv_pos, or beyond one query's range inside a
+ * query tile) scores -inf and is skipped by the value folds, so that non-finite data there cannot
+ * leak in as 0 * inf.  A partial last block is simply a shorter block (there is no padded tail to
+ * forget to mask).
  *
  * SIMD (float32, lk_simd_enabled()): lanes run over P's rows in step 1 (Rq or H, zero-padded to a
  * multiple of LK_VF), over heads in steps 2-3 (no horizontal reductions: the running max is a lane-wise

@@ -19,11 +19,15 @@ How the kernels compute (see kernels/cpu/tpa_attention.c).  Scores use one of tw
 ``<bq_r, bk_s>`` products, shared by all heads, then head mixing with ``aq`` and ``ak``; T6 App. A) or
 the *materialized-query* contraction (``Q`` formed once per query, contracted with each cached ``bk``
 row, then ``ak``); the kernel takes the one with fewer vector FMAs per key for the ranks (the factor
-one whenever ``Rq (D + H) < H D``, e.g. every T6 configuration and the paper's decode ranks 16/1/1).
-Values are folded the same way in both: ``p * av / Rv`` per head, then accumulated against ``bv``, so
-K and V are never formed and each cached factor is read once per query (FlashTPA, T6 Algorithm 2).
-Long caches are split across threads; the partial states (max, sum, accumulator; float32 for float32
-input) are merged by the one max-stabilized log-sum-exp combine (``kernels/include/lmkern/softmax.h``).
+one whenever ``Rq (D + H) < H D`` or so, e.g. every T6 configuration and the paper's decode ranks
+16/1/1).  Values are folded in factor form in decode (``p * av / Rv`` per head, then accumulated
+against ``bv``, shared by all heads), so K and V are never formed and each cached factor is read once
+(FlashTPA, T6 Algorithm 2).  In prefill, tiles of 8 queries share each block of cached factors, and
+when it is cheaper (``Rv >= 2``) the block's values are materialized once per tile (``V`` tile,
+``H E`` per query and key instead of ``H Rv E``).  Long caches are split across threads; the partial
+states (max, sum, accumulator; float32 for float32 input) are merged by the one max-stabilized
+log-sum-exp combine (``kernels/include/lmkern/softmax.h``).  The float64 path (and float32 with SIMD
+off) runs the same contractions one key at a time.
 
 Where this does better than the reference FlashTPA Triton decode kernels
 (``decode/flashtpa_decode_triton*.py`` of tensorgi/T6):
@@ -45,8 +49,11 @@ Decisions where the SPEC is silent:
 * ``decode`` attends to every cached token ``j < kv_lens[b]`` (the query's own factors are already
   cached); rows with ``kv_lens[b] = 0`` give 0 and lse ``-inf``.
 * ``KVCache.append`` casts factors to the cache's dtype; ``KVCache.decode`` also takes ``out=``.
-* The private keyword ``_path`` (``"auto"``, ``"factor"``, ``"materialized"``) forces a contraction
+* The private keyword ``_path`` (``"auto"``, ``"factor"``: factor scores and factor value fold,
+  ``"materialized"``: materialized ``Q`` and, in float32 prefill, value tiles) forces a contraction
   and ``_splits`` a split count; tests use them to check that every path agrees.
+* Inadmissible keys contribute nothing, even when their factors hold inf or NaN; NaN in an admissible
+  key's factors propagates to the queries that see it.
 """
 from __future__ import annotations
 
