@@ -79,6 +79,7 @@ CONFIGS = [  # B, N, M, H, Rq, Rk, Rv, D, E
     (2, 4, 9, 3, 1, 1, 1, 8, 5),          # every rank 1, D != E
     (3, 5, 40, 5, 3, 4, 2, 16, 24),       # Rk > Rq, D != E
     (1, 2, 17, 17, 2, 3, 5, 33, 17),      # odd everything
+    (2, 19, 40, 6, 3, 2, 2, 16, 20),      # several query tiles, a partial one
 ]
 
 
@@ -128,7 +129,7 @@ def test_attention_paths_simd_and_splits_agree(rng):
 
 
 def test_attention_positions_ragged_and_noncontiguous(rng):
-    B, N, M, H, Rq, Rk, Rv, D, E = 3, 4, 50, 7, 3, 2, 2, 16, 8
+    B, N, M, H, Rq, Rk, Rv, D, E = 3, 11, 50, 7, 3, 2, 2, 16, 8
     for dtype in DTYPES:
         args = factors(rng, B, N, M, H, Rq, Rk, Rv, D, E, dtype)
         kv_pos = np.stack([rng.permutation(M) for _ in range(B)])           # (B, M), not monotone
