@@ -529,6 +529,28 @@ static void tpa_simd_scores(const lk_tpa_attention_params *p, int factor, int vt
     }
 }
 
+/* dst[t, u, h] = src[t, h, u] for t < nt, u < R, h < H (dst rows Hp wide): rank-major head lanes.
+ * Rank 2 (T6's keys and values) splits pairs with vector permutes; other ranks copy elements. */
+static void tpa_deinterleave(int64_t nt, int64_t H, int64_t R, int64_t Hp, const float *src, float *dst) {
+    if (R == 2) {
+        for (int64_t t = 0; t < nt; t++) {
+            const float *s = src + t * H * 2;
+            float *d0 = dst + t * 2 * Hp, *d1 = d0 + Hp;
+            for (int64_t h = 0; h < H; h += LK_VF) {
+                const int64_t n = 2 * (H - h); /* floats left in this row */
+                lk_vf e, o;
+                lk_vf_deinterleave2(load_upto(s + 2 * h, n), load_upto(s + 2 * h + LK_VF, lk_max_i64(0, n - LK_VF)), &e, &o);
+                lk_vf_store(d0 + h, e);
+                lk_vf_store(d1 + h, o);
+            }
+        }
+        return;
+    }
+    for (int64_t t = 0; t < nt; t++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t u = 0; u < R; u++) dst[(t * R + u) * Hp + h] = src[(t * H + h) * R + u];
+}
+
 /* Value tiles pay H Rv E per key once per query tile, then H E per (query, key); the factor fold pays
  * H Rv E per (query, key).  Only prefill (several queries per tile) can profit. */
 static int tpa_use_vtile(const lk_tpa_attention_params *p, int64_t nq) {
@@ -570,14 +592,8 @@ static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *par
                 const float *av = (const float *)p->av + (b * M + j) * H * Rv;
                 const float *bv = (const float *)p->bv + (b * M + j) * Rv * E;
                 /* de-interleave ak[t, h, u] -> akd[t, u, h] (and av) when the rank is > 1: head lanes */
-                if (Rk > 1)
-                    for (int64_t t = 0; t < nt; t++)
-                        for (int64_t h = 0; h < H; h++)
-                            for (int64_t u = 0; u < Rk; u++) w.akd[(t * Rk + u) * w.Hp + h] = ak[(t * H + h) * Rk + u];
-                if (Rv > 1 && !vtile)
-                    for (int64_t t = 0; t < nt; t++)
-                        for (int64_t h = 0; h < H; h++)
-                            for (int64_t u = 0; u < Rv; u++) w.avd[(t * Rv + u) * w.Hp + h] = av[(t * H + h) * Rv + u];
+                if (Rk > 1) tpa_deinterleave(nt, H, Rk, w.Hp, ak, w.akd);
+                if (Rv > 1 && !vtile) tpa_deinterleave(nt, H, Rv, w.Hp, av, w.avd);
                 if (vtile) tpa_simd_vtile(p, &w, av, bv, nt);
                 /* queries whose range ends before this block skip it */
                 float *Wa[LK_TPA_QTILE], *acca[LK_TPA_QTILE];
