@@ -201,6 +201,8 @@ def test_attention_out_mixed_dtypes_and_zero_sizes(rng):
         B, N, M, H, Rq, Rk, Rv, D, E = shape
         assert out.shape == (B, N, H, E) and lse.shape == (B, N, H)
         assert_close(lse, ref.attention(*a, return_lse=True)[1])
+    a = factors(rng, 2, 3, 5, 4, 2, 1, 1, 0, 6)       # D = 0: every score is 0, a plain average of V
+    assert_close(tpa.attention(*a, causal=True), ref.attention(*a, causal=True))
 
 
 def test_attention_bitwise_reproducible(rng):

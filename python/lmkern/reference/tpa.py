@@ -36,6 +36,9 @@ def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, k
     q = materialize(aq, bq)
     k = materialize(ak, bk)
     v = materialize(av, bv)
+    D = q.shape[-1]
+    if scale is None:
+        scale = D ** -0.5 if D else 1.0   # D = 0: every score is 0
     return _attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, kv_pos=kv_pos, kv_lens=kv_lens,
                       return_lse=return_lse, out=out)
 
