@@ -27,7 +27,8 @@ lk_status lk_tpa_materialize_cpu(const lk_tpa_materialize_params *p);
 typedef enum {
     LK_TPA_PATH_AUTO = 0,         /* the cheaper of the two for the ranks (see tpa_attention.c) */
     LK_TPA_PATH_FACTOR = 1,       /* <bq_r, bk_s> shared by the heads, then mixed with aq and ak */
-    LK_TPA_PATH_MATERIALIZED = 2, /* Q materialized per query, contracted with bk, then ak */
+    LK_TPA_PATH_MATERIALIZED = 2, /* Q materialized per query, contracted with bk, then ak; in
+                                   * float32 prefill also value tiles V = av bv / Rv per key block */
 } lk_tpa_path;
 
 /* Prefill and decode.  out[b,i,h] = sum_j softmax_j(s_ij) V[b,j,h] over the admissible keys
