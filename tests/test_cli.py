@@ -45,7 +45,7 @@ def test_demo_cli_table():
     res = run_cli("demo", "--tokens", "8")
     assert res.returncode == 0, res.stdout + res.stderr
     header = [line for line in res.stdout.splitlines() if line.startswith("| configuration")]
-    assert header and "KV-cache bytes" in header[0] and "tokens/s" in header[0] and "logit dev" in header[0]
+    assert header and "KV-cache bytes" in header[0] and "tokens/s" in header[0] and "logit dev" in header[0] and "vs baseline" in header[0]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and not line.startswith("| configuration")]
     assert len(rows) == len(demo.CONFIGS)
     assert all("| ok" in r for r in rows), res.stdout
