@@ -450,3 +450,31 @@ def test_cuda_route_not_implemented_yet(rng):
         tpa.decode(FakeCudaArray(), bq[:, 0], ak, bk, av, bv)
     with pytest.raises(NotImplementedError):
         tpa.KVCache(1, 4, 2, 1, 1, 4, device="cuda")
+
+
+def test_no_reference_leaks_and_concurrent_calls(rng):
+    import threading
+    aq, bq, ak, bk, av, bv = factors(rng, 2, 1, 600, 5, 3, 2, 2, 16, 8)
+    q0, q1 = aq[:, 0], bq[:, 0]
+    out = np.empty((2, 5, 8), np.float32)
+    objs = (q0, q1, ak, bk, av, bv, out)
+    before = [sys.getrefcount(x) for x in objs]
+    for _ in range(20):
+        tpa.decode(q0, q1, ak, bk, av, bv, out=out, return_lse=True)
+        tpa.attention(aq, bq, ak, bk, av, bv, causal=True)
+        tpa.materialize(ak, bk)
+    assert [sys.getrefcount(x) for x in objs] == before
+    want = tpa.decode(q0, q1, ak, bk, av, bv)
+    results = [None] * 4
+
+    def work(k):
+        results[k] = [tpa.decode(q0, q1, ak, bk, av, bv) for _ in range(5)]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for res in results:
+        for r in res:
+            assert np.array_equal(r, want)
