@@ -54,6 +54,8 @@ Decisions where the SPEC is silent:
   and ``_splits`` a split count; tests use them to check that every path agrees.
 * Inadmissible keys contribute nothing, even when their factors hold inf or NaN; NaN in an admissible
   key's factors propagates to the queries that see it.
+* CUDA arrays route to the GPU path, which is not implemented yet: NotImplementedError
+  ("tpa.decode on CUDA is not implemented yet"); a CUDA ``KVCache`` likewise.
 """
 from __future__ import annotations
 
