@@ -49,7 +49,12 @@
 #include "lmkern/simd.h"
 #include "lmkern/softmax.h"
 
+#ifndef LK_TPA_BLOCK
 #define LK_TPA_BLOCK 64          /* cached tokens per block in the SIMD path */
+#endif
+#ifndef LK_TPA_FOLD_G
+#define LK_TPA_FOLD_G 4          /* heads whose accumulators stay in registers in the value fold */
+#endif
 #define LK_TPA_MIN_SPLIT 512     /* fewest keys per cache split */
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -257,7 +262,7 @@ static inline __attribute__((always_inline)) void tpa_fold_v(int G, int NV, int6
                                                              int64_t Hp, int64_t Ep, int64_t h0, int64_t e0,
                                                              int64_t tail, const float *W, const float *bv,
                                                              float *acc, const uint8_t *skip) {
-    lk_vf a[4][4];
+    lk_vf a[LK_TPA_FOLD_G][4];
     for (int g = 0; g < G; g++)
         for (int v = 0; v < NV; v++) a[g][v] = lk_vf_load(acc + (h0 + g) * Ep + e0 + v * LK_VF);
     const int64_t rows = nt * Rv;
@@ -292,7 +297,8 @@ static void tpa_fold_block(int64_t nt, int64_t H, int64_t Rv, int64_t E, int64_t
         const int nv = (int)lk_cdiv(width, LK_VF);
         const int64_t tail = width - (nv - 1) * LK_VF;
         int64_t h0 = 0;
-        for (; h0 + 4 <= H; h0 += 4) { LK_TPA_FOLD_NV(4) }
+        for (; h0 + LK_TPA_FOLD_G <= H; h0 += LK_TPA_FOLD_G) { LK_TPA_FOLD_NV(LK_TPA_FOLD_G) }
+        for (; h0 + 2 <= H; h0 += 2) { LK_TPA_FOLD_NV(2) }
         for (; h0 < H; h0++) { LK_TPA_FOLD_NV(1) }
     }
 }
