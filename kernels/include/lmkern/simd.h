@@ -219,6 +219,34 @@ static inline void lk_vf_stream(float *p, lk_vf v) { lk_vf_store(p, v); }
 static inline void lk_stream_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 #endif
 
+/* (a | b) = x0 x1 x2 ... x(2 LK_VF - 1): *even = x0 x2 x4 ..., *odd = x1 x3 x5 ... (splits the pairs of
+ * a rank-2 factor stored head-major, e.g. TPA's ak (..., H, 2), into rank-major head lanes). */
+#if defined(__AVX512F__)
+static inline void lk_vf_deinterleave2(lk_vf a, lk_vf b, lk_vf *even, lk_vf *odd) {
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    *even = _mm512_permutex2var_ps(a, ie, b);
+    *odd = _mm512_permutex2var_ps(a, io, b);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline void lk_vf_deinterleave2(lk_vf a, lk_vf b, lk_vf *even, lk_vf *odd) {
+    /* within 128-bit halves: a0 a2 b0 b2 | a4 a6 b4 b6, then 64-bit chunks reordered 0 2 1 3 */
+    const __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+    *even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0)));
+    *odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+#else
+static inline void lk_vf_deinterleave2(lk_vf a, lk_vf b, lk_vf *even, lk_vf *odd) {
+    float x[2 * LK_VF], e[LK_VF], o[LK_VF];
+    memcpy(x, &a, sizeof a);
+    memcpy(x + LK_VF, &b, sizeof b);
+    for (int i = 0; i < LK_VF; i++) { e[i] = x[2 * i]; o[i] = x[2 * i + 1]; }
+    memcpy(even, e, sizeof e);
+    memcpy(odd, o, sizeof o);
+}
+#endif
+
 /* Runtime switch between the SIMD and the generic path (tests diff the two). */
 int lk_simd_enabled(void);
 void lk_set_simd_enabled(int on);

@@ -1,1 +1,63 @@
-"""NumPy twins of lmkern.tpa (see the SPEC)."""
+"""NumPy twins of lmkern.tpa (SPEC 2): Tensor Product Attention written for clarity.
+
+Per token the factors are ``aq (H,Rq)``, ``bq (Rq,D)``, ``ak (H,Rk)``, ``bk (Rk,D)``, ``av (H,Rv)``,
+``bv (Rv,E)`` and ``Q = (1/Rq) aq @ bq``, ``K = (1/Rk) ak @ bk``, ``V = (1/Rv) av @ bv``.  The twins
+simply materialize Q, K and V and call the core attention twin: that *is* the definition the kernels
+must meet.  (The kernels never materialize K or V.)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _dispatch
+from .._tpa_cache import TPACacheBase
+from .core import attention as _attention
+
+__all__ = ["materialize", "attention", "decode", "KVCache"]
+
+
+def materialize(a, b, *, scale=None, out=None):
+    """``a (...,H,R)``, ``b (...,R,D)`` -> ``scale * a @ b`` of shape ``(...,H,D)``; scale defaults to 1/R."""
+    dtype, arr = _dispatch.float_arrays("tpa.materialize", a=a, b=b)
+    a, b = arr["a"], arr["b"]
+    R = a.shape[-1]
+    scale = 1.0 / R if scale is None else float(scale)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    res = (scale * np.einsum("...hr,...rd->...hd", a.astype(acc), b.astype(acc))).astype(dtype)
+    if out is not None:
+        out[...] = res
+        return out
+    return res
+
+
+def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_lens=None,
+              return_lse=False, out=None):
+    """``attention(materialize(aq,bq), materialize(ak,bk), materialize(av,bv), ...)`` with scale ``D**-0.5``."""
+    q = materialize(aq, bq)
+    k = materialize(ak, bk)
+    v = materialize(av, bv)
+    D = q.shape[-1]
+    if scale is None:
+        scale = D ** -0.5 if D else 1.0   # D = 0: every score is 0
+    return _attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, kv_pos=kv_pos, kv_lens=kv_lens,
+                      return_lse=return_lse, out=out)
+
+
+def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False, out=None):
+    """One query per row: ``aq (B,H,Rq)``, ``bq (B,Rq,D)`` against ``(B,M,...)`` factors -> ``(B,H,E)``.
+
+    Every cached token ``j < kv_lens[b]`` is admissible (the query's own factors are already cached).
+    """
+    res = attention(np.asarray(aq)[:, None], np.asarray(bq)[:, None], ak, bk, av, bv, causal=False,
+                    scale=scale, kv_lens=kv_lens, return_lse=True)
+    o, lse = res[0][:, 0], res[1][:, 0]
+    if out is not None:
+        out[...] = o
+        o = out
+    return (o, lse) if return_lse else o
+
+
+class KVCache(TPACacheBase):
+    """The factor cache of lmkern.tpa.KVCache, decoding with the NumPy twin."""
+
+    _decode = staticmethod(decode)
