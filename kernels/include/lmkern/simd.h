@@ -50,6 +50,25 @@ static inline lk_vf lk_vf_select_lt(lk_vf a, lk_vf b, lk_vf c, lk_vf v) {
 static inline lk_vf lk_vf_keep_nan(lk_vf x, lk_vf y) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
 }
+/* LK_VF unsigned codes of `bits` (2, 4 or 8) bits packed LSB-first from p, as floats.  Reads
+ * LK_VF * bits / 8 bytes.  Call with a constant `bits` so the branches fold. */
+static inline lk_vf lk_vf_codes(const uint8_t *p, int bits) {
+    if (bits == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    __m512i w;
+    if (bits == 2) {
+        uint32_t u; memcpy(&u, p, 4);
+        w = _mm512_srlv_epi32(_mm512_set1_epi32((int)u),
+                              _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
+        w = _mm512_and_si512(w, _mm512_set1_epi32(3));
+    } else {
+        uint32_t u[2]; memcpy(u, p, 8);
+        __m512i lohi = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)u[0])),
+                                          _mm256_set1_epi32((int)u[1]), 1);
+        w = _mm512_srlv_epi32(lohi, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28));
+        w = _mm512_and_si512(w, _mm512_set1_epi32(15));
+    }
+    return _mm512_cvtepi32_ps(w);
+}
 
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -95,6 +114,19 @@ static inline lk_vf lk_vf_select_lt(lk_vf a, lk_vf b, lk_vf c, lk_vf v) {
 static inline lk_vf lk_vf_keep_nan(lk_vf x, lk_vf y) {
     return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
+static inline lk_vf lk_vf_codes(const uint8_t *p, int bits) {
+    if (bits == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    uint32_t u = 0;
+    memcpy(&u, p, bits == 2 ? 2 : 4);
+    __m256i w;
+    if (bits == 2)
+        w = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)u), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                             _mm256_set1_epi32(3));
+    else
+        w = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)u), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                             _mm256_set1_epi32(15));
+    return _mm256_cvtepi32_ps(w);
+}
 
 #else
 #define LK_SIMD_NAME "generic"
@@ -121,6 +153,11 @@ static inline lk_vf lk_vf_pow2i(lk_vf n) {
 }
 static inline lk_vf lk_vf_select_lt(lk_vf a, lk_vf b, lk_vf c, lk_vf v) { return a < b ? c : v; }
 static inline lk_vf lk_vf_keep_nan(lk_vf x, lk_vf y) { return x != x ? x : y; }
+static inline lk_vf lk_vf_codes(const uint8_t *p, int bits) {
+    lk_vf v; const int per = 8 / bits, mask = (1 << bits) - 1;
+    for (int i = 0; i < LK_VF; i++) v[i] = (float)((p[i / per] >> (bits * (i % per))) & mask);
+    return v;
+}
 #endif
 
 /* e^x, |relative error| < 2e-7 on [-87.3, 88.7]; e^x = 0 below -87.3 (so exp(-inf) = 0) and

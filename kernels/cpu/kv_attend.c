@@ -1,0 +1,345 @@
+/* Attention over the KIVI cache (SPEC 4.2) straight from the packed codes.
+ *
+ * Keys, quantized per channel (group of G tokens shares scale_d, zero_d per feature d):
+ *   s_j = sum_d q_d (code_jd scale_d + zero_d) = sum_d (q_d scale_d) code_jd + sum_d q_d zero_d,
+ * so per key group and query row qs_d = q_d scale_d and qz = sum_d q_d zero_d are formed once and the
+ * inner loop is codes x vector: for each d, LK_VF consecutive tokens' codes are unpacked to floats
+ * (lk_vf_codes) and FMA'd with the broadcast qs_d of every row of the tile (all query heads of the
+ * GQA group and all N queries share each decoded byte).
+ * Values, quantized per token (group of G features shares scale_jg, zero_jg):
+ *   o_e = sum_j p_j (code_je scale_jg + zero_jg) = sum_j (p_j scale_jg) code_je + sum_j p_j zero_jg,
+ * so w_jg = p_j scale_jg multiplies the unpacked codes and the zero terms are summed per group.
+ * Full-precision residual tokens use the same loops with plain loads.  No dequantized copy is made.
+ *
+ * Work items (b, KV head g, split of the row's tokens), split statically over threads; each keeps an
+ * online softmax state (m, l, acc) per row and processes blocks of G tokens.  The split states are
+ * merged by the one softmax combine (softmax.h).  The generic path (lk_simd_enabled() == 0, or G or
+ * E not a multiple of LK_VF) does the same math with scalar loops. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#include "lmkern/kv.h"
+#include "lmkern/simd.h"
+#include "lmkern/softmax.h"
+
+#define LK_ALWAYS_INLINE static inline __attribute__((always_inline))
+
+typedef struct {
+    const lk_kv_attend_params *p;
+    int64_t b, g, group, rows;   /* row r = i * group + hh */
+    int simd;
+    float *qsc;                  /* rows x D: scale * q */
+    float *qs;                   /* rows x D: qsc * key scale of the current group */
+    float *qz;                   /* rows */
+    float *S;                    /* rows x G: scores, then probabilities */
+    float *W;                    /* rows x G x (E/G): value weights */
+    float *acc;                  /* rows x E */
+    float *accz;                 /* rows x (E/G) */
+    float *m, *l;                /* rows */
+} lk_attend_ctx;
+
+/* ---------------------------------------------------------------------------------------- keys */
+
+/* S[r][t] = qz[r] + sum_d qs[r][d] * code(t, d) for rows r0 .. r0+rt-1 and the G tokens of a group */
+LK_ALWAYS_INLINE void lk_keys_tile(const lk_attend_ctx *c, const uint8_t *kc, int64_t r0, const int rt, const int bits) {
+    const int64_t D = c->p->D, G = c->p->G, per = 8 / bits, bpd = G / per; /* bytes per channel */
+    const int tv = G % (2 * LK_VF) == 0 ? 2 : 1;                             /* token vectors per pass */
+    for (int64_t tc = 0; tc < G; tc += tv * LK_VF) {
+        lk_vf a[4][2], a2[4][2];
+        for (int r = 0; r < rt; r++)
+            for (int v = 0; v < 2; v++) a[r][v] = a2[r][v] = lk_vf_zero();
+        const uint8_t *base = kc + tc / per;
+        int64_t d = 0;
+        /* two features per step into separate accumulators (hides the FMA latency when rt is 1) */
+        for (; d + 1 < D; d += 2) {
+            const uint8_t *b0 = base + d * bpd, *b1 = b0 + bpd;
+            lk_vf c0[2], c1[2];
+            for (int v = 0; v < tv; v++) {
+                c0[v] = lk_vf_codes(b0 + v * LK_VF / per, bits);
+                c1[v] = lk_vf_codes(b1 + v * LK_VF / per, bits);
+            }
+            for (int r = 0; r < rt; r++) {
+                const float *qs = c->qs + (r0 + r) * D + d;
+                const lk_vf w0 = lk_vf_set1(qs[0]), w1 = lk_vf_set1(qs[1]);
+                for (int v = 0; v < tv; v++) {
+                    a[r][v] = lk_vf_fma(w0, c0[v], a[r][v]);
+                    a2[r][v] = lk_vf_fma(w1, c1[v], a2[r][v]);
+                }
+            }
+        }
+        if (d < D) {
+            const uint8_t *b0 = base + d * bpd;
+            for (int v = 0; v < tv; v++) {
+                const lk_vf c0 = lk_vf_codes(b0 + v * LK_VF / per, bits);
+                for (int r = 0; r < rt; r++) a[r][v] = lk_vf_fma(lk_vf_set1(c->qs[(r0 + r) * D + d]), c0, a[r][v]);
+            }
+        }
+        for (int r = 0; r < rt; r++) {
+            const lk_vf z = lk_vf_set1(c->qz[r0 + r]);
+            for (int v = 0; v < tv; v++)
+                lk_vf_store(c->S + (r0 + r) * G + tc + v * LK_VF, lk_vf_add(lk_vf_add(a[r][v], a2[r][v]), z));
+        }
+    }
+}
+
+LK_ALWAYS_INLINE void lk_keys_rows(const lk_attend_ctx *c, const uint8_t *kc, const int bits) {
+    int64_t r0 = 0;
+    for (; r0 + 4 <= c->rows; r0 += 4) lk_keys_tile(c, kc, r0, 4, bits);
+    for (; r0 + 2 <= c->rows; r0 += 2) lk_keys_tile(c, kc, r0, 2, bits);
+    for (; r0 < c->rows; r0++) lk_keys_tile(c, kc, r0, 1, bits);
+}
+
+/* Scores of the quantized key group grp for every row. */
+static void lk_keys_quantized(const lk_attend_ctx *c, int64_t grp) {
+    const lk_kv_attend_params *p = c->p;
+    const int64_t D = p->D, G = p->G, per = 8 / p->bits, head = c->b * p->Hkv + c->g;
+    const float *ks = p->k_scale + (head * p->k_groups + grp) * D, *kz = p->k_zero + (head * p->k_groups + grp) * D;
+    const uint8_t *kc = p->k_codes + (head * p->k_groups + grp) * D * (G / per);
+    for (int64_t r = 0; r < c->rows; r++) {
+        const float *q = c->qsc + r * D;
+        float *qs = c->qs + r * D, z = 0;
+        for (int64_t d = 0; d < D; d++) { qs[d] = q[d] * ks[d]; z += q[d] * kz[d]; }
+        c->qz[r] = z;
+    }
+    if (c->simd) {
+        if (p->bits == 2) lk_keys_rows(c, kc, 2);
+        else if (p->bits == 4) lk_keys_rows(c, kc, 4);
+        else lk_keys_rows(c, kc, 8);
+        return;
+    }
+    const int bits = p->bits, mask = (1 << bits) - 1;
+    for (int64_t r = 0; r < c->rows; r++)
+        for (int64_t t = 0; t < G; t++) {
+            float s = 0;
+            for (int64_t d = 0; d < D; d++)
+                s += c->qs[r * D + d] * (float)((kc[d * (G / per) + t / per] >> (bits * (t % per))) & mask);
+            c->S[r * G + t] = s + c->qz[r];
+        }
+}
+
+/* Scores of nb full-precision keys starting at token j0 (residual slots j0 - qk ...). */
+static void lk_keys_full(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
+    const lk_kv_attend_params *p = c->p;
+    const int64_t D = p->D, G = p->G, head = c->b * p->Hkv + c->g;
+    const float *kr = p->k_res + (head * p->k_res_cap + (j0 - p->qk[c->b])) * D;
+    for (int64_t t = 0; t < nb; t++)
+        for (int64_t r = 0; r < c->rows; r++) {
+            const float *q = c->qsc + r * D, *k = kr + t * D;
+            float s = 0;
+            int64_t d = 0;
+            if (c->simd) {
+                lk_vf a = lk_vf_zero();
+                for (; d + LK_VF <= D; d += LK_VF) a = lk_vf_fma(lk_vf_load(q + d), lk_vf_load(k + d), a);
+                s = lk_vf_sum(a);
+            }
+            for (; d < D; d++) s += q[d] * k[d];
+            c->S[r * G + t] = s;
+        }
+}
+
+/* -------------------------------------------------------------------------------------- values */
+
+/* acc[r][e] += sum_t W[r][t][e / G] * x_t[e] over the block's nb tokens, x_t unpacked codes (j < qv) or
+ * the residual row; rows r0 .. r0+rt-1, features in chunks of up to 4 vectors. */
+LK_ALWAYS_INLINE void lk_values_tile(const lk_attend_ctx *c, int64_t j0, int64_t nb, int64_t r0, const int rt,
+                                     const int bits) {
+    const lk_kv_attend_params *p = c->p;
+    const int64_t E = p->E, G = p->G, EG = E / G, per = 8 / bits, head = c->b * p->Hkv + c->g;
+    const int64_t qv = p->qv[c->b];
+    const uint8_t *vc = p->v_codes + (head * p->v_cap + j0) * (E / per);
+    const float *vres = p->v_res + (head * p->v_res_cap + (j0 - qv)) * E;
+    for (int64_t e0 = 0; e0 < E; e0 += 4 * LK_VF) {
+        const int nv = (int)lk_min_i64(4, (E - e0) / LK_VF);
+        lk_vf a[4][4];
+        for (int r = 0; r < rt; r++)
+            for (int v = 0; v < nv; v++) a[r][v] = lk_vf_load(c->acc + (r0 + r) * E + e0 + v * LK_VF);
+        for (int64_t t = 0; t < nb; t++) {
+            lk_vf x[4];
+            if (j0 + t < qv) {
+                for (int v = 0; v < nv; v++) x[v] = lk_vf_codes(vc + t * (E / per) + (e0 + v * LK_VF) / per, bits);
+            } else {
+                for (int v = 0; v < nv; v++) x[v] = lk_vf_load(vres + t * E + e0 + v * LK_VF);
+            }
+            for (int r = 0; r < rt; r++) {
+                const float *w = c->W + ((r0 + r) * G + t) * EG;
+                for (int v = 0; v < nv; v++) a[r][v] = lk_vf_fma(lk_vf_set1(w[(e0 + v * LK_VF) / G]), x[v], a[r][v]);
+            }
+        }
+        for (int r = 0; r < rt; r++)
+            for (int v = 0; v < nv; v++) lk_vf_store(c->acc + (r0 + r) * E + e0 + v * LK_VF, a[r][v]);
+    }
+}
+
+LK_ALWAYS_INLINE void lk_values_rows(const lk_attend_ctx *c, int64_t j0, int64_t nb, const int bits) {
+    int64_t r0 = 0;
+    for (; r0 + 4 <= c->rows; r0 += 4) lk_values_tile(c, j0, nb, r0, 4, bits);
+    for (; r0 + 2 <= c->rows; r0 += 2) lk_values_tile(c, j0, nb, r0, 2, bits);
+    for (; r0 < c->rows; r0++) lk_values_tile(c, j0, nb, r0, 1, bits);
+}
+
+static void lk_values(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
+    const lk_kv_attend_params *p = c->p;
+    const int64_t E = p->E, G = p->G, EG = E / G, head = c->b * p->Hkv + c->g, qv = p->qv[c->b];
+    /* weights: p_j * scale_jg for quantized tokens (zero terms summed into accz), p_j for residual ones */
+    for (int64_t t = 0; t < nb; t++) {
+        const int64_t j = j0 + t;
+        const float *vs = p->v_scale + (head * p->v_cap + j) * EG, *vz = p->v_zero + (head * p->v_cap + j) * EG;
+        for (int64_t r = 0; r < c->rows; r++) {
+            const float pr = c->S[r * G + t];
+            float *w = c->W + (r * G + t) * EG;
+            if (j < qv) {
+                for (int64_t ge = 0; ge < EG; ge++) { w[ge] = pr * vs[ge]; c->accz[r * EG + ge] += pr * vz[ge]; }
+            } else {
+                for (int64_t ge = 0; ge < EG; ge++) w[ge] = pr;
+            }
+        }
+    }
+    if (c->simd) {
+        if (p->bits == 2) lk_values_rows(c, j0, nb, 2);
+        else if (p->bits == 4) lk_values_rows(c, j0, nb, 4);
+        else lk_values_rows(c, j0, nb, 8);
+        return;
+    }
+    const int bits = p->bits, per = 8 / bits, mask = (1 << bits) - 1;
+    for (int64_t t = 0; t < nb; t++) {
+        const int64_t j = j0 + t;
+        const uint8_t *vc = p->v_codes + (head * p->v_cap + j) * (E / per);
+        const float *vr = p->v_res + (head * p->v_res_cap + (j - qv)) * E;
+        for (int64_t r = 0; r < c->rows; r++) {
+            const float *w = c->W + (r * G + t) * EG;
+            float *acc = c->acc + r * E;
+            for (int64_t e = 0; e < E; e++) {
+                const float x = j < qv ? (float)((vc[e / per] >> (bits * (e % per))) & mask) : vr[e];
+                acc[e] += w[e / G] * x;
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------ one item */
+
+static void lk_attend_block(lk_attend_ctx *c, int64_t j0, int64_t nb) {
+    const lk_kv_attend_params *p = c->p;
+    const int64_t G = p->G, E = p->E, EG = E / G, b = c->b;
+    if (j0 < p->qk[b]) lk_keys_quantized(c, j0 / G);
+    else lk_keys_full(c, j0, nb);
+    for (int64_t r = 0; r < c->rows; r++) {
+        float *s = c->S + r * G;
+        if (p->causal) {
+            const int64_t qp = p->q_pos[b * p->N + r / c->group];
+            for (int64_t t = 0; t < nb; t++)
+                if (p->kv_pos[b * p->pos_cap + j0 + t] > qp) s[t] = -INFINITY;
+        }
+        float bm = -INFINITY;
+        for (int64_t t = 0; t < nb; t++) bm = s[t] > bm ? s[t] : bm;
+        if (bm == -INFINITY) {               /* nothing admissible (or all -inf): no contribution */
+            for (int64_t t = 0; t < nb; t++) s[t] = 0;
+            continue;
+        }
+        if (bm > c->m[r]) {
+            /* rescale what was accumulated under the old max */
+            const float f = c->m[r] == -INFINITY ? 0.0f : expf(c->m[r] - bm);
+            c->l[r] *= f;
+            for (int64_t e = 0; e < E; e++) c->acc[r * E + e] *= f;
+            c->m[r] = bm;
+        }
+        const float m = c->m[r];
+        float l = 0;
+        int64_t t = 0;
+        if (c->simd) {
+            lk_vf lv = lk_vf_zero();
+            const lk_vf mv = lk_vf_set1(m);
+            for (; t + LK_VF <= nb; t += LK_VF) {
+                const lk_vf e = lk_vf_exp(lk_vf_sub(lk_vf_load(s + t), mv));
+                lk_vf_store(s + t, e);
+                lv = lk_vf_add(lv, e);
+            }
+            l = lk_vf_sum(lv);
+        }
+        for (; t < nb; t++) { s[t] = expf(s[t] - m); l += s[t]; }
+        c->l[r] += l;
+    }
+    lk_values(c, j0, nb);
+    for (int64_t r = 0; r < c->rows; r++)
+        for (int64_t e = 0; e < E; e++) {
+            c->acc[r * E + e] += c->accz[r * EG + e / G];
+        }
+    memset(c->accz, 0, sizeof(float) * (size_t)(c->rows * EG));
+}
+
+lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
+    const int64_t B = p->B, N = p->N, Hq = p->Hq, Hkv = p->Hkv, D = p->D, E = p->E, G = p->G;
+    if (p->bits != 2 && p->bits != 4 && p->bits != 8) return LK_ERR_VALUE;
+    if (G < 1 || G % (8 / p->bits) || E % G) return LK_ERR_VALUE;
+    if (B == 0 || N == 0 || Hq == 0) return LK_OK;
+    if (Hkv == 0 || Hq % Hkv) return LK_ERR_VALUE;
+    const int64_t group = Hq / Hkv, rows = N * group, EG = E / G;
+    int64_t maxlen = 0;
+    for (int64_t b = 0; b < B; b++) maxlen = lk_max_i64(maxlen, p->lens[b]);
+    const int threads = lk_get_num_threads();
+    int64_t nsplit = lk_cdiv(4 * (int64_t)threads, B * Hkv);
+    nsplit = lk_max_i64(1, lk_min_i64(nsplit, lk_cdiv(maxlen, 8 * G)));
+    const int64_t items = B * Hkv * nsplit;
+    float *part_m = (float *)malloc(sizeof(float) * (size_t)(items * rows));
+    float *part_l = (float *)malloc(sizeof(float) * (size_t)(items * rows));
+    float *part_acc = (float *)malloc(sizeof(float) * (size_t)(items * rows * (E > 0 ? E : 1)));
+    if (!part_m || !part_l || !part_acc) { free(part_m); free(part_l); free(part_acc); return LK_ERR_NOMEM; }
+    const int simd = lk_simd_enabled() && G % LK_VF == 0 && E % LK_VF == 0;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|: failed)
+    {
+        lk_attend_ctx c = {0};
+        c.p = p; c.group = group; c.rows = rows; c.simd = simd;
+        const size_t fl = sizeof(float);
+        c.qsc = (float *)malloc(fl * (size_t)(rows * D + 1));
+        c.qs = (float *)malloc(fl * (size_t)(rows * D + 1));
+        c.qz = (float *)malloc(fl * (size_t)rows);
+        c.S = (float *)malloc(fl * (size_t)(rows * G));
+        c.W = (float *)malloc(fl * (size_t)(rows * E + 1));
+        c.acc = (float *)malloc(fl * (size_t)(rows * E + 1));
+        c.accz = (float *)calloc((size_t)(rows * EG + 1), fl);
+        c.m = (float *)malloc(fl * (size_t)rows);
+        c.l = (float *)malloc(fl * (size_t)rows);
+        int64_t lo, hi;
+        lk_chunk(items, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+        if (!c.qsc || !c.qs || !c.qz || !c.S || !c.W || !c.acc || !c.accz || !c.m || !c.l) failed = lo < hi;
+        for (int64_t it = lo; it < hi && !failed; it++) {
+            const int64_t b = it / (Hkv * nsplit), g = (it / nsplit) % Hkv, sp = it % nsplit;
+            c.b = b; c.g = g;
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t i = r / group, h = g * group + r % group;
+                const float *q = p->q + ((b * N + i) * Hq + h) * D;
+                for (int64_t d = 0; d < D; d++) c.qsc[r * D + d] = (float)p->scale * q[d];
+                c.m[r] = -INFINITY;
+                c.l[r] = 0;
+            }
+            memset(c.acc, 0, fl * (size_t)(rows * E));
+            int64_t c0, c1;
+            const int64_t len = p->lens[b];
+            lk_chunk(lk_cdiv(len, G), nsplit, sp, &c0, &c1);
+            for (int64_t j0 = c0 * G; j0 < lk_min_i64(c1 * G, len); j0 += G)
+                lk_attend_block(&c, j0, lk_min_i64(G, len - j0));
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t slot = ((b * Hkv + g) * rows + r) * nsplit + sp;
+                part_m[slot] = c.m[r];
+                part_l[slot] = c.l[r];
+                memcpy(part_acc + slot * E, c.acc + r * E, fl * (size_t)E);
+            }
+        }
+        free(c.qsc); free(c.qs); free(c.qz); free(c.S); free(c.W); free(c.acc); free(c.accz); free(c.m); free(c.l);
+    }
+    if (!failed) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t t = 0; t < B * Hkv * rows; t++) {
+            const int64_t b = t / (Hkv * rows), g = (t / rows) % Hkv, r = t % rows;
+            const int64_t i = r / group, h = g * group + r % group;
+            const int64_t orow = (b * N + i) * Hq + h;
+            lk_softmax_combine_f32(nsplit, part_m + t * nsplit, part_l + t * nsplit, part_acc + t * nsplit * E, E, E,
+                                   p->out + orow * E, p->lse ? p->lse + orow : NULL);
+        }
+    }
+    free(part_m); free(part_l); free(part_acc);
+    return failed ? LK_ERR_NOMEM : LK_OK;
+}
