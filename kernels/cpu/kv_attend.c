@@ -25,6 +25,7 @@
 #include "lmkern/softmax.h"
 
 #define LK_ALWAYS_INLINE static inline __attribute__((always_inline))
+#define LK_PREFETCH_BLOCKS 2   /* blocks of G tokens prefetched ahead */
 
 typedef struct {
     const lk_kv_attend_params *p;
@@ -34,18 +35,17 @@ typedef struct {
     float *qs;                   /* rows x D: qsc * key scale of the current group */
     float *qz;                   /* rows */
     float *S;                    /* rows x G: scores, then probabilities */
-    float *W;                    /* rows x G x (E/G): value weights */
     float *acc;                  /* rows x E */
-    float *accz;                 /* rows x (E/G) */
+    float *W, *Z;                /* G x (E/G) and E/G: value weights of a single-row tile */
     float *m, *l;                /* rows */
 } lk_attend_ctx;
 
 /* ---------------------------------------------------------------------------------------- keys */
 
 /* S[r][t] = qz[r] + sum_d qs[r][d] * code(t, d) for rows r0 .. r0+rt-1 and the G tokens of a group */
-LK_ALWAYS_INLINE void lk_keys_tile(const lk_attend_ctx *c, const uint8_t *kc, int64_t r0, const int rt, const int bits) {
+LK_ALWAYS_INLINE void lk_keys_tile(const lk_attend_ctx *c, const uint8_t *kc, int64_t r0, const int rt, const int bits,
+                                   const int tv /* token vectors per pass: 1 or 2 */) {
     const int64_t D = c->p->D, G = c->p->G, per = 8 / bits, bpd = G / per; /* bytes per channel */
-    const int tv = G % (2 * LK_VF) == 0 ? 2 : 1;                             /* token vectors per pass */
     for (int64_t tc = 0; tc < G; tc += tv * LK_VF) {
         lk_vf a[4][2], a2[4][2];
         for (int r = 0; r < rt; r++)
@@ -84,11 +84,17 @@ LK_ALWAYS_INLINE void lk_keys_tile(const lk_attend_ctx *c, const uint8_t *kc, in
     }
 }
 
-LK_ALWAYS_INLINE void lk_keys_rows(const lk_attend_ctx *c, const uint8_t *kc, const int bits) {
+/* rt, bits and tv are literals at every call so the accumulator arrays live in registers */
+LK_ALWAYS_INLINE void lk_keys_rows_tv(const lk_attend_ctx *c, const uint8_t *kc, const int bits, const int tv) {
     int64_t r0 = 0;
-    for (; r0 + 4 <= c->rows; r0 += 4) lk_keys_tile(c, kc, r0, 4, bits);
-    for (; r0 + 2 <= c->rows; r0 += 2) lk_keys_tile(c, kc, r0, 2, bits);
-    for (; r0 < c->rows; r0++) lk_keys_tile(c, kc, r0, 1, bits);
+    for (; r0 + 4 <= c->rows; r0 += 4) lk_keys_tile(c, kc, r0, 4, bits, tv);
+    for (; r0 + 2 <= c->rows; r0 += 2) lk_keys_tile(c, kc, r0, 2, bits, tv);
+    for (; r0 < c->rows; r0++) lk_keys_tile(c, kc, r0, 1, bits, tv);
+}
+
+LK_ALWAYS_INLINE void lk_keys_rows(const lk_attend_ctx *c, const uint8_t *kc, const int bits) {
+    if (c->p->G % (2 * LK_VF) == 0) lk_keys_rows_tv(c, kc, bits, 2);
+    else lk_keys_rows_tv(c, kc, bits, 1);
 }
 
 /* Scores of the quantized key group grp for every row. */
@@ -100,7 +106,17 @@ static void lk_keys_quantized(const lk_attend_ctx *c, int64_t grp) {
     for (int64_t r = 0; r < c->rows; r++) {
         const float *q = c->qsc + r * D;
         float *qs = c->qs + r * D, z = 0;
-        for (int64_t d = 0; d < D; d++) { qs[d] = q[d] * ks[d]; z += q[d] * kz[d]; }
+        int64_t d = 0;
+        if (c->simd) {
+            lk_vf zv = lk_vf_zero();
+            for (; d + LK_VF <= D; d += LK_VF) {
+                const lk_vf qv = lk_vf_load(q + d);
+                lk_vf_store(qs + d, lk_vf_mul(qv, lk_vf_load(ks + d)));
+                zv = lk_vf_fma(qv, lk_vf_load(kz + d), zv);
+            }
+            z = lk_vf_sum(zv);
+        }
+        for (; d < D; d++) { qs[d] = q[d] * ks[d]; z += q[d] * kz[d]; }
         c->qz[r] = z;
     }
     if (c->simd) {
@@ -141,35 +157,64 @@ static void lk_keys_full(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
 
 /* -------------------------------------------------------------------------------------- values */
 
-/* acc[r][e] += sum_t W[r][t][e / G] * x_t[e] over the block's nb tokens, x_t unpacked codes (j < qv) or
- * the residual row; rows r0 .. r0+rt-1, features in chunks of up to 4 vectors. */
-LK_ALWAYS_INLINE void lk_values_tile(const lk_attend_ctx *c, int64_t j0, int64_t nb, int64_t r0, const int rt,
-                                     const int bits) {
+/* acc[r][e] += sum_t p[r][t] * x_t[e] over the block's nb tokens for rows r0 .. r0+rt-1, features e0 ..
+ * e0 + nv*LK_VF.  x_t is the residual row (j >= qv) or, for a quantized token, code_te * scale_tg + zero_tg
+ * formed in registers once per decoded vector and shared by every row of the tile (never stored). */
+LK_ALWAYS_INLINE void lk_values_chunk(const lk_attend_ctx *c, int64_t j0, int64_t nb, int64_t r0, const int rt,
+                                      const int bits, int64_t e0, const int nv) {
     const lk_kv_attend_params *p = c->p;
     const int64_t E = p->E, G = p->G, EG = E / G, per = 8 / bits, head = c->b * p->Hkv + c->g;
     const int64_t qv = p->qv[c->b];
     const uint8_t *vc = p->v_codes + (head * p->v_cap + j0) * (E / per);
-    const float *vres = p->v_res + (head * p->v_res_cap + (j0 - qv)) * E;
-    for (int64_t e0 = 0; e0 < E; e0 += 4 * LK_VF) {
-        const int nv = (int)lk_min_i64(4, (E - e0) / LK_VF);
-        lk_vf a[4][4];
-        for (int r = 0; r < rt; r++)
-            for (int v = 0; v < nv; v++) a[r][v] = lk_vf_load(c->acc + (r0 + r) * E + e0 + v * LK_VF);
+    const float *vs = p->v_scale + (head * p->v_cap + j0) * EG, *vz = p->v_zero + (head * p->v_cap + j0) * EG;
+    lk_vf a[4][4];
+    for (int r = 0; r < rt; r++)
+        for (int v = 0; v < nv; v++) a[r][v] = lk_vf_load(c->acc + (r0 + r) * E + e0 + v * LK_VF);
+    if (rt == 1) {
+        /* one row (the last row of the item): w_tg = p_t * scale_tg and z_g = sum_t p_t zero_tg were formed
+         * by lk_values; the inner loop is one FMA per decoded vector */
+        const float *pr = c->S + r0 * G;
         for (int64_t t = 0; t < nb; t++) {
-            lk_vf x[4];
             if (j0 + t < qv) {
-                for (int v = 0; v < nv; v++) x[v] = lk_vf_codes(vc + t * (E / per) + (e0 + v * LK_VF) / per, bits);
+                for (int v = 0; v < nv; v++)
+                    a[0][v] = lk_vf_fma(lk_vf_codes(vc + t * (E / per) + (e0 + v * LK_VF) / per, bits),
+                                        lk_vf_set1(c->W[t * EG + (e0 + v * LK_VF) / G]), a[0][v]);
             } else {
-                for (int v = 0; v < nv; v++) x[v] = lk_vf_load(vres + t * E + e0 + v * LK_VF);
-            }
-            for (int r = 0; r < rt; r++) {
-                const float *w = c->W + ((r0 + r) * G + t) * EG;
-                for (int v = 0; v < nv; v++) a[r][v] = lk_vf_fma(lk_vf_set1(w[(e0 + v * LK_VF) / G]), x[v], a[r][v]);
+                const float *vr = p->v_res + (head * p->v_res_cap + (j0 + t - qv)) * E + e0;
+                for (int v = 0; v < nv; v++) a[0][v] = lk_vf_fma(lk_vf_set1(pr[t]), lk_vf_load(vr + v * LK_VF), a[0][v]);
             }
         }
-        for (int r = 0; r < rt; r++)
-            for (int v = 0; v < nv; v++) lk_vf_store(c->acc + (r0 + r) * E + e0 + v * LK_VF, a[r][v]);
+        for (int v = 0; v < nv; v++)
+            lk_vf_store(c->acc + r0 * E + e0 + v * LK_VF, lk_vf_add(a[0][v], lk_vf_set1(c->Z[(e0 + v * LK_VF) / G])));
+        return;
     }
+    for (int64_t t = 0; t < nb; t++) {
+        lk_vf x[4];
+        if (j0 + t < qv) {
+            for (int v = 0; v < nv; v++) {
+                const int64_t ge = t * EG + (e0 + v * LK_VF) / G;
+                x[v] = lk_vf_fma(lk_vf_codes(vc + t * (E / per) + (e0 + v * LK_VF) / per, bits), lk_vf_set1(vs[ge]),
+                                 lk_vf_set1(vz[ge]));
+            }
+        } else {
+            const float *vr = p->v_res + (head * p->v_res_cap + (j0 + t - qv)) * E + e0;
+            for (int v = 0; v < nv; v++) x[v] = lk_vf_load(vr + v * LK_VF);
+        }
+        for (int r = 0; r < rt; r++) {
+            const lk_vf pr = lk_vf_set1(c->S[(r0 + r) * G + t]);
+            for (int v = 0; v < nv; v++) a[r][v] = lk_vf_fma(pr, x[v], a[r][v]);
+        }
+    }
+    for (int r = 0; r < rt; r++)
+        for (int v = 0; v < nv; v++) lk_vf_store(c->acc + (r0 + r) * E + e0 + v * LK_VF, a[r][v]);
+}
+
+LK_ALWAYS_INLINE void lk_values_tile(const lk_attend_ctx *c, int64_t j0, int64_t nb, int64_t r0, const int rt,
+                                     const int bits) {
+    const int64_t E = c->p->E;
+    int64_t e0 = 0;
+    for (; e0 + 4 * LK_VF <= E; e0 += 4 * LK_VF) lk_values_chunk(c, j0, nb, r0, rt, bits, e0, 4);
+    for (; e0 < E; e0 += LK_VF) lk_values_chunk(c, j0, nb, r0, rt, bits, e0, 1);
 }
 
 LK_ALWAYS_INLINE void lk_values_rows(const lk_attend_ctx *c, int64_t j0, int64_t nb, const int bits) {
@@ -179,40 +224,47 @@ LK_ALWAYS_INLINE void lk_values_rows(const lk_attend_ctx *c, int64_t j0, int64_t
     for (; r0 < c->rows; r0++) lk_values_tile(c, j0, nb, r0, 1, bits);
 }
 
+/* Values of the block: SIMD path above; the generic path folds p_t * scale_tg into a weight and sums
+ * the zero points per group (the same math in another order). */
 static void lk_values(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
     const lk_kv_attend_params *p = c->p;
-    const int64_t E = p->E, G = p->G, EG = E / G, head = c->b * p->Hkv + c->g, qv = p->qv[c->b];
-    /* weights: p_j * scale_jg for quantized tokens (zero terms summed into accz), p_j for residual ones */
-    for (int64_t t = 0; t < nb; t++) {
-        const int64_t j = j0 + t;
-        const float *vs = p->v_scale + (head * p->v_cap + j) * EG, *vz = p->v_zero + (head * p->v_cap + j) * EG;
-        for (int64_t r = 0; r < c->rows; r++) {
-            const float pr = c->S[r * G + t];
-            float *w = c->W + (r * G + t) * EG;
-            if (j < qv) {
-                for (int64_t ge = 0; ge < EG; ge++) { w[ge] = pr * vs[ge]; c->accz[r * EG + ge] += pr * vz[ge]; }
-            } else {
-                for (int64_t ge = 0; ge < EG; ge++) w[ge] = pr;
-            }
-        }
-    }
     if (c->simd) {
+        if (c->rows % 2) {
+            /* weights of the single-row tile (the last row) */
+            const int64_t G = p->G, EG = p->E / G, head = c->b * p->Hkv + c->g, qv = p->qv[c->b];
+            const float *pr = c->S + (c->rows - 1) * G;
+            const float *vs = p->v_scale + (head * p->v_cap + j0) * EG, *vz = p->v_zero + (head * p->v_cap + j0) * EG;
+            for (int64_t ge = 0; ge < EG; ge++) c->Z[ge] = 0;
+            for (int64_t t = 0; t < nb && j0 + t < qv; t++)
+                for (int64_t ge = 0; ge < EG; ge++) {
+                    c->W[t * EG + ge] = pr[t] * vs[t * EG + ge];
+                    c->Z[ge] += pr[t] * vz[t * EG + ge];
+                }
+        }
         if (p->bits == 2) lk_values_rows(c, j0, nb, 2);
         else if (p->bits == 4) lk_values_rows(c, j0, nb, 4);
         else lk_values_rows(c, j0, nb, 8);
         return;
     }
+    const int64_t E = p->E, G = p->G, EG = E / G, head = c->b * p->Hkv + c->g, qv = p->qv[c->b];
     const int bits = p->bits, per = 8 / bits, mask = (1 << bits) - 1;
     for (int64_t t = 0; t < nb; t++) {
         const int64_t j = j0 + t;
         const uint8_t *vc = p->v_codes + (head * p->v_cap + j) * (E / per);
-        const float *vr = p->v_res + (head * p->v_res_cap + (j - qv)) * E;
+        const float *vs = p->v_scale + (head * p->v_cap + j) * EG, *vz = p->v_zero + (head * p->v_cap + j) * EG;
         for (int64_t r = 0; r < c->rows; r++) {
-            const float *w = c->W + (r * G + t) * EG;
+            const float pr = c->S[r * G + t];
             float *acc = c->acc + r * E;
-            for (int64_t e = 0; e < E; e++) {
-                const float x = j < qv ? (float)((vc[e / per] >> (bits * (e % per))) & mask) : vr[e];
-                acc[e] += w[e / G] * x;
+            if (j < qv) {
+                for (int64_t ge = 0; ge < EG; ge++) {
+                    const float w = pr * vs[ge];
+                    float z = pr * vz[ge];
+                    for (int64_t e = ge * G; e < (ge + 1) * G; e++)
+                        acc[e] += w * (float)((vc[e / per] >> (bits * (e % per))) & mask) + z;
+                }
+            } else {
+                const float *vr = p->v_res + (head * p->v_res_cap + (j - qv)) * E;
+                for (int64_t e = 0; e < E; e++) acc[e] += pr * vr[e];
             }
         }
     }
@@ -220,20 +272,47 @@ static void lk_values(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
 
 /* ------------------------------------------------------------------------------------ one item */
 
+/* Prefetch the quantized data of the block starting at token j0 (if any). */
+static void lk_attend_prefetch(const lk_attend_ctx *c, int64_t j0) {
+    const lk_kv_attend_params *p = c->p;
+    const int64_t G = p->G, D = p->D, E = p->E, per = 8 / p->bits, head = c->b * p->Hkv + c->g, b = c->b;
+    if (j0 + G <= p->qk[b]) {
+        const int64_t grp = head * p->k_groups + j0 / G;
+        lk_prefetch(p->k_codes + grp * D * (G / per), D * (G / per));
+        lk_prefetch(p->k_scale + grp * D, D * 4);
+        lk_prefetch(p->k_zero + grp * D, D * 4);
+    }
+    if (j0 + G <= p->qv[b]) {
+        const int64_t tok = head * p->v_cap + j0;
+        lk_prefetch(p->v_codes + tok * (E / per), G * (E / per));
+        lk_prefetch(p->v_scale + tok * (E / G), G * (E / G) * 4);
+        lk_prefetch(p->v_zero + tok * (E / G), G * (E / G) * 4);
+    }
+}
+
 static void lk_attend_block(lk_attend_ctx *c, int64_t j0, int64_t nb) {
     const lk_kv_attend_params *p = c->p;
-    const int64_t G = p->G, E = p->E, EG = E / G, b = c->b;
+    const int64_t G = p->G, E = p->E, b = c->b;
+    lk_attend_prefetch(c, j0 + LK_PREFETCH_BLOCKS * G);
     if (j0 < p->qk[b]) lk_keys_quantized(c, j0 / G);
     else lk_keys_full(c, j0, nb);
+    int64_t maxpos = INT64_MIN;   /* a row whose q_pos is >= every position of the block needs no mask */
+    if (p->causal)
+        for (int64_t t = 0; t < nb; t++) maxpos = lk_max_i64(maxpos, p->kv_pos[b * p->pos_cap + j0 + t]);
     for (int64_t r = 0; r < c->rows; r++) {
         float *s = c->S + r * G;
-        if (p->causal) {
-            const int64_t qp = p->q_pos[b * p->N + r / c->group];
+        const int64_t qp = p->q_pos[b * p->N + r / c->group];
+        if (p->causal && maxpos > qp)
             for (int64_t t = 0; t < nb; t++)
                 if (p->kv_pos[b * p->pos_cap + j0 + t] > qp) s[t] = -INFINITY;
-        }
         float bm = -INFINITY;
-        for (int64_t t = 0; t < nb; t++) bm = s[t] > bm ? s[t] : bm;
+        int64_t t0 = 0;
+        if (c->simd && nb >= LK_VF) {
+            lk_vf mx = lk_vf_load(s);
+            for (t0 = LK_VF; t0 + LK_VF <= nb; t0 += LK_VF) mx = lk_vf_max(mx, lk_vf_load(s + t0));
+            bm = lk_vf_hmax(mx);
+        }
+        for (; t0 < nb; t0++) bm = s[t0] > bm ? s[t0] : bm;
         if (bm == -INFINITY) {               /* nothing admissible (or all -inf): no contribution */
             for (int64_t t = 0; t < nb; t++) s[t] = 0;
             continue;
@@ -262,11 +341,6 @@ static void lk_attend_block(lk_attend_ctx *c, int64_t j0, int64_t nb) {
         c->l[r] += l;
     }
     lk_values(c, j0, nb);
-    for (int64_t r = 0; r < c->rows; r++)
-        for (int64_t e = 0; e < E; e++) {
-            c->acc[r * E + e] += c->accz[r * EG + e / G];
-        }
-    memset(c->accz, 0, sizeof(float) * (size_t)(c->rows * EG));
 }
 
 lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
@@ -275,7 +349,7 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
     if (G < 1 || G % (8 / p->bits) || E % G) return LK_ERR_VALUE;
     if (B == 0 || N == 0 || Hq == 0) return LK_OK;
     if (Hkv == 0 || Hq % Hkv) return LK_ERR_VALUE;
-    const int64_t group = Hq / Hkv, rows = N * group, EG = E / G;
+    const int64_t group = Hq / Hkv, rows = N * group;
     int64_t maxlen = 0;
     for (int64_t b = 0; b < B; b++) maxlen = lk_max_i64(maxlen, p->lens[b]);
     const int threads = lk_get_num_threads();
@@ -297,14 +371,14 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
         c.qs = (float *)malloc(fl * (size_t)(rows * D + 1));
         c.qz = (float *)malloc(fl * (size_t)rows);
         c.S = (float *)malloc(fl * (size_t)(rows * G));
-        c.W = (float *)malloc(fl * (size_t)(rows * E + 1));
         c.acc = (float *)malloc(fl * (size_t)(rows * E + 1));
-        c.accz = (float *)calloc((size_t)(rows * EG + 1), fl);
+        c.W = (float *)malloc(fl * (size_t)(E + 1));
+        c.Z = (float *)malloc(fl * (size_t)(E / G + 1));
         c.m = (float *)malloc(fl * (size_t)rows);
         c.l = (float *)malloc(fl * (size_t)rows);
         int64_t lo, hi;
         lk_chunk(items, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
-        if (!c.qsc || !c.qs || !c.qz || !c.S || !c.W || !c.acc || !c.accz || !c.m || !c.l) failed = lo < hi;
+        if (!c.qsc || !c.qs || !c.qz || !c.S || !c.acc || !c.W || !c.Z || !c.m || !c.l) failed = lo < hi;
         for (int64_t it = lo; it < hi && !failed; it++) {
             const int64_t b = it / (Hkv * nsplit), g = (it / nsplit) % Hkv, sp = it % nsplit;
             c.b = b; c.g = g;
@@ -328,7 +402,7 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
                 memcpy(part_acc + slot * E, c.acc + r * E, fl * (size_t)E);
             }
         }
-        free(c.qsc); free(c.qs); free(c.qz); free(c.S); free(c.W); free(c.acc); free(c.accz); free(c.m); free(c.l);
+        free(c.qsc); free(c.qs); free(c.qz); free(c.S); free(c.acc); free(c.W); free(c.Z); free(c.m); free(c.l);
     }
     if (!failed) {
 #pragma omp parallel for num_threads(threads) schedule(static)

@@ -51,23 +51,21 @@ static inline lk_vf lk_vf_keep_nan(lk_vf x, lk_vf y) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
 }
 /* LK_VF unsigned codes of `bits` (2, 4 or 8) bits packed LSB-first from p, as floats.  Reads
- * LK_VF * bits / 8 bytes.  Call with a constant `bits` so the branches fold. */
+ * LK_VF * bits / 8 bytes.  Call with a constant `bits` so the branches fold.  2 and 4 bits: the word is
+ * broadcast (from memory), shifted per lane, and the low 4 bits of each lane index a 16-float table
+ * (vpermps), which masks and converts in one instruction. */
 static inline lk_vf lk_vf_codes(const uint8_t *p, int bits) {
     if (bits == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
-    __m512i w;
     if (bits == 2) {
-        uint32_t u; memcpy(&u, p, 4);
-        w = _mm512_srlv_epi32(_mm512_set1_epi32((int)u),
+        int32_t u; memcpy(&u, p, 4);
+        const __m512i w = _mm512_srlv_epi32(_mm512_set1_epi32(u),
                               _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
-        w = _mm512_and_si512(w, _mm512_set1_epi32(3));
-    } else {
-        uint32_t u[2]; memcpy(u, p, 8);
-        __m512i lohi = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)u[0])),
-                                          _mm256_set1_epi32((int)u[1]), 1);
-        w = _mm512_srlv_epi32(lohi, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28));
-        w = _mm512_and_si512(w, _mm512_set1_epi32(15));
+        return _mm512_permutexvar_ps(w, _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3));
     }
-    return _mm512_cvtepi32_ps(w);
+    const __m512i lohi = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                                  _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)p)));
+    const __m512i w = _mm512_srlv_epi32(lohi, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28));
+    return _mm512_permutexvar_ps(w, _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -119,9 +117,9 @@ static inline lk_vf lk_vf_codes(const uint8_t *p, int bits) {
     uint32_t u = 0;
     memcpy(&u, p, bits == 2 ? 2 : 4);
     __m256i w;
-    if (bits == 2)
-        w = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)u), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
-                             _mm256_set1_epi32(3));
+    if (bits == 2) /* vpermps reads the low 3 bits: code + 4 * (next code's low bit) -> table[x] = x & 3 */
+        return _mm256_permutevar8x32_ps(_mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3),
+                   _mm256_srlv_epi32(_mm256_set1_epi32((int)u), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)));
     else
         w = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)u), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
                              _mm256_set1_epi32(15));
@@ -182,6 +180,13 @@ static inline lk_vf lk_vf_exp(lk_vf x) {
     y = lk_vf_select_lt(x, lo, lk_vf_zero(), y);                      /* underflow (and -inf) -> 0 */
     y = lk_vf_select_lt(hi, x, lk_vf_set1(INFINITY), y);              /* overflow (and +inf) -> inf */
     return lk_vf_keep_nan(x, y); /* min/max may have dropped a NaN input: restore it */
+}
+
+/* Software prefetch of [p, p + bytes) into the caches (a hint; portable GCC builtin, no ISA branch).
+ * Kernels that walk several streams at once (e.g. the quantized KV cache: codes, scales, zeros of
+ * keys and values) prefetch a few blocks ahead, since the hardware streamers stop at page edges. */
+static inline void lk_prefetch(const void *p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 3);
 }
 
 /* Runtime switch between the SIMD and the generic path (tests diff the two). */
