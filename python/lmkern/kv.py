@@ -240,6 +240,8 @@ def pool1d(scores, kernel_size, *, mode="avg"):
         return _cuda_unavailable("pool1d")
     s, ks = check_pool_args(fn, scores, kernel_size, mode)
     r = ks // 2
+    if s.shape[1] == 0:
+        return s.copy()
     pad = [(0, 0), (r, r), (0, 0)]
     padded = np.pad(s, pad, constant_values=0 if mode == "avg" else -np.inf)
     win = np.lib.stride_tricks.sliding_window_view(padded, ks, axis=1)     # (B, M, H, ks)
