@@ -46,7 +46,7 @@ static void lk_mass_pack(const lk_mass_ctx *c, int64_t j0, int64_t nk, float *kt
 
 /* s[rr * LK_KC + jj] = scale * <q_row(r0 + rr), k_(j0 + jj)> for rr < nr, masked to -inf (normalize) or
  * 0 (raw) where (i, j) is not admissible. */
-static void lk_mass_scores(const lk_mass_ctx *c, int64_t r0, int64_t nr, int64_t j0, int64_t nk,
+static void lk_mass_scores(const lk_mass_ctx *c, int64_t r0, int64_t nr, int64_t j0, int64_t nk, int64_t maxpos,
                            const float *kt, float *s) {
     const lk_kv_mass_params *p = c->p;
     const int64_t D = p->D;
@@ -81,15 +81,18 @@ static void lk_mass_scores(const lk_mass_ctx *c, int64_t r0, int64_t nr, int64_t
                 s[rr * LK_KC + jj] = dot * scale;
             }
     }
-    const int64_t len = p->kv_lens[c->b];
+    /* masking: keys past the chunk (nk .. LK_KC; j0 + nk <= kv_lens[b] already) and, when causal, keys
+     * after the query; a row whose position is >= every key position of the chunk needs no test */
     const float off = p->normalize ? -INFINITY : 0.0f;
     for (int rr = 0; rr < nr; rr++) {
-        const int64_t i = (r0 + rr) % p->N;
-        const int64_t qp = p->q_pos[c->b * p->N + i];
-        for (int64_t jj = 0; jj < LK_KC; jj++) {
-            const int64_t j = j0 + jj;
-            if (jj >= nk || j >= len || (p->causal && p->kv_pos[c->b * p->M + j] > qp)) s[rr * LK_KC + jj] = off;
-        }
+        float *sr = s + rr * LK_KC;
+        for (int64_t jj = nk; jj < LK_KC; jj++) sr[jj] = off;
+        if (!p->causal) continue;
+        const int64_t qp = p->q_pos[c->b * p->N + (r0 + rr) % p->N];
+        if (qp >= maxpos) continue;
+        const int64_t *kp = p->kv_pos + c->b * p->M + j0;
+        for (int64_t jj = 0; jj < nk; jj++)
+            if (kp[jj] > qp) sr[jj] = off;
     }
 }
 
@@ -142,18 +145,22 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
                 for (int64_t j0 = k0; j0 < len; j0 += LK_KC) {
                     const int64_t nk = lk_min_i64(LK_KC, len - j0);
                     lk_mass_pack(&c, j0, nk, kt);
+                    int64_t maxpos = INT64_MIN;
+                    if (p->causal)
+                        for (int64_t jj = 0; jj < nk; jj++) maxpos = lk_max_i64(maxpos, p->kv_pos[b * M + j0 + jj]);
                     if (pass == 2)
                         for (int64_t e = 0; e < group * LK_KC; e++) hm[e] = 0.0f;
                     for (int64_t r0 = 0; r0 < rows; r0 += LK_RT) {
                         const int64_t nr = lk_min_i64(LK_RT, rows - r0);
-                        lk_mass_scores(&c, r0, nr, j0, nk, kt, s);
+                        lk_mass_scores(&c, r0, nr, j0, nk, maxpos, kt, s);
                         for (int64_t rr = 0; rr < nr; rr++) {
                             const int64_t r = r0 + rr;
                             float *sr = s + rr * LK_KC;
                             if (pass == 1) {
                                 /* online (m, l) over this chunk */
-                                float bm = -INFINITY;
-                                for (int jj = 0; jj < LK_KC; jj++) bm = sr[jj] > bm ? sr[jj] : bm;
+                                lk_vf mx = lk_vf_load(sr);
+                                for (int v = 1; v < 4; v++) mx = lk_vf_max(mx, lk_vf_load(sr + v * LK_VF));
+                                const float bm = lk_vf_hmax(mx);
                                 float *m = pm + r * nsplit + sp, *l = pl + r * nsplit + sp;
                                 if (bm == -INFINITY) continue;
                                 if (bm > *m) { *l *= *m == -INFINITY ? 0.0f : expf(*m - bm); *m = bm; }
