@@ -138,7 +138,7 @@ def _fill(caches, rng, Hkv, D, E, chunks, lengths=None):
             c.append(k, v, lengths=lens)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_cache_attend_matches_twin(rng, simd, bits, group):
     Hkv, D, E, G, R = 2, 64, 32, 16, 32
@@ -158,6 +158,7 @@ def test_cache_attend_matches_twin(rng, simd, bits, group):
         np.testing.assert_array_equal(q, q_copy)
         assert_close(out, eo, np.float32)
         assert_close(lse, el, np.float32)
+        assert_close(fast.attend(noncontig(q)), eo if N == 1 else twin.attend(q), np.float32)
         # non-causal, explicit positions, scale
         qp = np.array([5, 40, 200])[:, None] + np.arange(N)
         assert_close(fast.attend(q, causal=False, scale=0.3), twin.attend(q, causal=False, scale=0.3), np.float32)
@@ -187,7 +188,7 @@ def test_cache_streaming_equals_one_shot(rng):
     one = kv.QuantizedKVCache(1, 150, Hkv, D, E, **kw).append(k, v)
     step = kv.QuantizedKVCache(1, 150, Hkv, D, E, **kw)
     for t in range(150):
-        step.append(k[:, t:t + 1], v[:, t:t + 1])
+        step.append(noncontig(k[:, t:t + 1]), v[:, t:t + 1].astype(np.float64))
     for name in ("_kc", "_ks", "_kz", "_vc", "_vs", "_vz"):
         np.testing.assert_array_equal(getattr(one, name), getattr(step, name), err_msg=name)
     q = randn(rng, (1, 1, 4, D))
