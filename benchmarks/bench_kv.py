@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -112,7 +111,7 @@ def bench_mass(N, M, Hq, Hkv, D):
 
 
 _MEM_CHILD = """
-import resource, sys, numpy as np
+import sys, numpy as np
 sys.path.insert(0, 'python')
 import lmkern
 from lmkern import kv
@@ -121,10 +120,14 @@ rng = np.random.default_rng(0)
 q = rng.standard_normal((1, N, Hq, D), dtype=np.float32)
 k = rng.standard_normal((1, M, Hkv, D), dtype=np.float32)
 kv.attention_mass(q[:, :64], k[:, :64])            # load everything once
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    with open('/proc/self/status') as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key))
+with open('/proc/self/clear_refs', 'w') as f:         # reset the peak (VmHWM) to the current RSS
+    f.write('5')
+before = status('VmRSS:')
 out = kv.attention_mass(q, k, causal=True)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) / 1024.0, out.nbytes / 2 ** 20)
+print((status('VmHWM:') - before) / 1024.0, out.nbytes / 2 ** 20)
 """
 
 

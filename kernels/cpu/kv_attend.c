@@ -7,8 +7,10 @@
  * (lk_vf_codes) and FMA'd with the broadcast qs_d of every row of the tile (all query heads of the
  * GQA group and all N queries share each decoded byte).
  * Values, quantized per token (group of G features shares scale_jg, zero_jg):
- *   o_e = sum_j p_j (code_je scale_jg + zero_jg) = sum_j (p_j scale_jg) code_je + sum_j p_j zero_jg,
- * so w_jg = p_j scale_jg multiplies the unpacked codes and the zero terms are summed per group.
+ *   o_e = sum_j p_j (code_je scale_jg + zero_jg).
+ * A tile of several rows (GQA heads, queries) forms code * scale + zero in registers once per decoded
+ * vector and FMAs it into every row (1 + rows FMAs per vector); a single row instead folds
+ * w_jg = p_j scale_jg into its FMA and sums p_j zero_jg per group (1 FMA per vector).
  * Full-precision residual tokens use the same loops with plain loads.  No dequantized copy is made.
  *
  * Work items (b, KV head g, split of the row's tokens), split statically over threads; each keeps an
