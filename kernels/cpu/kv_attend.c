@@ -166,47 +166,40 @@ LK_ALWAYS_INLINE void lk_values_chunk(const lk_attend_ctx *c, int64_t j0, int64_
                                       const int bits, int64_t e0, const int nv) {
     const lk_kv_attend_params *p = c->p;
     const int64_t E = p->E, G = p->G, EG = E / G, per = 8 / bits, head = c->b * p->Hkv + c->g;
-    const int64_t qv = p->qv[c->b];
-    const uint8_t *vc = p->v_codes + (head * p->v_cap + j0) * (E / per);
+    const int64_t nq = lk_max_i64(0, lk_min_i64(nb, p->qv[c->b] - j0));   /* quantized tokens of the block */
+    const int64_t cstride = E / per;
+    const uint8_t *vc = p->v_codes + (head * p->v_cap + j0) * cstride + e0 / per;
     const float *vs = p->v_scale + (head * p->v_cap + j0) * EG, *vz = p->v_zero + (head * p->v_cap + j0) * EG;
+    const float *vr = p->v_res + (head * p->v_res_cap + (j0 + nq - p->qv[c->b])) * E + e0;
+    const float *S = c->S + r0 * G, *W = c->W;
+    int64_t gi[4];                       /* feature group of each vector */
+    for (int v = 0; v < nv; v++) gi[v] = (e0 + v * LK_VF) / G;
     lk_vf a[4][4];
     for (int r = 0; r < rt; r++)
         for (int v = 0; v < nv; v++) a[r][v] = lk_vf_load(c->acc + (r0 + r) * E + e0 + v * LK_VF);
     if (rt == 1) {
         /* one row (the last row of the item): w_tg = p_t * scale_tg and z_g = sum_t p_t zero_tg were formed
          * by lk_values; the inner loop is one FMA per decoded vector */
-        const float *pr = c->S + r0 * G;
-        for (int64_t t = 0; t < nb; t++) {
-            if (j0 + t < qv) {
-                for (int v = 0; v < nv; v++)
-                    a[0][v] = lk_vf_fma(lk_vf_codes(vc + t * (E / per) + (e0 + v * LK_VF) / per, bits),
-                                        lk_vf_set1(c->W[t * EG + (e0 + v * LK_VF) / G]), a[0][v]);
-            } else {
-                const float *vr = p->v_res + (head * p->v_res_cap + (j0 + t - qv)) * E + e0;
-                for (int v = 0; v < nv; v++) a[0][v] = lk_vf_fma(lk_vf_set1(pr[t]), lk_vf_load(vr + v * LK_VF), a[0][v]);
+        for (int64_t t = 0; t < nq; t++, vc += cstride, W += EG)
+            for (int v = 0; v < nv; v++)
+                a[0][v] = lk_vf_fma(lk_vf_codes(vc + v * LK_VF / per, bits), lk_vf_set1(W[gi[v]]), a[0][v]);
+        for (int v = 0; v < nv; v++) a[0][v] = lk_vf_add(a[0][v], lk_vf_set1(c->Z[gi[v]]));
+    } else {
+        for (int64_t t = 0; t < nq; t++, vc += cstride, vs += EG, vz += EG) {
+            lk_vf x[4];
+            for (int v = 0; v < nv; v++)
+                x[v] = lk_vf_fma(lk_vf_codes(vc + v * LK_VF / per, bits), lk_vf_set1(vs[gi[v]]), lk_vf_set1(vz[gi[v]]));
+            for (int r = 0; r < rt; r++) {
+                const lk_vf pr = lk_vf_set1(S[r * G + t]);
+                for (int v = 0; v < nv; v++) a[r][v] = lk_vf_fma(pr, x[v], a[r][v]);
             }
         }
-        for (int v = 0; v < nv; v++)
-            lk_vf_store(c->acc + r0 * E + e0 + v * LK_VF, lk_vf_add(a[0][v], lk_vf_set1(c->Z[(e0 + v * LK_VF) / G])));
-        return;
     }
-    for (int64_t t = 0; t < nb; t++) {
-        lk_vf x[4];
-        if (j0 + t < qv) {
-            for (int v = 0; v < nv; v++) {
-                const int64_t ge = t * EG + (e0 + v * LK_VF) / G;
-                x[v] = lk_vf_fma(lk_vf_codes(vc + t * (E / per) + (e0 + v * LK_VF) / per, bits), lk_vf_set1(vs[ge]),
-                                 lk_vf_set1(vz[ge]));
-            }
-        } else {
-            const float *vr = p->v_res + (head * p->v_res_cap + (j0 + t - qv)) * E + e0;
-            for (int v = 0; v < nv; v++) x[v] = lk_vf_load(vr + v * LK_VF);
-        }
+    for (int64_t t = nq; t < nb; t++, vr += E)
         for (int r = 0; r < rt; r++) {
-            const lk_vf pr = lk_vf_set1(c->S[(r0 + r) * G + t]);
-            for (int v = 0; v < nv; v++) a[r][v] = lk_vf_fma(pr, x[v], a[r][v]);
+            const lk_vf pr = lk_vf_set1(S[r * G + t]);
+            for (int v = 0; v < nv; v++) a[r][v] = lk_vf_fma(pr, lk_vf_load(vr + v * LK_VF), a[r][v]);
         }
-    }
     for (int r = 0; r < rt; r++)
         for (int v = 0; v < nv; v++) lk_vf_store(c->acc + (r0 + r) * E + e0 + v * LK_VF, a[r][v]);
 }
