@@ -348,7 +348,7 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
     int64_t maxlen = 0;
     for (int64_t b = 0; b < B; b++) maxlen = lk_max_i64(maxlen, p->lens[b]);
     const int threads = lk_get_num_threads();
-    int64_t nsplit = lk_cdiv(4 * (int64_t)threads, B * Hkv);
+    int64_t nsplit = lk_cdiv(8 * (int64_t)threads, B * Hkv);
     nsplit = lk_max_i64(1, lk_min_i64(nsplit, lk_cdiv(maxlen, 8 * G)));
     const int64_t items = B * Hkv * nsplit;
     float *part_m = (float *)malloc(sizeof(float) * (size_t)(items * rows));
@@ -371,10 +371,14 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
         c.Z = (float *)malloc(fl * (size_t)(E / G + 1));
         c.m = (float *)malloc(fl * (size_t)rows);
         c.l = (float *)malloc(fl * (size_t)rows);
-        int64_t lo, hi;
-        lk_chunk(items, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
-        if (!c.qsc || !c.qs || !c.qz || !c.S || !c.acc || !c.W || !c.Z || !c.m || !c.l) failed = lo < hi;
-        for (int64_t it = lo; it < hi && !failed; it++) {
+        const int ok = !(!c.qsc || !c.qs || !c.qz || !c.S || !c.acc || !c.W || !c.Z || !c.m || !c.l);
+        failed = !ok;
+        /* items are claimed dynamically (balance, and robust to a preempted thread); each item's result
+         * depends only on the item, and partials are merged in a fixed order, so results stay bitwise
+         * reproducible for a fixed thread count */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            if (!ok) continue;
             const int64_t b = it / (Hkv * nsplit), g = (it / nsplit) % Hkv, sp = it % nsplit;
             c.b = b; c.g = g;
             for (int64_t r = 0; r < rows; r++) {

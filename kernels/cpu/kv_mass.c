@@ -111,7 +111,7 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
     if (B == 0 || M == 0 || Hkv == 0 || Hq == 0 || N == 0) return LK_OK;
     const int64_t group = Hq / Hkv, rows = group * N;
     const int threads = lk_get_num_threads();
-    int64_t nsplit = lk_cdiv(4 * (int64_t)threads, B * Hkv);
+    int64_t nsplit = lk_cdiv(8 * (int64_t)threads, B * Hkv);
     nsplit = lk_max_i64(1, lk_min_i64(nsplit, lk_cdiv(M, LK_KC)));
     const int64_t items = B * Hkv * nsplit;
     float *part_m = NULL, *part_l = NULL, *lse = NULL;
@@ -128,10 +128,14 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
             float *kt = (float *)malloc(sizeof(float) * (size_t)((D > 0 ? D : 1) * LK_KC));
             float *s = (float *)malloc(sizeof(float) * LK_RT * LK_KC);
             float *hm = (float *)malloc(sizeof(float) * (size_t)(group * LK_KC));
-            int64_t lo, hi;
-            lk_chunk(items, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
-            if (!kt || !s || !hm) failed = lo < hi;
-            for (int64_t it = lo; it < hi && !failed; it++) {
+            const int ok = !(!kt || !s || !hm);
+            failed = !ok;
+            /* items are claimed dynamically (balance, and robust to a preempted thread); each item's result
+             * depends only on the item, and partials are merged in a fixed order, so results stay bitwise
+             * reproducible for a fixed thread count */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t it = 0; it < items; it++) {
+                if (!ok) continue;
                 const int64_t b = it / (Hkv * nsplit), g = (it / nsplit) % Hkv, sp = it % nsplit;
                 lk_mass_ctx c = {p, b, g, group, rows};
                 int64_t k0, k1;
