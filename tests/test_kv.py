@@ -405,3 +405,20 @@ def test_cuda_route_not_implemented():
     x = torch.zeros((1, 8, 1, 8), device="cuda")
     with pytest.raises(NotImplementedError, match="kv.quantize"):
         kv.quantize(x, bits=2, group_size=8, axis="token")
+
+
+def test_reproducible_and_thread_counts(rng):
+    c = kv.QuantizedKVCache(1, 1200, 2, 32, bits=2, group_size=32, residual=64)
+    _fill([c], rng, 2, 32, 32, [1100])
+    q, k = randn(rng, (1, 3, 8, 32)), randn(rng, (1, 900, 2, 32))
+    was = lmkern.get_num_threads()
+    try:
+        a1, a2 = c.attend(q), c.attend(q)
+        m1, m2 = kv.attention_mass(q, k, causal=True), kv.attention_mass(q, k, causal=True)
+        np.testing.assert_array_equal(a1, a2)
+        np.testing.assert_array_equal(m1, m2)
+        lmkern.set_num_threads(1)
+        assert_close(c.attend(q), a1, np.float32)
+        assert_close(kv.attention_mass(q, k, causal=True), m1, np.float32)
+    finally:
+        lmkern.set_num_threads(was)
