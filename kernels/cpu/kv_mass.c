@@ -149,6 +149,9 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
                 for (int64_t j0 = k0; j0 < len; j0 += LK_KC) {
                     const int64_t nk = lk_min_i64(LK_KC, len - j0);
                     lk_mass_pack(&c, j0, nk, kt);
+                    /* the next chunk's key rows arrive while this chunk's scores are computed */
+                    for (int64_t jj = j0 + LK_KC; jj < lk_min_i64(j0 + 2 * LK_KC, len); jj++)
+                        lk_prefetch(p->k + ((b * M + jj) * Hkv + g) * D, D * (int64_t)sizeof(float));
                     int64_t maxpos = INT64_MIN;
                     if (p->causal)
                         for (int64_t jj = 0; jj < nk; jj++) maxpos = lk_max_i64(maxpos, p->kv_pos[b * M + j0 + jj]);
