@@ -27,7 +27,7 @@
 #include "lmkern/softmax.h"
 
 #define LK_ALWAYS_INLINE static inline __attribute__((always_inline))
-#define LK_PREFETCH_BLOCKS 2   /* blocks of G tokens prefetched ahead */
+#define LK_PREFETCH_BLOCKS 8   /* blocks of G tokens prefetched ahead */
 
 typedef struct {
     const lk_kv_attend_params *p;
@@ -288,7 +288,7 @@ static void lk_attend_prefetch(const lk_attend_ctx *c, int64_t j0) {
 static void lk_attend_block(lk_attend_ctx *c, int64_t j0, int64_t nb) {
     const lk_kv_attend_params *p = c->p;
     const int64_t G = p->G, E = p->E, b = c->b;
-    lk_attend_prefetch(c, j0 + LK_PREFETCH_BLOCKS * G);
+    if (LK_PREFETCH_BLOCKS) lk_attend_prefetch(c, j0 + LK_PREFETCH_BLOCKS * G);
     if (j0 < p->qk[b]) lk_keys_quantized(c, j0 / G);
     else lk_keys_full(c, j0, nb);
     int64_t maxpos = INT64_MIN;   /* a row whose q_pos is >= every position of the block needs no mask */
