@@ -185,11 +185,12 @@ static inline lk_vf lk_vf_exp(lk_vf x) {
     return lk_vf_keep_nan(x, y); /* min/max may have dropped a NaN input: restore it */
 }
 
-/* Software prefetch of [p, p + bytes) into the caches (a hint; portable GCC builtin, no ISA branch).
+/* Software prefetch of [p, p + bytes) into L2 (prefetcht1: a hint; portable GCC builtin, no ISA branch;
+ * L2 rather than L1 so that prefetching several streams ahead does not evict the working set).
  * Kernels that walk several streams at once (e.g. the quantized KV cache: codes, scales, zeros of
  * keys and values) prefetch a few blocks ahead, since the hardware streamers stop at page edges. */
 static inline void lk_prefetch(const void *p, int64_t bytes) {
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 3);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 2);
 }
 
 /* Non-temporal (streaming) stores for bandwidth-bound kernels that write large outputs once
