@@ -8,9 +8,10 @@
  * GQA group and all N queries share each decoded byte).
  * Values, quantized per token (group of G features shares scale_jg, zero_jg):
  *   o_e = sum_j p_j (code_je scale_jg + zero_jg).
- * A tile of several rows (GQA heads, queries) forms code * scale + zero in registers once per decoded
- * vector and FMAs it into every row (1 + rows FMAs per vector); a single row instead folds
- * w_jg = p_j scale_jg into its FMA and sums p_j zero_jg per group (1 FMA per vector).
+ * code * scale + zero is formed in registers once per decoded vector (one FMA with the broadcast scale
+ * and zero) and FMA'd into every row of the tile (all GQA heads and queries share it); it is never
+ * stored.  (Folding p_j scale_jg into the FMA instead needs per-token weights in memory and measured
+ * slower, even for a single row.)
  * Full-precision residual tokens use the same loops with plain loads.  No dequantized copy is made.
  *
  * Work items (b, KV head g, split of the row's tokens), split statically over threads; each keeps an
@@ -38,7 +39,6 @@ typedef struct {
     float *qz;                   /* rows */
     float *S;                    /* rows x G: scores, then probabilities */
     float *acc;                  /* rows x E */
-    float *W, *Z;                /* G x (E/G) and E/G: value weights of a single-row tile */
     float *m, *l;                /* rows */
 } lk_attend_ctx;
 
@@ -171,28 +171,19 @@ LK_ALWAYS_INLINE void lk_values_chunk(const lk_attend_ctx *c, int64_t j0, int64_
     const uint8_t *vc = p->v_codes + (head * p->v_cap + j0) * cstride + e0 / per;
     const float *vs = p->v_scale + (head * p->v_cap + j0) * EG, *vz = p->v_zero + (head * p->v_cap + j0) * EG;
     const float *vr = p->v_res + (head * p->v_res_cap + (j0 + nq - p->qv[c->b])) * E + e0;
-    const float *S = c->S + r0 * G, *W = c->W;
+    const float *S = c->S + r0 * G;
     int64_t gi[4];                       /* feature group of each vector */
     for (int v = 0; v < nv; v++) gi[v] = (e0 + v * LK_VF) / G;
     lk_vf a[4][4];
     for (int r = 0; r < rt; r++)
         for (int v = 0; v < nv; v++) a[r][v] = lk_vf_load(c->acc + (r0 + r) * E + e0 + v * LK_VF);
-    if (rt == 1) {
-        /* one row (the last row of the item): w_tg = p_t * scale_tg and z_g = sum_t p_t zero_tg were formed
-         * by lk_values; the inner loop is one FMA per decoded vector */
-        for (int64_t t = 0; t < nq; t++, vc += cstride, W += EG)
-            for (int v = 0; v < nv; v++)
-                a[0][v] = lk_vf_fma(lk_vf_codes(vc + v * LK_VF / per, bits), lk_vf_set1(W[gi[v]]), a[0][v]);
-        for (int v = 0; v < nv; v++) a[0][v] = lk_vf_add(a[0][v], lk_vf_set1(c->Z[gi[v]]));
-    } else {
-        for (int64_t t = 0; t < nq; t++, vc += cstride, vs += EG, vz += EG) {
-            lk_vf x[4];
-            for (int v = 0; v < nv; v++)
-                x[v] = lk_vf_fma(lk_vf_codes(vc + v * LK_VF / per, bits), lk_vf_set1(vs[gi[v]]), lk_vf_set1(vz[gi[v]]));
-            for (int r = 0; r < rt; r++) {
-                const lk_vf pr = lk_vf_set1(S[r * G + t]);
-                for (int v = 0; v < nv; v++) a[r][v] = lk_vf_fma(pr, x[v], a[r][v]);
-            }
+    for (int64_t t = 0; t < nq; t++, vc += cstride, vs += EG, vz += EG) {
+        lk_vf x[4];
+        for (int v = 0; v < nv; v++)
+            x[v] = lk_vf_fma(lk_vf_codes(vc + v * LK_VF / per, bits), lk_vf_set1(vs[gi[v]]), lk_vf_set1(vz[gi[v]]));
+        for (int r = 0; r < rt; r++) {
+            const lk_vf pr = lk_vf_set1(S[r * G + t]);
+            for (int v = 0; v < nv; v++) a[r][v] = lk_vf_fma(pr, x[v], a[r][v]);
         }
     }
     for (int64_t t = nq; t < nb; t++, vr += E)
@@ -224,18 +215,6 @@ LK_ALWAYS_INLINE void lk_values_rows(const lk_attend_ctx *c, int64_t j0, int64_t
 static void lk_values(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
     const lk_kv_attend_params *p = c->p;
     if (c->simd) {
-        if (c->rows % 2) {
-            /* weights of the single-row tile (the last row) */
-            const int64_t G = p->G, EG = p->E / G, head = c->b * p->Hkv + c->g, qv = p->qv[c->b];
-            const float *pr = c->S + (c->rows - 1) * G;
-            const float *vs = p->v_scale + (head * p->v_cap + j0) * EG, *vz = p->v_zero + (head * p->v_cap + j0) * EG;
-            for (int64_t ge = 0; ge < EG; ge++) c->Z[ge] = 0;
-            for (int64_t t = 0; t < nb && j0 + t < qv; t++)
-                for (int64_t ge = 0; ge < EG; ge++) {
-                    c->W[t * EG + ge] = pr[t] * vs[t * EG + ge];
-                    c->Z[ge] += pr[t] * vz[t * EG + ge];
-                }
-        }
         if (p->bits == 2) lk_values_rows(c, j0, nb, 2);
         else if (p->bits == 4) lk_values_rows(c, j0, nb, 4);
         else lk_values_rows(c, j0, nb, 8);
@@ -367,11 +346,9 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
         c.qz = (float *)malloc(fl * (size_t)rows);
         c.S = (float *)malloc(fl * (size_t)(rows * G));
         c.acc = (float *)malloc(fl * (size_t)(rows * E + 1));
-        c.W = (float *)malloc(fl * (size_t)(E + 1));
-        c.Z = (float *)malloc(fl * (size_t)(E / G + 1));
         c.m = (float *)malloc(fl * (size_t)rows);
         c.l = (float *)malloc(fl * (size_t)rows);
-        const int ok = !(!c.qsc || !c.qs || !c.qz || !c.S || !c.acc || !c.W || !c.Z || !c.m || !c.l);
+        const int ok = !(!c.qsc || !c.qs || !c.qz || !c.S || !c.acc || !c.m || !c.l);
         failed = !ok;
         /* items are claimed dynamically (balance, and robust to a preempted thread); each item's result
          * depends only on the item, and partials are merged in a fixed order, so results stay bitwise
@@ -401,7 +378,7 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
                 memcpy(part_acc + slot * E, c.acc + r * E, fl * (size_t)E);
             }
         }
-        free(c.qsc); free(c.qs); free(c.qz); free(c.S); free(c.acc); free(c.W); free(c.Z); free(c.m); free(c.l);
+        free(c.qsc); free(c.qs); free(c.qz); free(c.S); free(c.acc); free(c.m); free(c.l);
     }
     if (!failed) {
 #pragma omp parallel for num_threads(threads) schedule(static)
