@@ -116,10 +116,11 @@ class QuantizedKVCache(_kvbase.QuantizedKVCacheBase):
 
     ``attend(q, *, causal=True, q_pos=None, scale=None, return_lse=False)`` with ``q (B, N, Hq, D)``:
     attention over ``[dequantized | full-precision]`` keys and values computed straight from the packed
-    codes: for each key group the query is multiplied by the group's per-channel scales once and the
-    inner loop is codes x vector; for values the probabilities absorb the per-token scales and the
-    zero points are summed per group.  All query heads of a GQA group (and all N queries) share every
-    decoded byte; long caches are split over threads and merged with the one log-sum-exp combine.
+    codes: for each key group the query is multiplied by the group's per-channel scales once
+    (``s = sum_d (q_d scale_d) code_d + sum_d q_d zero_d``) and the inner loop is codes x vector; for
+    values ``code * scale + zero`` is formed in registers once per decoded vector and FMA'd into every
+    query row.  All query heads of a GQA group (and all N queries) share every decoded byte; long caches
+    are split over threads and merged with the one log-sum-exp combine.
     No dequantized copy is made (KIVI and kvpress dequantize the whole cache per call).
     Default ``q_pos``: the stored positions of each row's last N tokens (as :class:`lmkern.KVCache`).
     Decision: the computation is float32 (the cache holds float32 data); a float64 ``q`` gives a
