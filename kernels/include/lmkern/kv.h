@@ -1,4 +1,5 @@
-/* lmkern.kv kernels: params structs and declarations. */
+/* lmkern.kv kernels (SPEC 4): KIVI quantization, attention over the quantized cache, attention
+ * mass, top-k selection and per-head gather.  All arrays are C-contiguous. */
 #ifndef LMKERN_KV_H
 #define LMKERN_KV_H
 
@@ -7,6 +8,85 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* quantize / dequantize (SPEC 4.1): x (B, T, H, D) float32 or float64.
+ * channel == 0 ("token"): groups of G features; codes (B, T, H, D/per), scale/zero (B, T, H, D/G).
+ * channel == 1 ("channel"): groups of G tokens; codes (B, T/per, H, D), scale/zero (B, T/G, H, D).
+ * per = 8 / bits codes per byte, LSB-first.  G % per == 0 and the grouped axis % G == 0. */
+typedef struct {
+    lk_dtype dtype;               /* of x (LK_F32 or LK_F64) */
+    int64_t B, T, H, D, G;
+    int bits, channel;
+    void *x;                      /* quantize: read; dequantize: written */
+    uint8_t *codes;               /* quantize: written; dequantize: read */
+    float *scale, *zero;
+} lk_kv_quant_params;
+
+lk_status lk_kv_quantize_cpu(const lk_kv_quant_params *p);
+lk_status lk_kv_dequantize_cpu(const lk_kv_quant_params *p);
+
+/* Attention over the KIVI cache (SPEC 4.2), dequantization fused into the dot products.
+ * Row b holds lens[b] tokens; keys [0, qk[b]) are quantized per channel in groups of G tokens,
+ * keys [qk[b], lens[b]) are full precision at k_res slot j - qk[b]; values [0, qv[b]) quantized per
+ * token in groups of G features, values [qv[b], lens[b]) at v_res slot j - qv[b].
+ * Cache layout per (b, g) (head-major, so one head's cache is one contiguous stream):
+ *   k_codes (B, Hkv, k_groups, D, G/per)   byte [grp][d][t/per] holds token grp*G + t of channel d
+ *   k_scale, k_zero (B, Hkv, k_groups, D)
+ *   k_res   (B, Hkv, k_res_cap, D)
+ *   v_codes (B, Hkv, v_cap, E/per)         token-major, features packed LSB-first
+ *   v_scale, v_zero (B, Hkv, v_cap, E/G)
+ *   v_res   (B, Hkv, v_res_cap, E)
+ * q (B, N, Hq, D), out (B, N, Hq, E), lse (B, N, Hq) or NULL; float32.  q_pos (B, N) explicit;
+ * kv_pos (B, pos_cap).  Key j is admissible iff j < lens[b] and (!causal || kv_pos[b,j] <= q_pos[b,i]). */
+typedef struct {
+    int64_t B, N, Hq, Hkv, D, E, G;
+    int bits, causal;
+    double scale;
+    const float *q;
+    float *out, *lse;
+    const uint8_t *k_codes, *v_codes;
+    const float *k_scale, *k_zero, *k_res, *v_scale, *v_zero, *v_res;
+    int64_t k_groups, k_res_cap, v_cap, v_res_cap, pos_cap;
+    const int64_t *lens, *qk, *qv, *q_pos, *kv_pos;
+} lk_kv_attend_params;
+
+lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p);
+
+/* Attention mass (SPEC 4.3): out (B, M, Hout) float32, Hout = Hkv (reduce mean/sum/max) or Hq
+ * (reduce none).  q (B, N, Hq, D), k (B, M, Hkv, D) float32; q_pos (B, N), kv_pos (B, M), kv_lens (B)
+ * explicit int64.  normalize: sum of softmax probabilities; else sum of scaled logits. */
+enum { LK_REDUCE_MEAN = 0, LK_REDUCE_SUM = 1, LK_REDUCE_MAX = 2, LK_REDUCE_NONE = 3 };
+typedef struct {
+    int64_t B, N, M, Hq, Hkv, D;
+    int causal, normalize, reduce;
+    double scale;
+    const float *q, *k;
+    float *out;
+    const int64_t *q_pos, *kv_pos, *kv_lens;
+} lk_kv_mass_params;
+
+lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p);
+
+/* keep_topk (SPEC 4.5): scores (B, M, H) float32/float64 -> idx (B, K, H), K = min(budget, M). */
+typedef struct {
+    lk_dtype dtype;
+    int64_t B, M, H, K, sink, recent;
+    const void *scores;
+    int64_t *idx;
+} lk_kv_topk_params;
+
+lk_status lk_kv_keep_topk_cpu(const lk_kv_topk_params *p);
+
+/* compact (SPEC 4.5): out[b,k,h,:] = x[b, idx[b,k,h], h, :]; rows of row_bytes bytes (any dtype).
+ * idx values are in [0, M) (checked by the caller). */
+typedef struct {
+    int64_t B, M, K, H, row_bytes;
+    const void *x;
+    const int64_t *idx;
+    void *out;
+} lk_kv_compact_params;
+
+lk_status lk_kv_compact_cpu(const lk_kv_compact_params *p);
 
 #ifdef __cplusplus
 }

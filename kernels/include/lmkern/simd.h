@@ -62,6 +62,23 @@ static inline lk_vf lk_vf_select_lt(lk_vf a, lk_vf b, lk_vf c, lk_vf v) {
 static inline lk_vf lk_vf_keep_nan(lk_vf x, lk_vf y) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
 }
+/* LK_VF unsigned codes of `bits` (2, 4 or 8) bits packed LSB-first from p, as floats.  Reads
+ * LK_VF * bits / 8 bytes.  Call with a constant `bits` so the branches fold.  2 and 4 bits: the word is
+ * broadcast (from memory), shifted per lane, and the low 4 bits of each lane index a 16-float table
+ * (vpermps), which masks and converts in one instruction. */
+static inline lk_vf lk_vf_codes(const uint8_t *p, int bits) {
+    if (bits == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    if (bits == 2) {
+        int32_t u; memcpy(&u, p, 4);
+        const __m512i w = _mm512_srlv_epi32(_mm512_set1_epi32(u),
+                              _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
+        return _mm512_permutexvar_ps(w, _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3));
+    }
+    const __m512i lohi = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                                  _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)p)));
+    const __m512i w = _mm512_srlv_epi32(lohi, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28));
+    return _mm512_permutexvar_ps(w, _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
 
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -108,6 +125,19 @@ static inline lk_vf lk_vf_select_lt(lk_vf a, lk_vf b, lk_vf c, lk_vf v) {
 static inline lk_vf lk_vf_keep_nan(lk_vf x, lk_vf y) {
     return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
+static inline lk_vf lk_vf_codes(const uint8_t *p, int bits) {
+    if (bits == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    uint32_t u = 0;
+    memcpy(&u, p, bits == 2 ? 2 : 4);
+    __m256i w;
+    if (bits == 2) /* vpermps reads the low 3 bits: code + 4 * (next code's low bit) -> table[x] = x & 3 */
+        return _mm256_permutevar8x32_ps(_mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3),
+                   _mm256_srlv_epi32(_mm256_set1_epi32((int)u), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)));
+    else
+        w = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)u), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                             _mm256_set1_epi32(15));
+    return _mm256_cvtepi32_ps(w);
+}
 
 #else
 #define LK_SIMD_NAME "generic"
@@ -145,6 +175,11 @@ static inline lk_vf lk_vf_pow2i(lk_vf n) {
 }
 static inline lk_vf lk_vf_select_lt(lk_vf a, lk_vf b, lk_vf c, lk_vf v) { return lk__vsel(a < b, c, v); }
 static inline lk_vf lk_vf_keep_nan(lk_vf x, lk_vf y) { return lk__vsel(x != x, x, y); }
+static inline lk_vf lk_vf_codes(const uint8_t *p, int bits) {
+    lk_vf v; const int per = 8 / bits, mask = (1 << bits) - 1;
+    for (int i = 0; i < LK_VF; i++) v[i] = (float)((p[i / per] >> (bits * (i % per))) & mask);
+    return v;
+}
 #endif
 
 #if !defined(__AVX512F__)
@@ -201,6 +236,14 @@ static inline lk_vf lk_vf_exp(lk_vf x) {
     return lk_vf_keep_nan(x, y); /* min/max may have dropped a NaN input: restore it */
 }
 #endif
+
+/* Software prefetch of [p, p + bytes) into L2 (prefetcht1: a hint; portable GCC builtin, no ISA branch;
+ * L2 rather than L1 so that prefetching several streams ahead does not evict the working set).
+ * Kernels that walk several streams at once (e.g. the quantized KV cache: codes, scales, zeros of
+ * keys and values) prefetch a few blocks ahead, since the hardware streamers stop at page edges. */
+static inline void lk_prefetch(const void *p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 2);
+}
 
 /* Non-temporal (streaming) stores for bandwidth-bound kernels that write large outputs once
  * (lmkern.mor scatter): no read-for-ownership of the destination lines.  lk_vf_stream needs p

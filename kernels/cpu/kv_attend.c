@@ -1,0 +1,395 @@
+/* Attention over the KIVI cache (SPEC 4.2) straight from the packed codes.
+ *
+ * Keys, quantized per channel (group of G tokens shares scale_d, zero_d per feature d):
+ *   s_j = sum_d q_d (code_jd scale_d + zero_d) = sum_d (q_d scale_d) code_jd + sum_d q_d zero_d,
+ * so per key group and query row qs_d = q_d scale_d and qz = sum_d q_d zero_d are formed once and the
+ * inner loop is codes x vector: for each d, LK_VF consecutive tokens' codes are unpacked to floats
+ * (lk_vf_codes) and FMA'd with the broadcast qs_d of every row of the tile (all query heads of the
+ * GQA group and all N queries share each decoded byte).
+ * Values, quantized per token (group of G features shares scale_jg, zero_jg):
+ *   o_e = sum_j p_j (code_je scale_jg + zero_jg).
+ * code * scale + zero is formed in registers once per decoded vector (one FMA with the broadcast scale
+ * and zero) and FMA'd into every row of the tile (all GQA heads and queries share it); it is never
+ * stored.  (Folding p_j scale_jg into the FMA instead needs per-token weights in memory and measured
+ * slower, even for a single row.)
+ * Full-precision residual tokens use the same loops with plain loads.  No dequantized copy is made.
+ *
+ * Work items (b, KV head g, split of the row's tokens), split statically over threads; each keeps an
+ * online softmax state (m, l, acc) per row and processes blocks of G tokens.  The split states are
+ * merged by the one softmax combine (softmax.h).  The generic path (lk_simd_enabled() == 0, or G or
+ * E not a multiple of LK_VF) does the same math with scalar loops. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#include "lmkern/kv.h"
+#include "lmkern/simd.h"
+#include "lmkern/softmax.h"
+
+#define LK_ALWAYS_INLINE static inline __attribute__((always_inline))
+#define LK_PREFETCH_BLOCKS 8   /* blocks of G tokens prefetched ahead */
+
+typedef struct {
+    const lk_kv_attend_params *p;
+    int64_t b, g, group, rows;   /* row r = i * group + hh */
+    int simd;
+    float *qsc;                  /* rows x D: scale * q */
+    float *qs;                   /* rows x D: qsc * key scale of the current group */
+    float *qz;                   /* rows */
+    float *S;                    /* rows x G: scores, then probabilities */
+    float *acc;                  /* rows x E */
+    float *m, *l;                /* rows */
+} lk_attend_ctx;
+
+/* ---------------------------------------------------------------------------------------- keys */
+
+/* S[r][t] = qz[r] + sum_d qs[r][d] * code(t, d) for rows r0 .. r0+rt-1 and the G tokens of a group */
+LK_ALWAYS_INLINE void lk_keys_tile(const lk_attend_ctx *c, const uint8_t *kc, int64_t r0, const int rt, const int bits,
+                                   const int tv /* token vectors per pass: 1 or 2 */) {
+    const int64_t D = c->p->D, G = c->p->G, per = 8 / bits, bpd = G / per; /* bytes per channel */
+    for (int64_t tc = 0; tc < G; tc += tv * LK_VF) {
+        lk_vf a[4][2], a2[4][2];
+        for (int r = 0; r < rt; r++)
+            for (int v = 0; v < 2; v++) a[r][v] = a2[r][v] = lk_vf_zero();
+        const uint8_t *base = kc + tc / per;
+        int64_t d = 0;
+        /* two features per step into separate accumulators (hides the FMA latency when rt is 1) */
+        for (; d + 1 < D; d += 2) {
+            const uint8_t *b0 = base + d * bpd, *b1 = b0 + bpd;
+            lk_vf c0[2], c1[2];
+            for (int v = 0; v < tv; v++) {
+                c0[v] = lk_vf_codes(b0 + v * LK_VF / per, bits);
+                c1[v] = lk_vf_codes(b1 + v * LK_VF / per, bits);
+            }
+            for (int r = 0; r < rt; r++) {
+                const float *qs = c->qs + (r0 + r) * D + d;
+                const lk_vf w0 = lk_vf_set1(qs[0]), w1 = lk_vf_set1(qs[1]);
+                for (int v = 0; v < tv; v++) {
+                    a[r][v] = lk_vf_fma(w0, c0[v], a[r][v]);
+                    a2[r][v] = lk_vf_fma(w1, c1[v], a2[r][v]);
+                }
+            }
+        }
+        if (d < D) {
+            const uint8_t *b0 = base + d * bpd;
+            for (int v = 0; v < tv; v++) {
+                const lk_vf c0 = lk_vf_codes(b0 + v * LK_VF / per, bits);
+                for (int r = 0; r < rt; r++) a[r][v] = lk_vf_fma(lk_vf_set1(c->qs[(r0 + r) * D + d]), c0, a[r][v]);
+            }
+        }
+        for (int r = 0; r < rt; r++) {
+            const lk_vf z = lk_vf_set1(c->qz[r0 + r]);
+            for (int v = 0; v < tv; v++)
+                lk_vf_store(c->S + (r0 + r) * G + tc + v * LK_VF, lk_vf_add(lk_vf_add(a[r][v], a2[r][v]), z));
+        }
+    }
+}
+
+/* rt, bits and tv are literals at every call so the accumulator arrays live in registers */
+LK_ALWAYS_INLINE void lk_keys_rows_tv(const lk_attend_ctx *c, const uint8_t *kc, const int bits, const int tv) {
+    int64_t r0 = 0;
+    for (; r0 + 4 <= c->rows; r0 += 4) lk_keys_tile(c, kc, r0, 4, bits, tv);
+    for (; r0 + 2 <= c->rows; r0 += 2) lk_keys_tile(c, kc, r0, 2, bits, tv);
+    for (; r0 < c->rows; r0++) lk_keys_tile(c, kc, r0, 1, bits, tv);
+}
+
+LK_ALWAYS_INLINE void lk_keys_rows(const lk_attend_ctx *c, const uint8_t *kc, const int bits) {
+    if (c->p->G % (2 * LK_VF) == 0) lk_keys_rows_tv(c, kc, bits, 2);
+    else lk_keys_rows_tv(c, kc, bits, 1);
+}
+
+/* Scores of the quantized key group grp for every row. */
+static void lk_keys_quantized(const lk_attend_ctx *c, int64_t grp) {
+    const lk_kv_attend_params *p = c->p;
+    const int64_t D = p->D, G = p->G, per = 8 / p->bits, head = c->b * p->Hkv + c->g;
+    const float *ks = p->k_scale + (head * p->k_groups + grp) * D, *kz = p->k_zero + (head * p->k_groups + grp) * D;
+    const uint8_t *kc = p->k_codes + (head * p->k_groups + grp) * D * (G / per);
+    for (int64_t r = 0; r < c->rows; r++) {
+        const float *q = c->qsc + r * D;
+        float *qs = c->qs + r * D, z = 0;
+        int64_t d = 0;
+        if (c->simd) {
+            lk_vf zv = lk_vf_zero();
+            for (; d + LK_VF <= D; d += LK_VF) {
+                const lk_vf qv = lk_vf_load(q + d);
+                lk_vf_store(qs + d, lk_vf_mul(qv, lk_vf_load(ks + d)));
+                zv = lk_vf_fma(qv, lk_vf_load(kz + d), zv);
+            }
+            z = lk_vf_sum(zv);
+        }
+        for (; d < D; d++) { qs[d] = q[d] * ks[d]; z += q[d] * kz[d]; }
+        c->qz[r] = z;
+    }
+    if (c->simd) {
+        if (p->bits == 2) lk_keys_rows(c, kc, 2);
+        else if (p->bits == 4) lk_keys_rows(c, kc, 4);
+        else lk_keys_rows(c, kc, 8);
+        return;
+    }
+    const int bits = p->bits, mask = (1 << bits) - 1;
+    for (int64_t r = 0; r < c->rows; r++)
+        for (int64_t t = 0; t < G; t++) {
+            float s = 0;
+            for (int64_t d = 0; d < D; d++)
+                s += c->qs[r * D + d] * (float)((kc[d * (G / per) + t / per] >> (bits * (t % per))) & mask);
+            c->S[r * G + t] = s + c->qz[r];
+        }
+}
+
+/* Scores of nb full-precision keys starting at token j0 (residual slots j0 - qk ...). */
+static void lk_keys_full(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
+    const lk_kv_attend_params *p = c->p;
+    const int64_t D = p->D, G = p->G, head = c->b * p->Hkv + c->g;
+    const float *kr = p->k_res + (head * p->k_res_cap + (j0 - p->qk[c->b])) * D;
+    for (int64_t t = 0; t < nb; t++)
+        for (int64_t r = 0; r < c->rows; r++) {
+            const float *q = c->qsc + r * D, *k = kr + t * D;
+            float s = 0;
+            int64_t d = 0;
+            if (c->simd) {
+                lk_vf a = lk_vf_zero();
+                for (; d + LK_VF <= D; d += LK_VF) a = lk_vf_fma(lk_vf_load(q + d), lk_vf_load(k + d), a);
+                s = lk_vf_sum(a);
+            }
+            for (; d < D; d++) s += q[d] * k[d];
+            c->S[r * G + t] = s;
+        }
+}
+
+/* -------------------------------------------------------------------------------------- values */
+
+/* acc[r][e] += sum_t p[r][t] * x_t[e] over the block's nb tokens for rows r0 .. r0+rt-1, features e0 ..
+ * e0 + nv*LK_VF.  x_t is the residual row (j >= qv) or, for a quantized token, code_te * scale_tg + zero_tg
+ * formed in registers once per decoded vector and shared by every row of the tile (never stored). */
+LK_ALWAYS_INLINE void lk_values_chunk(const lk_attend_ctx *c, int64_t j0, int64_t nb, int64_t r0, const int rt,
+                                      const int bits, int64_t e0, const int nv) {
+    const lk_kv_attend_params *p = c->p;
+    const int64_t E = p->E, G = p->G, EG = E / G, per = 8 / bits, head = c->b * p->Hkv + c->g;
+    const int64_t nq = lk_max_i64(0, lk_min_i64(nb, p->qv[c->b] - j0));   /* quantized tokens of the block */
+    const int64_t cstride = E / per;
+    const uint8_t *vc = p->v_codes + (head * p->v_cap + j0) * cstride + e0 / per;
+    const float *vs = p->v_scale + (head * p->v_cap + j0) * EG, *vz = p->v_zero + (head * p->v_cap + j0) * EG;
+    const float *vr = p->v_res + (head * p->v_res_cap + (j0 + nq - p->qv[c->b])) * E + e0;
+    const float *S = c->S + r0 * G;
+    int64_t gi[4];                       /* feature group of each vector */
+    for (int v = 0; v < nv; v++) gi[v] = (e0 + v * LK_VF) / G;
+    lk_vf a[4][4];
+    for (int r = 0; r < rt; r++)
+        for (int v = 0; v < nv; v++) a[r][v] = lk_vf_load(c->acc + (r0 + r) * E + e0 + v * LK_VF);
+    for (int64_t t = 0; t < nq; t++, vc += cstride, vs += EG, vz += EG) {
+        lk_vf x[4];
+        for (int v = 0; v < nv; v++)
+            x[v] = lk_vf_fma(lk_vf_codes(vc + v * LK_VF / per, bits), lk_vf_set1(vs[gi[v]]), lk_vf_set1(vz[gi[v]]));
+        for (int r = 0; r < rt; r++) {
+            const lk_vf pr = lk_vf_set1(S[r * G + t]);
+            for (int v = 0; v < nv; v++) a[r][v] = lk_vf_fma(pr, x[v], a[r][v]);
+        }
+    }
+    for (int64_t t = nq; t < nb; t++, vr += E)
+        for (int r = 0; r < rt; r++) {
+            const lk_vf pr = lk_vf_set1(S[r * G + t]);
+            for (int v = 0; v < nv; v++) a[r][v] = lk_vf_fma(pr, lk_vf_load(vr + v * LK_VF), a[r][v]);
+        }
+    for (int r = 0; r < rt; r++)
+        for (int v = 0; v < nv; v++) lk_vf_store(c->acc + (r0 + r) * E + e0 + v * LK_VF, a[r][v]);
+}
+
+LK_ALWAYS_INLINE void lk_values_tile(const lk_attend_ctx *c, int64_t j0, int64_t nb, int64_t r0, const int rt,
+                                     const int bits) {
+    const int64_t E = c->p->E;
+    int64_t e0 = 0;
+    for (; e0 + 4 * LK_VF <= E; e0 += 4 * LK_VF) lk_values_chunk(c, j0, nb, r0, rt, bits, e0, 4);
+    for (; e0 < E; e0 += LK_VF) lk_values_chunk(c, j0, nb, r0, rt, bits, e0, 1);
+}
+
+LK_ALWAYS_INLINE void lk_values_rows(const lk_attend_ctx *c, int64_t j0, int64_t nb, const int bits) {
+    int64_t r0 = 0;
+    for (; r0 + 4 <= c->rows; r0 += 4) lk_values_tile(c, j0, nb, r0, 4, bits);
+    for (; r0 + 2 <= c->rows; r0 += 2) lk_values_tile(c, j0, nb, r0, 2, bits);
+    for (; r0 < c->rows; r0++) lk_values_tile(c, j0, nb, r0, 1, bits);
+}
+
+/* Values of the block: SIMD path above; the generic path folds p_t * scale_tg into a weight and sums
+ * the zero points per group (the same math in another order). */
+static void lk_values(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
+    const lk_kv_attend_params *p = c->p;
+    if (c->simd) {
+        if (p->bits == 2) lk_values_rows(c, j0, nb, 2);
+        else if (p->bits == 4) lk_values_rows(c, j0, nb, 4);
+        else lk_values_rows(c, j0, nb, 8);
+        return;
+    }
+    const int64_t E = p->E, G = p->G, EG = E / G, head = c->b * p->Hkv + c->g, qv = p->qv[c->b];
+    const int bits = p->bits, per = 8 / bits, mask = (1 << bits) - 1;
+    for (int64_t t = 0; t < nb; t++) {
+        const int64_t j = j0 + t;
+        const uint8_t *vc = p->v_codes + (head * p->v_cap + j) * (E / per);
+        const float *vs = p->v_scale + (head * p->v_cap + j) * EG, *vz = p->v_zero + (head * p->v_cap + j) * EG;
+        for (int64_t r = 0; r < c->rows; r++) {
+            const float pr = c->S[r * G + t];
+            float *acc = c->acc + r * E;
+            if (j < qv) {
+                for (int64_t ge = 0; ge < EG; ge++) {
+                    const float w = pr * vs[ge];
+                    float z = pr * vz[ge];
+                    for (int64_t e = ge * G; e < (ge + 1) * G; e++)
+                        acc[e] += w * (float)((vc[e / per] >> (bits * (e % per))) & mask) + z;
+                }
+            } else {
+                const float *vr = p->v_res + (head * p->v_res_cap + (j - qv)) * E;
+                for (int64_t e = 0; e < E; e++) acc[e] += pr * vr[e];
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------ one item */
+
+/* Prefetch the quantized data of the block starting at token j0 (if any). */
+static void lk_attend_prefetch(const lk_attend_ctx *c, int64_t j0) {
+    const lk_kv_attend_params *p = c->p;
+    const int64_t G = p->G, D = p->D, E = p->E, per = 8 / p->bits, head = c->b * p->Hkv + c->g, b = c->b;
+    if (j0 + G <= p->qk[b]) {
+        const int64_t grp = head * p->k_groups + j0 / G;
+        lk_prefetch(p->k_codes + grp * D * (G / per), D * (G / per));
+        lk_prefetch(p->k_scale + grp * D, D * 4);
+        lk_prefetch(p->k_zero + grp * D, D * 4);
+    }
+    if (j0 + G <= p->qv[b]) {
+        const int64_t tok = head * p->v_cap + j0;
+        lk_prefetch(p->v_codes + tok * (E / per), G * (E / per));
+        lk_prefetch(p->v_scale + tok * (E / G), G * (E / G) * 4);
+        lk_prefetch(p->v_zero + tok * (E / G), G * (E / G) * 4);
+    }
+}
+
+static void lk_attend_block(lk_attend_ctx *c, int64_t j0, int64_t nb) {
+    const lk_kv_attend_params *p = c->p;
+    const int64_t G = p->G, E = p->E, b = c->b;
+    if (LK_PREFETCH_BLOCKS) lk_attend_prefetch(c, j0 + LK_PREFETCH_BLOCKS * G);
+    if (j0 < p->qk[b]) lk_keys_quantized(c, j0 / G);
+    else lk_keys_full(c, j0, nb);
+    int64_t maxpos = INT64_MIN;   /* a row whose q_pos is >= every position of the block needs no mask */
+    if (p->causal)
+        for (int64_t t = 0; t < nb; t++) maxpos = lk_max_i64(maxpos, p->kv_pos[b * p->pos_cap + j0 + t]);
+    for (int64_t r = 0; r < c->rows; r++) {
+        float *s = c->S + r * G;
+        const int64_t qp = p->q_pos[b * p->N + r / c->group];
+        if (p->causal && maxpos > qp)
+            for (int64_t t = 0; t < nb; t++)
+                if (p->kv_pos[b * p->pos_cap + j0 + t] > qp) s[t] = -INFINITY;
+        float bm = -INFINITY;
+        int64_t t0 = 0;
+        if (c->simd && nb >= LK_VF) {
+            lk_vf mx = lk_vf_load(s);
+            for (t0 = LK_VF; t0 + LK_VF <= nb; t0 += LK_VF) mx = lk_vf_max(mx, lk_vf_load(s + t0));
+            bm = lk_vf_hmax(mx);
+        }
+        for (; t0 < nb; t0++) bm = s[t0] > bm ? s[t0] : bm;
+        if (bm == -INFINITY) {               /* nothing admissible (or all -inf): no contribution */
+            for (int64_t t = 0; t < nb; t++) s[t] = 0;
+            continue;
+        }
+        if (bm > c->m[r]) {
+            /* rescale what was accumulated under the old max */
+            const float f = c->m[r] == -INFINITY ? 0.0f : expf(c->m[r] - bm);
+            c->l[r] *= f;
+            for (int64_t e = 0; e < E; e++) c->acc[r * E + e] *= f;
+            c->m[r] = bm;
+        }
+        const float m = c->m[r];
+        float l = 0;
+        int64_t t = 0;
+        if (c->simd) {
+            lk_vf lv = lk_vf_zero();
+            const lk_vf mv = lk_vf_set1(m);
+            for (; t + LK_VF <= nb; t += LK_VF) {
+                const lk_vf e = lk_vf_exp(lk_vf_sub(lk_vf_load(s + t), mv));
+                lk_vf_store(s + t, e);
+                lv = lk_vf_add(lv, e);
+            }
+            l = lk_vf_sum(lv);
+        }
+        for (; t < nb; t++) { s[t] = expf(s[t] - m); l += s[t]; }
+        c->l[r] += l;
+    }
+    lk_values(c, j0, nb);
+}
+
+lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
+    const int64_t B = p->B, N = p->N, Hq = p->Hq, Hkv = p->Hkv, D = p->D, E = p->E, G = p->G;
+    if (p->bits != 2 && p->bits != 4 && p->bits != 8) return LK_ERR_VALUE;
+    if (G < 1 || G % (8 / p->bits) || E % G) return LK_ERR_VALUE;
+    if (B == 0 || N == 0 || Hq == 0) return LK_OK;
+    if (Hkv == 0 || Hq % Hkv) return LK_ERR_VALUE;
+    const int64_t group = Hq / Hkv, rows = N * group;
+    int64_t maxlen = 0;
+    for (int64_t b = 0; b < B; b++) maxlen = lk_max_i64(maxlen, p->lens[b]);
+    const int threads = lk_get_num_threads();
+    int64_t nsplit = lk_cdiv(8 * (int64_t)threads, B * Hkv);
+    nsplit = lk_max_i64(1, lk_min_i64(nsplit, lk_cdiv(maxlen, 8 * G)));
+    const int64_t items = B * Hkv * nsplit;
+    float *part_m = (float *)malloc(sizeof(float) * (size_t)(items * rows));
+    float *part_l = (float *)malloc(sizeof(float) * (size_t)(items * rows));
+    float *part_acc = (float *)malloc(sizeof(float) * (size_t)(items * rows * (E > 0 ? E : 1)));
+    if (!part_m || !part_l || !part_acc) { free(part_m); free(part_l); free(part_acc); return LK_ERR_NOMEM; }
+    const int simd = lk_simd_enabled() && G % LK_VF == 0 && E % LK_VF == 0;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|: failed)
+    {
+        lk_attend_ctx c = {0};
+        c.p = p; c.group = group; c.rows = rows; c.simd = simd;
+        const size_t fl = sizeof(float);
+        c.qsc = (float *)malloc(fl * (size_t)(rows * D + 1));
+        c.qs = (float *)malloc(fl * (size_t)(rows * D + 1));
+        c.qz = (float *)malloc(fl * (size_t)rows);
+        c.S = (float *)malloc(fl * (size_t)(rows * G));
+        c.acc = (float *)malloc(fl * (size_t)(rows * E + 1));
+        c.m = (float *)malloc(fl * (size_t)rows);
+        c.l = (float *)malloc(fl * (size_t)rows);
+        const int ok = !(!c.qsc || !c.qs || !c.qz || !c.S || !c.acc || !c.m || !c.l);
+        failed = !ok;
+        /* items are claimed dynamically (balance, and robust to a preempted thread); each item's result
+         * depends only on the item, and partials are merged in a fixed order, so results stay bitwise
+         * reproducible for a fixed thread count */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            if (!ok) continue;
+            const int64_t b = it / (Hkv * nsplit), g = (it / nsplit) % Hkv, sp = it % nsplit;
+            c.b = b; c.g = g;
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t i = r / group, h = g * group + r % group;
+                const float *q = p->q + ((b * N + i) * Hq + h) * D;
+                for (int64_t d = 0; d < D; d++) c.qsc[r * D + d] = (float)p->scale * q[d];
+                c.m[r] = -INFINITY;
+                c.l[r] = 0;
+            }
+            memset(c.acc, 0, fl * (size_t)(rows * E));
+            int64_t c0, c1;
+            const int64_t len = p->lens[b];
+            lk_chunk(lk_cdiv(len, G), nsplit, sp, &c0, &c1);
+            for (int64_t j0 = c0 * G; j0 < lk_min_i64(c1 * G, len); j0 += G)
+                lk_attend_block(&c, j0, lk_min_i64(G, len - j0));
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t slot = ((b * Hkv + g) * rows + r) * nsplit + sp;
+                part_m[slot] = c.m[r];
+                part_l[slot] = c.l[r];
+                memcpy(part_acc + slot * E, c.acc + r * E, fl * (size_t)E);
+            }
+        }
+        free(c.qsc); free(c.qs); free(c.qz); free(c.S); free(c.acc); free(c.m); free(c.l);
+    }
+    if (!failed) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t t = 0; t < B * Hkv * rows; t++) {
+            const int64_t b = t / (Hkv * rows), g = (t / rows) % Hkv, r = t % rows;
+            const int64_t i = r / group, h = g * group + r % group;
+            const int64_t orow = (b * N + i) * Hq + h;
+            lk_softmax_combine_f32(nsplit, part_m + t * nsplit, part_l + t * nsplit, part_acc + t * nsplit * E, E, E,
+                                   p->out + orow * E, p->lse ? p->lse + orow : NULL);
+        }
+    }
+    free(part_m); free(part_l); free(part_acc);
+    return failed ? LK_ERR_NOMEM : LK_OK;
+}
