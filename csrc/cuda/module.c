@@ -142,6 +142,16 @@ static PyObject *py_current_device(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(dev);
 }
 
+/* pointer_device(ptr) -> the device id owning a device pointer (cudaPointerGetAttributes). */
+static PyObject *py_pointer_device(PyObject *self, PyObject *arg) {
+    void *ptr;
+    if (!ptr_arg(arg, &ptr)) return NULL;
+    struct cudaPointerAttributes attr;
+    cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
+    if (err != cudaSuccess) return raise_cuda("pointer_device", err);
+    return PyLong_FromLong(attr.device);
+}
+
 /* ---- memory (for lmkern.cuda.DeviceArray) -------------------------------------------------------- */
 
 static PyObject *py_malloc(PyObject *self, PyObject *args) {
@@ -330,7 +340,10 @@ static int fill_attention(PyObject *args, PyObject *kwargs, lk_attention_params 
                      LK_CUDA_ATTN_MAX_HEAD_DIM);
         return -1;
     }
-    if (B * N * Hq > 0 && (!q || !out || (M * Hkv > 0 && (!k || !v)) || (L > 0 && (!pk || !pv)))) {
+    /* a pointer may be NULL only when its array has no elements */
+    const int rows = B * N * Hq > 0;
+    if (rows && ((D > 0 && !q) || (E > 0 && !out) || (M * Hkv * D > 0 && !k) || (M * Hkv * E > 0 && !v) ||
+                 (L * Hkv * D > 0 && !pk) || (L * Hkv * E > 0 && !pv))) {
         PyErr_Format(PyExc_ValueError, "%s: null device pointer", FN_ATTN);
         return -1;
     }
@@ -441,6 +454,7 @@ static PyMethodDef lk_cuda_methods[] = {
     {"device_properties", py_device_properties, METH_O, "device_properties(i) -> dict(name, major, minor, ...)."},
     {"versions", py_versions, METH_NOARGS, "versions() -> dict(runtime, driver, compiled)."},
     {"current_device", py_current_device, METH_NOARGS, "current_device() -> int"},
+    {"pointer_device", py_pointer_device, METH_O, "pointer_device(ptr) -> device id of a device pointer."},
     {"malloc", py_malloc, METH_VARARGS, "malloc(nbytes, device) -> ptr"},
     {"free", py_free, METH_VARARGS, "free(ptr, device)"},
     {"memcpy_htod", py_memcpy_htod, METH_VARARGS, "memcpy_htod(dst_ptr, host_buffer, device): synchronous."},

@@ -526,7 +526,7 @@ extern "C" lk_status lk_attention_cuda(const lk_attention_params *p, int num_spl
     if (p->D > LK_CUDA_ATTN_MAX_HEAD_DIM || p->E > LK_CUDA_ATTN_MAX_HEAD_DIM) return LK_ERR_VALUE;
     if (p->B == 0 || p->N == 0 || p->Hq == 0) return LK_OK;
     if (p->Hkv <= 0 || p->Hq % p->Hkv) return LK_ERR_VALUE;
-    if (p->prefix_len && (!p->prefix_k || !p->prefix_v || p->prefix_rows < 1)) return LK_ERR_VALUE;
+    if (p->prefix_len && p->prefix_rows < 1) return LK_ERR_VALUE;
     if (num_splits < 1 || (num_splits > 1 && !scratch)) return LK_ERR_VALUE;
     cudaStream_t st = (cudaStream_t)stream;
     const float scale_log2 = (float)(p->scale * 1.4426950408889634);
