@@ -504,6 +504,7 @@ def test_gpu_strided_and_stream(rng):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]   # strided views, feature axis contiguous
     want = ref.attention(_host(q), _host(k), _host(v), causal=True)
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         out = lmkern.attention(q, k, v, causal=True)   # the current stream is s
     s.synchronize()
@@ -511,9 +512,19 @@ def test_gpu_strided_and_stream(rng):
     out2 = cuda.attention(q, k, v, causal=True, stream=s)
     s.synchronize()
     assert torch.equal(out, out2)
-    nc = q.transpose(1, 3)                      # non-contiguous feature axis: copied
-    with pytest.raises(ValueError):
-        lmkern.attention(nc, k, v)              # (wrong shape anyway: a clear error, not a crash)
+    with cuda.use_stream(s):
+        out3 = lmkern.attention(q, k, v, causal=True)
+    s.synchronize()
+    assert torch.equal(out, out3)
+    # a non-contiguous feature axis: copied with torch, same result
+    wide = torch.zeros(2, 40, 4, 128, device="cuda", dtype=torch.float16)
+    wide[..., ::2] = q
+    out4 = lmkern.attention(wide[..., ::2], k, v, causal=True)
+    assert torch.equal(out, out4)
+    # out= with strided (b, t, h) axes is written in place
+    buf = torch.zeros(2, 4, 40, 64, device="cuda", dtype=torch.float16)
+    res = lmkern.attention(q, k, v, causal=True, out=buf.transpose(1, 2))
+    assert res.data_ptr() == buf.data_ptr() and torch.equal(res, out)
 
 
 @requires_gpu

@@ -69,6 +69,43 @@ __device__ __forceinline__ const T *value_row(const lk_attention_params &p, int6
     return (const T *)p.v + b * p.v_stride[0] + (jj - L) * p.v_stride[1] + g * p.v_stride[2];
 }
 
+/* Flags of which rows may be read with 16-byte loads (set by the launcher). */
+constexpr int VEC_QK = 1;  // q, k, prefix_k rows: D % 8 == 0, strides % 8 == 0, bases 16-byte aligned
+constexpr int VEC_V = 2;   // v, prefix_v rows: the same with E
+
+/* Element u of the 16 bytes `r` read as T (constant u after unrolling: no local-memory round trip). */
+__device__ __forceinline__ uint32_t word_of(const uint4 &r, int w) {
+    return w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w;
+}
+__device__ __forceinline__ unsigned short half_word(const uint4 &r, int u) {
+    const uint32_t w = word_of(r, u >> 1);
+    return (unsigned short)((u & 1) ? (w >> 16) : (w & 0xffffu));  // element 2k in the low half
+}
+template <typename T> __device__ __forceinline__ T raw_elem(const uint4 &r, int u);
+template <> __device__ __forceinline__ float raw_elem<float>(const uint4 &r, int u) { return __uint_as_float(word_of(r, u)); }
+template <> __device__ __forceinline__ __half raw_elem<__half>(const uint4 &r, int u) { return __ushort_as_half(half_word(r, u)); }
+template <> __device__ __forceinline__ __nv_bfloat16 raw_elem<__nv_bfloat16>(const uint4 &r, int u) {
+    return __ushort_as_bfloat16(half_word(r, u));
+}
+
+/* <qs, k_row> over D features; qs is float (already scaled), k_row of T.  vec: 16-byte loads. */
+template <typename T>
+__device__ __forceinline__ float dot_row(const float *qs, const T *kr, int64_t D, bool vec) {
+    float dot = 0.f;
+    if (vec) {
+        constexpr int PER = 16 / sizeof(T);  // elements per 16-byte load
+        for (int64_t d = 0; d < D; d += PER) {
+            const uint4 raw = *reinterpret_cast<const uint4 *>(kr + d);
+#pragma unroll
+            for (int u = 0; u < PER; u++) dot = fmaf(qs[d + u], to_f<T>(raw_elem<T>(raw, u)), dot);
+        }
+    } else {
+#pragma unroll 8
+        for (int64_t d = 0; d < D; d++) dot = fmaf(qs[d], to_f<T>(kr[d]), dot);
+    }
+    return dot;
+}
+
 /* ------------------------------------------------------------------------------------------------ */
 /* CUDA-core kernel: one warp per (query row, split).                                               */
 
@@ -77,7 +114,8 @@ constexpr int WARP_KERNEL_WARPS = 4;
 /* EPL: value features per lane (E <= 32 * EPL). */
 template <typename T, int EPL>
 __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS)
-attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len, float *scratch, float scale_log2) {
+attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len, float *scratch, float scale_log2,
+                 int vec) {
     __shared__ float q_s[WARP_KERNEL_WARPS][LK_CUDA_ATTN_MAX_HEAD_DIM];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t rows = p.B * p.N * p.Hq;
@@ -110,13 +148,7 @@ attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len,
         if (jj < hi) {
             bool ok = true;
             if (jj >= p.prefix_len && p.causal) ok = kv_position(p, b, jj - p.prefix_len) <= qp;
-            if (ok) {
-                const T *kr = key_row<T>(p, b, g, jj);
-                float dot = 0.f;
-#pragma unroll 8
-                for (int64_t d = 0; d < D; d++) dot = fmaf(q_s[warp][d], to_f<T>(kr[d]), dot);
-                s = dot;
-            }
+            if (ok) s = dot_row<T>(q_s[warp], key_row<T>(p, b, g, jj), D, (vec & VEC_QK) != 0);
         }
         const float cmax = warp_max(s);
         const float m_new = fmaxf(m, cmax);
@@ -294,7 +326,7 @@ attn_mma_kernel(const lk_attention_params p, float scale_log2, int vec) {
     const int64_t len = row_len(p, b);
 
     // stage Q and the query positions
-    stage_rows<T>(q_s, QS, MMA_BM, valid_q, p.D, DP, vec,
+    stage_rows<T>(q_s, QS, MMA_BM, valid_q, p.D, DP, (vec & VEC_QK) != 0,
                   [&](int r) { return (const T *)p.q + b * p.q_stride[0] + (i0 + r) * p.q_stride[1] + h * p.q_stride[2]; });
     for (int r = tid; r < MMA_BM; r += blockDim.x) qpos_s[r] = r < valid_q ? q_position(p, b, i0 + r, len) : 0;
     __syncthreads();
@@ -315,13 +347,24 @@ attn_mma_kernel(const lk_attention_params p, float scale_log2, int vec) {
     for (int64_t kt = 0; kt < end; kt += MMA_BN) {
         const int valid_k = (int)(end - kt < MMA_BN ? end - kt : MMA_BN);
         __syncthreads();  // everyone is done with the previous tile
-        stage_rows<T>(k_s, QS, MMA_BN, valid_k, p.D, DP, vec, [&](int r) { return key_row<T>(p, b, g, kt + r); });
+        stage_rows<T>(k_s, QS, MMA_BN, valid_k, p.D, DP, (vec & VEC_QK) != 0, [&](int r) { return key_row<T>(p, b, g, kt + r); });
         // V transposed: vt_s[e][r] = v[key r][e], zero past the valid keys or E
-        for (int idx = tid; idx < MMA_BN * (int)EP; idx += blockDim.x) {
-            const int r = idx / (int)EP, e = idx % (int)EP;
-            T val = from_f<T>(0.f);
-            if (r < valid_k && e < p.E) val = value_row<T>(p, b, g, kt + r)[e];
-            vt_s[e * MMA_VTS + r] = val;
+        if (vec & VEC_V) {
+            const int chunks = (int)(EP / 8);
+            for (int idx = tid; idx < MMA_BN * chunks; idx += blockDim.x) {
+                const int r = idx / chunks, e0 = (idx % chunks) * 8;
+                uint4 raw = make_uint4(0, 0, 0, 0);
+                if (r < valid_k && e0 < p.E) raw = *reinterpret_cast<const uint4 *>(value_row<T>(p, b, g, kt + r) + e0);
+#pragma unroll
+                for (int u = 0; u < 8; u++) vt_s[(e0 + u) * MMA_VTS + r] = raw_elem<T>(raw, u);
+            }
+        } else {
+            for (int idx = tid; idx < MMA_BN * (int)EP; idx += blockDim.x) {
+                const int r = idx / (int)EP, e = idx % (int)EP;
+                T val = from_f<T>(0.f);
+                if (r < valid_k && e < p.E) val = value_row<T>(p, b, g, kt + r)[e];
+                vt_s[e * MMA_VTS + r] = val;
+            }
         }
         for (int r = tid; r < MMA_BN; r += blockDim.x) {
             const int64_t jj = kt + r;
@@ -442,14 +485,20 @@ bool use_mma(const lk_attention_params *p) { return (p->dtype == LK_F16 || p->dt
 
 bool aligned16(const void *ptr) { return ((uintptr_t)ptr & 15) == 0; }
 
-/* 16-byte loads of q, k, prefix_k rows are safe: D % 8 == 0, strides % 8 == 0, bases aligned. */
-bool rows_vectorizable(const lk_attention_params *p) {
-    if (p->D % 8) return false;
-    if (!aligned16(p->q) || !aligned16(p->k)) return false;
-    if (p->prefix_len && !aligned16(p->prefix_k)) return false;
-    for (int a = 0; a < 3; a++)
-        if (p->q_stride[a] % 8 || p->k_stride[a] % 8) return false;
-    return true;
+/* VEC_QK: 16-byte loads of q, k, prefix_k rows are safe (D % 8 == 0, strides % 8 == 0, bases
+ * aligned); VEC_V: the same for v, prefix_v rows with E.  (8 elements of 2 bytes = 16 bytes; for
+ * float32 the same conditions give 32-byte alignment, more than needed.) */
+int vector_flags(const lk_attention_params *p) {
+    int flags = 0;
+    bool qk = p->D % 8 == 0 && aligned16(p->q) && aligned16(p->k) && (!p->prefix_len || aligned16(p->prefix_k));
+    bool v = p->E % 8 == 0 && aligned16(p->v) && (!p->prefix_len || aligned16(p->prefix_v));
+    for (int a = 0; a < 3; a++) {
+        if (p->q_stride[a] % 8 || p->k_stride[a] % 8) qk = false;
+        if (p->v_stride[a] % 8) v = false;
+    }
+    if (qk) flags |= VEC_QK;
+    if (v) flags |= VEC_V;
+    return flags;
 }
 
 int64_t split_len_of(const lk_attention_params *p, int num_splits) {
@@ -463,8 +512,8 @@ lk_status launch_warp(const lk_attention_params *p, int num_splits, float *scrat
     const int64_t rows = p->B * p->N * p->Hq;
     const int64_t blocks = (rows * num_splits + WARP_KERNEL_WARPS - 1) / WARP_KERNEL_WARPS;
     if (blocks > 0x7fffffff) return LK_ERR_VALUE;
-    attn_warp_kernel<T, EPL><<<(unsigned)blocks, 32 * WARP_KERNEL_WARPS, 0, st>>>(*p, num_splits,
-                                                                                 split_len_of(p, num_splits), scratch, scale_log2);
+    attn_warp_kernel<T, EPL><<<(unsigned)blocks, 32 * WARP_KERNEL_WARPS, 0, st>>>(
+        *p, num_splits, split_len_of(p, num_splits), scratch, scale_log2, vector_flags(p));
     lk_status s = lk::check_launch();
     if (s != LK_OK || num_splits == 1) return s;
     const int64_t cblocks = (rows + WARP_KERNEL_WARPS - 1) / WARP_KERNEL_WARPS;
@@ -491,7 +540,7 @@ lk_status launch_mma(const lk_attention_params *p, float scale_log2, cudaStream_
         cudaError_t err = cudaFuncSetAttribute(attn_mma_kernel<T, ET>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (err != cudaSuccess) return lk::record_error(err);
     }
-    attn_mma_kernel<T, ET><<<(unsigned)blocks, 32 * MMA_WARPS, smem, st>>>(*p, scale_log2, rows_vectorizable(p) ? 1 : 0);
+    attn_mma_kernel<T, ET><<<(unsigned)blocks, 32 * MMA_WARPS, smem, st>>>(*p, scale_log2, vector_flags(p));
     return lk::check_launch();
 }
 
