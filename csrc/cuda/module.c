@@ -12,94 +12,8 @@
 #include <cuda_runtime_api.h>
 #include <string.h>
 
+#include "bindings.h"
 #include "dlpack.h"
-#include "lmkern/cuda.h"
-
-/* ---- helpers ----------------------------------------------------------------------------------- */
-
-static PyObject *raise_cuda(const char *fn, cudaError_t err) {
-    PyErr_Format(err == cudaErrorMemoryAllocation ? PyExc_MemoryError : PyExc_RuntimeError, "%s: CUDA error: %s", fn,
-                 cudaGetErrorString(err));
-    cudaGetLastError(); /* clear a sticky-free error so the next call starts clean */
-    return NULL;
-}
-
-static int raise_status(lk_status st, const char *fn) {
-    switch (st) {
-    case LK_OK: return 0;
-    case LK_ERR_NOMEM: PyErr_Format(PyExc_MemoryError, "%s: out of memory", fn); break;
-    case LK_ERR_VALUE: PyErr_Format(PyExc_ValueError, "%s: unsupported sizes or arguments for the CUDA kernel", fn); break;
-    case LK_ERR_DTYPE: PyErr_Format(PyExc_TypeError, "%s: unsupported dtype for the CUDA kernel", fn); break;
-    case LK_ERR_CUDA: PyErr_Format(PyExc_RuntimeError, "%s: CUDA error: %s", fn, lk_cuda_last_error()); break;
-    }
-    return -1;
-}
-
-static int parse_dtype(const char *fn, const char *name, lk_dtype *out) {
-    if (!strcmp(name, "float32")) *out = LK_F32;
-    else if (!strcmp(name, "float16")) *out = LK_F16;
-    else if (!strcmp(name, "bfloat16")) *out = LK_BF16;
-    else {
-        PyErr_Format(PyExc_TypeError, "%s: dtype %s is not supported on the GPU (float32, float16, bfloat16)", fn, name);
-        return -1;
-    }
-    return 0;
-}
-
-static void *as_ptr(PyObject *o) {
-    if (o == Py_None) return NULL;
-    return PyLong_AsVoidPtr(o);
-}
-
-static int ptr_arg(PyObject *o, void *addr) {
-    void *p = as_ptr(o);
-    if (!p && PyErr_Occurred()) return 0;
-    *(void **)addr = p;
-    return 1;
-}
-
-static int strides3(PyObject *o, void *addr) {
-    int64_t *s = (int64_t *)addr;
-    PyObject *t = PySequence_Tuple(o);
-    if (!t) return 0;
-    if (PyTuple_GET_SIZE(t) != 3) {
-        PyErr_SetString(PyExc_ValueError, "strides must have 3 entries (batch, token, head)");
-        Py_DECREF(t);
-        return 0;
-    }
-    for (int a = 0; a < 3; a++) {
-        s[a] = PyLong_AsLongLong(PyTuple_GET_ITEM(t, a));
-        if (s[a] == -1 && PyErr_Occurred()) {
-            Py_DECREF(t);
-            return 0;
-        }
-    }
-    Py_DECREF(t);
-    return 1;
-}
-
-/* Runs with `device` current, restoring the caller's current device afterwards (frameworks such as
- * PyTorch keep their own idea of the current device). */
-typedef struct {
-    int prev;
-    int switched;
-} device_guard;
-
-static cudaError_t guard_enter(device_guard *g, int device) {
-    g->switched = 0;
-    cudaError_t err = cudaGetDevice(&g->prev);
-    if (err != cudaSuccess) return err;
-    if (g->prev != device) {
-        err = cudaSetDevice(device);
-        if (err != cudaSuccess) return err;
-        g->switched = 1;
-    }
-    return cudaSuccess;
-}
-
-static void guard_exit(device_guard *g) {
-    if (g->switched) cudaSetDevice(g->prev);
-}
 
 /* ---- devices ------------------------------------------------------------------------------------ */
 
@@ -118,7 +32,7 @@ static PyObject *py_device_properties(PyObject *self, PyObject *arg) {
     if (dev == -1 && PyErr_Occurred()) return NULL;
     struct cudaDeviceProp prop;
     cudaError_t err = cudaGetDeviceProperties(&prop, dev);
-    if (err != cudaSuccess) return raise_cuda("device_properties", err);
+    if (err != cudaSuccess) return lk_cu_raise_cuda("device_properties", err);
     int sms = 0, major = 0, minor = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
@@ -138,17 +52,17 @@ static PyObject *py_versions(PyObject *self, PyObject *unused) {
 static PyObject *py_current_device(PyObject *self, PyObject *unused) {
     int dev = 0;
     cudaError_t err = cudaGetDevice(&dev);
-    if (err != cudaSuccess) return raise_cuda("current_device", err);
+    if (err != cudaSuccess) return lk_cu_raise_cuda("current_device", err);
     return PyLong_FromLong(dev);
 }
 
 /* pointer_device(ptr) -> the device id owning a device pointer (cudaPointerGetAttributes). */
 static PyObject *py_pointer_device(PyObject *self, PyObject *arg) {
     void *ptr;
-    if (!ptr_arg(arg, &ptr)) return NULL;
+    if (!lk_cu_ptr_arg(arg, &ptr)) return NULL;
     struct cudaPointerAttributes attr;
     cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
-    if (err != cudaSuccess) return raise_cuda("pointer_device", err);
+    if (err != cudaSuccess) return lk_cu_raise_cuda("pointer_device", err);
     return PyLong_FromLong(attr.device);
 }
 
@@ -163,14 +77,14 @@ static PyObject *py_malloc(PyObject *self, PyObject *args) {
         return NULL;
     }
     void *ptr = NULL;
-    device_guard g;
+    lk_cu_device_guard g;
     cudaError_t err;
     Py_BEGIN_ALLOW_THREADS
-    err = guard_enter(&g, device);
+    err = lk_cu_guard_enter(&g, device);
     if (err == cudaSuccess) err = cudaMalloc(&ptr, nbytes > 0 ? (size_t)nbytes : 1);
-    guard_exit(&g);
+    lk_cu_guard_exit(&g);
     Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return raise_cuda("malloc", err);
+    if (err != cudaSuccess) return lk_cu_raise_cuda("malloc", err);
     return PyLong_FromVoidPtr(ptr);
 }
 
@@ -179,15 +93,15 @@ static PyObject *py_free(PyObject *self, PyObject *args) {
     int device;
     void *ptr;
     if (!PyArg_ParseTuple(args, "Oi", &ptr_o, &device)) return NULL;
-    if (!ptr_arg(ptr_o, &ptr)) return NULL;
-    device_guard g;
+    if (!lk_cu_ptr_arg(ptr_o, &ptr)) return NULL;
+    lk_cu_device_guard g;
     cudaError_t err;
     Py_BEGIN_ALLOW_THREADS
-    err = guard_enter(&g, device);
+    err = lk_cu_guard_enter(&g, device);
     if (err == cudaSuccess) err = cudaFree(ptr);
-    guard_exit(&g);
+    lk_cu_guard_exit(&g);
     Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return raise_cuda("free", err);
+    if (err != cudaSuccess) return lk_cu_raise_cuda("free", err);
     Py_RETURN_NONE;
 }
 
@@ -197,20 +111,20 @@ static PyObject *py_memcpy_htod(PyObject *self, PyObject *args) {
     int device;
     void *dst;
     if (!PyArg_ParseTuple(args, "OOi", &dst_o, &src_o, &device)) return NULL;
-    if (!ptr_arg(dst_o, &dst)) return NULL;
+    if (!lk_cu_ptr_arg(dst_o, &dst)) return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(src_o, &view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    device_guard g;
+    lk_cu_device_guard g;
     cudaError_t err = cudaSuccess;
     Py_BEGIN_ALLOW_THREADS
     if (view.len > 0) {
-        err = guard_enter(&g, device);
+        err = lk_cu_guard_enter(&g, device);
         if (err == cudaSuccess) err = cudaMemcpy(dst, view.buf, (size_t)view.len, cudaMemcpyHostToDevice);
-        guard_exit(&g);
+        lk_cu_guard_exit(&g);
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
-    if (err != cudaSuccess) return raise_cuda("memcpy_htod", err);
+    if (err != cudaSuccess) return lk_cu_raise_cuda("memcpy_htod", err);
     Py_RETURN_NONE;
 }
 
@@ -220,20 +134,20 @@ static PyObject *py_memcpy_dtoh(PyObject *self, PyObject *args) {
     int device;
     void *src;
     if (!PyArg_ParseTuple(args, "OOi", &dst_o, &src_o, &device)) return NULL;
-    if (!ptr_arg(src_o, &src)) return NULL;
+    if (!lk_cu_ptr_arg(src_o, &src)) return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(dst_o, &view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
-    device_guard g;
+    lk_cu_device_guard g;
     cudaError_t err = cudaSuccess;
     Py_BEGIN_ALLOW_THREADS
     if (view.len > 0) {
-        err = guard_enter(&g, device);
+        err = lk_cu_guard_enter(&g, device);
         if (err == cudaSuccess) err = cudaMemcpy(view.buf, src, (size_t)view.len, cudaMemcpyDeviceToHost);
-        guard_exit(&g);
+        lk_cu_guard_exit(&g);
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
-    if (err != cudaSuccess) return raise_cuda("memcpy_dtoh", err);
+    if (err != cudaSuccess) return lk_cu_raise_cuda("memcpy_dtoh", err);
     Py_RETURN_NONE;
 }
 
@@ -244,16 +158,16 @@ static PyObject *py_memcpy_dtod(PyObject *self, PyObject *args) {
     int device;
     void *dst, *src, *stream;
     if (!PyArg_ParseTuple(args, "OOniO", &dst_o, &src_o, &nbytes, &device, &stream_o)) return NULL;
-    if (!ptr_arg(dst_o, &dst) || !ptr_arg(src_o, &src) || !ptr_arg(stream_o, &stream)) return NULL;
+    if (!lk_cu_ptr_arg(dst_o, &dst) || !lk_cu_ptr_arg(src_o, &src) || !lk_cu_ptr_arg(stream_o, &stream)) return NULL;
     if (nbytes <= 0) Py_RETURN_NONE;
-    device_guard g;
+    lk_cu_device_guard g;
     cudaError_t err;
     Py_BEGIN_ALLOW_THREADS
-    err = guard_enter(&g, device);
+    err = lk_cu_guard_enter(&g, device);
     if (err == cudaSuccess) err = cudaMemcpyAsync(dst, src, (size_t)nbytes, cudaMemcpyDeviceToDevice, (cudaStream_t)stream);
-    guard_exit(&g);
+    lk_cu_guard_exit(&g);
     Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return raise_cuda("memcpy_dtod", err);
+    if (err != cudaSuccess) return lk_cu_raise_cuda("memcpy_dtod", err);
     Py_RETURN_NONE;
 }
 
@@ -262,15 +176,15 @@ static PyObject *py_synchronize(PyObject *self, PyObject *args) {
     PyObject *stream_o = Py_None;
     void *stream = NULL;
     if (!PyArg_ParseTuple(args, "i|O", &device, &stream_o)) return NULL;
-    if (!ptr_arg(stream_o, &stream)) return NULL;
-    device_guard g;
+    if (!lk_cu_ptr_arg(stream_o, &stream)) return NULL;
+    lk_cu_device_guard g;
     cudaError_t err;
     Py_BEGIN_ALLOW_THREADS
-    err = guard_enter(&g, device);
+    err = lk_cu_guard_enter(&g, device);
     if (err == cudaSuccess) err = stream_o == Py_None ? cudaDeviceSynchronize() : cudaStreamSynchronize((cudaStream_t)stream);
-    guard_exit(&g);
+    lk_cu_guard_exit(&g);
     Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return raise_cuda("synchronize", err);
+    if (err != cudaSuccess) return lk_cu_raise_cuda("synchronize", err);
     Py_RETURN_NONE;
 }
 
@@ -282,20 +196,20 @@ static PyObject *py_stream_wait(PyObject *self, PyObject *args) {
     int device;
     void *consumer, *producer;
     if (!PyArg_ParseTuple(args, "OOi", &c_o, &p_o, &device)) return NULL;
-    if (!ptr_arg(c_o, &consumer) || !ptr_arg(p_o, &producer)) return NULL;
+    if (!lk_cu_ptr_arg(c_o, &consumer) || !lk_cu_ptr_arg(p_o, &producer)) return NULL;
     if (consumer == producer) Py_RETURN_NONE;
-    device_guard g;
+    lk_cu_device_guard g;
     cudaError_t err;
     Py_BEGIN_ALLOW_THREADS
-    err = guard_enter(&g, device);
+    err = lk_cu_guard_enter(&g, device);
     cudaEvent_t ev = NULL;
     if (err == cudaSuccess) err = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
     if (err == cudaSuccess) err = cudaEventRecord(ev, (cudaStream_t)producer);
     if (err == cudaSuccess) err = cudaStreamWaitEvent((cudaStream_t)consumer, ev, 0);
     if (ev) cudaEventDestroy(ev);
-    guard_exit(&g);
+    lk_cu_guard_exit(&g);
     Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return raise_cuda("stream_wait", err);
+    if (err != cudaSuccess) return lk_cu_raise_cuda("stream_wait", err);
     Py_RETURN_NONE;
 }
 
@@ -320,13 +234,13 @@ static int fill_attention(PyObject *args, PyObject *kwargs, lk_attention_params 
     *stream = NULL;
     memset(p, 0, sizeof *p);
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|iO&sLLLLLLLO&O&O&O&O&O&O&O&O&O&LO&LO&pdO&O&LLiO&i", kwlist, device,
-                                     ptr_arg, stream, &dtype, &B, &N, &M, &Hq, &Hkv, &D, &E, ptr_arg, &q, strides3,
-                                     p->q_stride, ptr_arg, &k, strides3, p->k_stride, ptr_arg, &v, strides3, p->v_stride,
-                                     ptr_arg, &out, strides3, p->out_stride, ptr_arg, &lse, ptr_arg, &qpos, &qpb,
-                                     ptr_arg, &kvpos, &kvpb, ptr_arg, &lens, &causal, &scale, ptr_arg, &pk, ptr_arg,
-                                     &pv, &L, &prows, num_splits, ptr_arg, scratch, num_sms))
+                                     lk_cu_ptr_arg, stream, &dtype, &B, &N, &M, &Hq, &Hkv, &D, &E, lk_cu_ptr_arg, &q, lk_cu_strides3,
+                                     p->q_stride, lk_cu_ptr_arg, &k, lk_cu_strides3, p->k_stride, lk_cu_ptr_arg, &v, lk_cu_strides3, p->v_stride,
+                                     lk_cu_ptr_arg, &out, lk_cu_strides3, p->out_stride, lk_cu_ptr_arg, &lse, lk_cu_ptr_arg, &qpos, &qpb,
+                                     lk_cu_ptr_arg, &kvpos, &kvpb, lk_cu_ptr_arg, &lens, &causal, &scale, lk_cu_ptr_arg, &pk, lk_cu_ptr_arg,
+                                     &pv, &L, &prows, num_splits, lk_cu_ptr_arg, scratch, num_sms))
         return -1;
-    if (parse_dtype(FN_ATTN, dtype, &p->dtype) < 0) return -1;
+    if (lk_cu_parse_dtype(FN_ATTN, dtype, &p->dtype) < 0) return -1;
     if (B < 0 || N < 0 || M < 0 || Hq < 0 || Hkv < 0 || D < 0 || E < 0 || L < 0 || prows < 1 || qpb < 0 || kvpb < 0) {
         PyErr_Format(PyExc_ValueError, "%s: negative size", FN_ATTN);
         return -1;
@@ -388,16 +302,16 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwargs) 
         PyErr_Format(PyExc_ValueError, "%s: num_splits > 1 needs scratch", FN_ATTN);
         return NULL;
     }
-    device_guard g;
+    lk_cu_device_guard g;
     cudaError_t err;
     lk_status st = LK_OK;
     Py_BEGIN_ALLOW_THREADS
-    err = guard_enter(&g, device);
+    err = lk_cu_guard_enter(&g, device);
     if (err == cudaSuccess) st = lk_attention_cuda(&p, splits, (float *)scratch, (lk_stream)stream);
-    guard_exit(&g);
+    lk_cu_guard_exit(&g);
     Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return raise_cuda(FN_ATTN, err);
-    if (raise_status(st, FN_ATTN) < 0) return NULL;
+    if (err != cudaSuccess) return lk_cu_raise_cuda(FN_ATTN, err);
+    if (lk_cu_raise_status(st, FN_ATTN) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -413,13 +327,13 @@ static PyObject *py_rope(PyObject *self, PyObject *args, PyObject *kwargs) {
     long long B = 0, T = 0, G = 0, D = 0, pb = 0, r = 0;
     int64_t xs[3] = {0, 0, 0};
     double base = 10000.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|iO&sLLLLO&O&O&LLdpp", kwlist, &device, ptr_arg, &stream, &dtype, &B,
-                                     &T, &G, &D, ptr_arg, &x, strides3, xs, ptr_arg, &pos, &pb, &r, &base, &interleaved,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|iO&sLLLLO&O&O&LLdpp", kwlist, &device, lk_cu_ptr_arg, &stream, &dtype, &B,
+                                     &T, &G, &D, lk_cu_ptr_arg, &x, lk_cu_strides3, xs, lk_cu_ptr_arg, &pos, &pb, &r, &base, &interleaved,
                                      &inverse))
         return NULL;
     lk_rope_params p;
     memset(&p, 0, sizeof p);
-    if (parse_dtype(fn, dtype, &p.dtype) < 0) return NULL;
+    if (lk_cu_parse_dtype(fn, dtype, &p.dtype) < 0) return NULL;
     if (B < 0 || T < 0 || G < 0 || D < 0 || pb < 0 || r < 0 || r > D || r % 2) {
         PyErr_Format(PyExc_ValueError, "%s: bad sizes (rotary_dim must be even and in [0, D])", fn);
         return NULL;
@@ -434,22 +348,22 @@ static PyObject *py_rope(PyObject *self, PyObject *args, PyObject *kwargs) {
     }
     p.B = B; p.T = T; p.G = G; p.D = D; p.x = x; p.positions = pos; p.pos_bstride = pb;
     p.rotary_dim = r; p.base = base; p.interleaved = interleaved; p.inverse = inverse;
-    device_guard g;
+    lk_cu_device_guard g;
     cudaError_t err;
     lk_status st = LK_OK;
     Py_BEGIN_ALLOW_THREADS
-    err = guard_enter(&g, device);
+    err = lk_cu_guard_enter(&g, device);
     if (err == cudaSuccess) st = lk_rope_cuda(&p, xs, (lk_stream)stream);
-    guard_exit(&g);
+    lk_cu_guard_exit(&g);
     Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return raise_cuda(fn, err);
-    if (raise_status(st, fn) < 0) return NULL;
+    if (err != cudaSuccess) return lk_cu_raise_cuda(fn, err);
+    if (lk_cu_raise_status(st, fn) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
 /* ---- module --------------------------------------------------------------------------------------- */
 
-static PyMethodDef lk_cuda_methods[] = {
+static PyMethodDef lk_cuda_core_methods[] = {
     {"device_count", py_device_count, METH_NOARGS, "device_count() -> int: visible GPUs (0 without a driver)."},
     {"device_properties", py_device_properties, METH_O, "device_properties(i) -> dict(name, major, minor, ...)."},
     {"versions", py_versions, METH_NOARGS, "versions() -> dict(runtime, driver, compiled)."},
@@ -476,6 +390,10 @@ static PyMethodDef lk_cuda_methods[] = {
 };
 
 static int lk_cuda_exec(PyObject *m) {
+    PyMethodDef *tables[] = {lk_cuda_core_methods, lk_cuda_tpa_methods, lk_cuda_mor_methods, lk_cuda_kv_methods,
+                             lk_cuda_parscale_methods};
+    for (size_t i = 0; i < sizeof tables / sizeof tables[0]; i++)
+        if (PyModule_AddFunctions(m, tables[i]) < 0) return -1;
     if (PyModule_AddIntConstant(m, "max_head_dim", LK_CUDA_ATTN_MAX_HEAD_DIM) < 0) return -1;
     if (PyModule_AddIntConstant(m, "cudart_version", CUDART_VERSION) < 0) return -1;
     return 0;
@@ -488,7 +406,7 @@ static PyModuleDef_Slot lk_cuda_slots[] = {
 
 static struct PyModuleDef lk_cuda_module = {
     PyModuleDef_HEAD_INIT, "lmkern._cuda", "lmkern CUDA kernels (raw device pointers; see lmkern.cuda).", 0,
-    lk_cuda_methods, lk_cuda_slots, NULL, NULL, NULL,
+    NULL, lk_cuda_slots, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__cuda(void) { return PyModuleDef_Init(&lk_cuda_module); }

@@ -53,30 +53,38 @@ How to add a CUDA op (recipe for the family engineers)
    ``stream`` (no cudaMalloc, no synchronize), bounds-checks every tail, uses 64-bit indexing, and
    returns ``LK_ERR_VALUE`` / ``LK_ERR_DTYPE`` for what it does not support.  ``setup.py`` picks up
    every ``kernels/cuda/*.cu`` by itself.
-3. **Binding**: a function in ``csrc/cuda/<family>.c`` taking keyword arguments (``device``, ``stream``,
-   ``dtype`` name, sizes, pointers as ints, strides as 3-tuples; see ``py_attention`` in
-   ``csrc/cuda/module.c``: ``ptr_arg``/``strides3`` converters, ``guard_enter``/``guard_exit`` around the
-   launch with the GIL released, ``raise_status``), exported as ``PyMethodDef lk_cuda_<family>_methods[]``
-   and added to the ``tables`` list of ``lk_cuda_exec`` in ``csrc/cuda/module.c`` (declare the table in
-   ``csrc/cuda/bindings.h``).
-4. **Python**: in ``python/lmkern/<family>.py``, ``_cuda_<op>(...)`` does::
+3. **Binding**: fill the (empty) method table ``lk_cuda_<family>_methods`` in ``csrc/cuda/<family>.c``
+   (already registered by ``csrc/cuda/module.c``).  Take keyword arguments: ``device``, ``stream``
+   (int handle), ``dtype`` (name), sizes, device pointers as ints (None = NULL), strides as 3-tuples,
+   with the converters and helpers of ``csrc/cuda/bindings.h`` (``lk_cu_ptr_arg``, ``lk_cu_strides3``,
+   ``lk_cu_parse_dtype``; the pattern is written out there and in ``py_attention`` of module.c):
+   check sizes (ValueError), then launch between ``lk_cu_guard_enter``/``lk_cu_guard_exit`` with the
+   GIL released, and map errors with ``lk_cu_raise_cuda`` / ``lk_cu_raise_status``.
+4. **Python**: in ``python/lmkern/<family>.py``, the public function calls ``_dispatch.route`` and, for
+   "cuda", ``_cuda_<op>(...)``, which does (``attention`` below is the complete worked example)::
 
        from . import cuda
-       x = cuda.View.of(x, "x", fn)                        # ptr, shape, strides, dtype, device
-       w = cuda.View.of(w, "w", fn)
-       dtype = cuda.same_float_dtype(fn, x=x, w=w)         # TypeError on mixed / unsupported dtypes
-       dev = cuda.same_device(fn, x=x, w=w)                # ValueError on mixed devices
-       ...Shapes checks with the views (they have .shape)...
-       stream = cuda.stream_of(x, stream)                  # caller's current stream (int handle)
-       out = cuda.empty_like_caller(x, shape, dtype)       # caller's framework allocates
-       idx = cuda.index_view(x, idx, "idx", fn)            # host or device int64 index array, on x's device
-       cuda._cuda.<op>(device=dev, stream=stream, dtype=dtype, ..., x=x.ptr, x_stride=x.strides[:3],
-                       out=cuda.View.of(out, "out", fn).ptr)
-       return cuda.wrap_result(x, out, stream)             # caller's array type (JAX: via DLPack)
+       st = cuda.stream_of(x, stream)                      # caller's current stream (int) or stream=
+       xv = cuda.View.of(x, "x", fn, stream=st)            # ptr, shape, strides (elements), dtype, device
+       wv = cuda.View.of(w, "w", fn, stream=st)            # contiguous="full" if the kernel needs it
+       dtype = cuda.same_float_dtype(fn, x=xv, w=wv)       # TypeError on mixed / unsupported dtypes
+       dev = cuda.same_device(fn, x=xv, w=wv)              # ValueError on mixed devices
+       sh = _dispatch.Shapes(fn); sh.check("x", xv, "B,T,D")   # Views have .shape / .ndim
+       iv, ihost = cuda.index_view(x, idx, "idx", fn, st)  # host (uploaded) or device int64 index array
+       out = cuda.empty_like_caller(x, shape, dtype)       # allocated by the caller's framework
+       ov = cuda.View.of(out, "out", fn)
+       cuda._cuda.<op>(device=dev, stream=st, dtype=dtype, ..., x=xv.ptr, x_stride=xv.strides[:3],
+                       idx=iv.ptr, out=ov.ptr)
+       if ihost is not None:
+           cuda.release_scratch(x, iv.obj, st)             # an uploaded temporary dropped after launch
+       return cuda.wrap_result(x, out, st)                 # caller's array type (JAX: via DLPack)
 
-   Scratch: ``cuda.empty_like_caller(x, (n,), "float32")`` and ``cuda.release_scratch(x, buf, stream)``
-   after the launch.  Tests: ``tests/test_<family>.py`` with ``@requires_gpu`` from conftest and
-   ``conftest.GPU_TOL``, comparing with the reference twin on ``x.cpu()``-style copies.
+   Scratch: ``buf = cuda.empty_like_caller(x, (n,), "float32")``, pass ``cuda.View.of(buf, ...).ptr``,
+   then ``cuda.release_scratch(x, buf, st)``.  ``cuda.to_host(a)`` copies a CUDA array to NumPy.
+5. **Tests**: ``tests/test_<family>.py``: ``@requires_gpu`` tests against the reference twin with
+   ``conftest.GPU_TOL[dtype]`` (feed the twin the dtype-rounded inputs), and glue tests that run
+   without a GPU by extending ``FakeCuda`` in ``tests/test_cuda.py`` (a host-memory stand-in for
+   ``lmkern._cuda`` that computes with the twin).
 """
 from __future__ import annotations
 
