@@ -1,6 +1,7 @@
 """lmkern.cuda: import without a GPU, DLPack parsing, the Python glue (over a host-memory fake of
 lmkern._cuda, so it runs everywhere), and the GPU kernels themselves (``@requires_gpu``)."""
 import ctypes
+import gc
 
 import numpy as np
 import pytest
@@ -253,8 +254,9 @@ def fake(monkeypatch):
         pytest.skip("built without CUDA")
     f = FakeCuda(cuda._cuda)
     monkeypatch.setattr(cuda, "_cuda", f)
-    monkeypatch.setattr(cuda, "_pool", cuda._Pool())
-    return f
+    monkeypatch.setattr(cuda, "_pool", cuda._Pool())  # its blocks go back to the fake, never to the GPU pool
+    yield f
+    gc.collect()  # fake DeviceArrays die while the fake is installed
 
 
 ATTN_CASES = [

@@ -237,6 +237,7 @@ class _Pool:
     ``limit`` bytes are kept cached; ``empty_cache()`` frees them."""
 
     def __init__(self, limit=1 << 30):
+        self.backend = _cuda  # the extension that allocated the cached blocks frees them
         self.lock = threading.Lock()
         self.free = {}
         self.cached = 0
@@ -258,10 +259,10 @@ class _Pool:
                 self.cached -= size
                 return blocks.pop(), size
         try:
-            return _cuda.malloc(size, device), size
+            return self.backend.malloc(size, device), size
         except MemoryError:
             self.empty_cache()
-            return _cuda.malloc(size, device), size
+            return self.backend.malloc(size, device), size
 
     def release(self, ptr, size, device):
         with self.lock:
@@ -270,7 +271,7 @@ class _Pool:
                 self.cached += size
                 return
         try:
-            _cuda.free(ptr, device)
+            self.backend.free(ptr, device)
         except Exception:  # interpreter shutdown or a dead context: nothing useful to do
             pass
 
@@ -280,7 +281,7 @@ class _Pool:
         for (device, _), ptrs in items.items():
             for ptr in ptrs:
                 try:
-                    _cuda.free(ptr, device)
+                    self.backend.free(ptr, device)
                 except Exception:
                     pass
 
@@ -292,6 +293,17 @@ def empty_cache():
     """Frees the DeviceArray blocks lmkern keeps cached."""
     if _cuda is not None:
         _pool.empty_cache()
+
+
+def _release_block(pool, ptr, size, device, last):
+    """DeviceArray finalizer: waits for the array's last writer stream (unless it is the legacy default
+    stream, which orders every later DeviceArray use), then returns the block to the cache."""
+    if last[0] not in (0, 1):
+        try:
+            pool.backend.synchronize(device, last[0])
+        except Exception:  # a stream destroyed by its owner has no pending work left
+            pass
+    pool.release(ptr, size, device)
 
 
 def _bf16_from_f32(a):
@@ -318,7 +330,7 @@ class DeviceArray:
     that interface cannot describe), so torch / CuPy / JAX can wrap it zero-copy, and every lmkern
     function accepts it.  Memory comes from a small per-device cache of cudaMalloc blocks."""
 
-    __slots__ = ("ptr", "shape", "dtype", "device", "nbytes", "_size", "_stream", "_finalizer", "__weakref__")
+    __slots__ = ("ptr", "shape", "dtype", "device", "nbytes", "_size", "_last", "_finalizer", "__weakref__")
 
     def __init__(self, shape, dtype="float32", device=0):
         _require()
@@ -338,8 +350,18 @@ class DeviceArray:
         n = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
         self.nbytes = n * _ITEMSIZE[dtype]
         self.ptr, self._size = _pool.alloc(self.nbytes, self.device)
-        self._stream = 0  # the stream that last wrote it (for consumers' DLPack stream handshake)
-        self._finalizer = weakref.finalize(self, _pool.release, self.ptr, self._size, self.device)
+        # the stream that last wrote it: consumers' DLPack handshake, and the finalizer waits for it
+        # before the block can be reused
+        self._last = [0]
+        self._finalizer = weakref.finalize(self, _release_block, _pool, self.ptr, self._size, self.device, self._last)
+
+    @property
+    def _stream(self):
+        return self._last[0]
+
+    @_stream.setter
+    def _stream(self, stream):
+        self._last[0] = int(stream)
 
     @classmethod
     def empty(cls, shape, dtype="float32", device=0):
@@ -724,7 +746,10 @@ def wrap_result(ref, arr, stream=None):
         return arr
     if kind == "jax":
         import jax.dlpack
-        return jax.dlpack.from_dlpack(arr)
+        try:
+            return jax.dlpack.from_dlpack(arr)
+        except TypeError:  # older JAX takes the capsule
+            return jax.dlpack.from_dlpack(arr.__dlpack__())
     ns = getattr(ref, "__array_namespace__", None)
     if ns is not None:
         try:
@@ -911,6 +936,8 @@ def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=F
     _require()
     if _dispatch.route(fn, x=x, out=out) != "cuda":
         raise ValueError(f"{fn}: lmkern.cuda.rope needs CUDA arrays; use lmkern.rope for host arrays")
+    if out is not None and _kind(out) == "jax":
+        raise TypeError(f"{fn}: JAX arrays are immutable; use lmkern.rope (not rope_ or out=) with JAX")
     st = stream_of(x, stream)
     xv = View.of(x, "x", fn, contiguous=None, stream=st)
     dtype = same_float_dtype(fn, x=xv)
