@@ -87,6 +87,7 @@ class Table:
         ups = ", ".join(f"{name} {t / seconds:.2f}x" for name, t in (baselines or {}).items() if t)
         row = (case, seconds, nbytes / seconds / 1e9, flops / seconds / 1e9, share, ups)
         self.rows.append(row)
+        ALL_ROWS.append((self.title, row))
         print(f"| {case} | {fmt_time(seconds)} | {row[2]:.1f} | {row[3]:.1f} | {share * 100:.0f}% | {ups} |", flush=True)
         return row
 
@@ -97,3 +98,26 @@ def fmt_time(s):
     if s < 1:
         return f"{s * 1e3:.2f} ms"
     return f"{s:.2f} s"
+
+
+ALL_ROWS = []  # (table title, row) of every Table in this process, for plot()
+
+
+def plot(path):
+    """Achieved vs peak: one point per benchmark row, x = GB/s share of peak bandwidth,
+    y = GFLOP/s share of peak FLOP/s (matplotlib, from the `bench` extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pf, pb = peaks()
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for title, row in ALL_ROWS:
+        case, seconds, gbs, gflops, share, _ = row
+        ax.scatter(gbs * 1e9 / pb * 100, gflops * 1e9 / pf * 100, s=30)
+        ax.annotate(f"{title}: {case}", (gbs * 1e9 / pb * 100, gflops * 1e9 / pf * 100), fontsize=6)
+    ax.set_xlabel(f"bandwidth, % of measured peak ({pb / 1e9:.0f} GB/s)")
+    ax.set_ylabel(f"FLOP/s, % of measured peak ({pf / 1e9:.0f} GFLOP/s)")
+    ax.set_title("lmkern kernels: achieved vs peak (SPEC 7)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -31,6 +31,7 @@ static inline void lk_vf_store_n(float *p, lk_vf v, int n) {
 static inline lk_vf lk_vf_add(lk_vf a, lk_vf b) { return _mm512_add_ps(a, b); }
 static inline lk_vf lk_vf_sub(lk_vf a, lk_vf b) { return _mm512_sub_ps(a, b); }
 static inline lk_vf lk_vf_mul(lk_vf a, lk_vf b) { return _mm512_mul_ps(a, b); }
+static inline lk_vf lk_vf_div(lk_vf a, lk_vf b) { return _mm512_div_ps(a, b); }
 static inline lk_vf lk_vf_fma(lk_vf a, lk_vf b, lk_vf c) { return _mm512_fmadd_ps(a, b, c); } /* a*b+c */
 static inline lk_vf lk_vf_max(lk_vf a, lk_vf b) { return _mm512_max_ps(a, b); }
 static inline lk_vf lk_vf_min(lk_vf a, lk_vf b) { return _mm512_min_ps(a, b); }
@@ -69,6 +70,7 @@ static inline void lk_vf_store_n(float *p, lk_vf v, int n) { _mm256_maskstore_ps
 static inline lk_vf lk_vf_add(lk_vf a, lk_vf b) { return _mm256_add_ps(a, b); }
 static inline lk_vf lk_vf_sub(lk_vf a, lk_vf b) { return _mm256_sub_ps(a, b); }
 static inline lk_vf lk_vf_mul(lk_vf a, lk_vf b) { return _mm256_mul_ps(a, b); }
+static inline lk_vf lk_vf_div(lk_vf a, lk_vf b) { return _mm256_div_ps(a, b); }
 static inline lk_vf lk_vf_fma(lk_vf a, lk_vf b, lk_vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline lk_vf lk_vf_max(lk_vf a, lk_vf b) { return _mm256_max_ps(a, b); }
 static inline lk_vf lk_vf_min(lk_vf a, lk_vf b) { return _mm256_min_ps(a, b); }
@@ -110,6 +112,7 @@ static inline void lk_vf_store_n(float *p, lk_vf v, int n) { for (int i = 0; i <
 static inline lk_vf lk_vf_add(lk_vf a, lk_vf b) { return a + b; }
 static inline lk_vf lk_vf_sub(lk_vf a, lk_vf b) { return a - b; }
 static inline lk_vf lk_vf_mul(lk_vf a, lk_vf b) { return a * b; }
+static inline lk_vf lk_vf_div(lk_vf a, lk_vf b) { return a / b; }
 static inline lk_vf lk_vf_fma(lk_vf a, lk_vf b, lk_vf c) { return a * b + c; }
 static inline lk_vf lk_vf_max(lk_vf a, lk_vf b) { return a > b ? a : b; }
 static inline lk_vf lk_vf_min(lk_vf a, lk_vf b) { return a < b ? a : b; }
@@ -146,6 +149,23 @@ static inline lk_vf lk_vf_exp(lk_vf x) {
     y = lk_vf_select_lt(hi, x, lk_vf_set1(INFINITY), y);              /* overflow (and +inf) -> inf */
     return lk_vf_keep_nan(x, y); /* min/max may have dropped a NaN input: restore it */
 }
+
+/* Non-temporal (streaming) stores for bandwidth-bound kernels that write large outputs once
+ * (lmkern.mor scatter): no read-for-ownership of the destination lines.  lk_vf_stream needs p
+ * aligned to LK_VF_ALIGN bytes; lk_stream_fence() orders them before the kernel returns. */
+#if defined(__AVX512F__)
+#define LK_VF_ALIGN 64
+static inline void lk_vf_stream(float *p, lk_vf v) { _mm512_stream_ps(p, v); }
+static inline void lk_stream_fence(void) { _mm_sfence(); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LK_VF_ALIGN 32
+static inline void lk_vf_stream(float *p, lk_vf v) { _mm256_stream_ps(p, v); }
+static inline void lk_stream_fence(void) { _mm_sfence(); }
+#else
+#define LK_VF_ALIGN 32
+static inline void lk_vf_stream(float *p, lk_vf v) { lk_vf_store(p, v); }
+static inline void lk_stream_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+#endif
 
 /* Runtime switch between the SIMD and the generic path (tests diff the two). */
 int lk_simd_enabled(void);
