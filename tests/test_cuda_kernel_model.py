@@ -6,8 +6,9 @@ statement at the level of the 32 lanes of each warp - shared-memory staging with
 fragment loads (``qa``, ``kb``, ``vb`` offsets) fed to an ``mma.sync.m16n8k16`` model built from the
 PTX ISA fragment tables (A: rows gid / gid+8, cols 2*tig(+1) / +8; B: rows 2*tig(+1) / +8, col gid;
 C: rows gid / gid+8, cols 2*tig(+1)), masking, quad reductions, online softmax, P re-packed as the
-A operand of P V, and the epilogue.  ``warp_kernel_model`` does the same for ``attn_warp_kernel``,
-the split plan (``lk_attention_cuda_splits``, ``split_len_of``) and ``attn_combine_kernel``.
+A operand of P V, and the epilogue.  ``tile_kernel_model`` does the same for ``attn_tile_kernel``
+(float32 prefill), ``warp_kernel_model`` for ``attn_warp_kernel``, the split plan
+(``lk_attention_cuda_splits``, ``split_len_of``) and ``attn_combine_kernel``.
 When a kernel changes, change its model with it.
 """
 import numpy as np
@@ -300,6 +301,123 @@ def test_warp_kernel_model(B, N, M, Hq, Hkv, D, E, causal, kw):
     assert (S > 1) == (B * N * Hq < 132 * 32 and Lp + M > 512)
     o, lse = warp_kernel_model(q, k, v, causal, D ** -0.5, kw.get("q_pos"), kw.get("kv_pos"), kw.get("kv_lens"),
                                pk, pv, B // P if P else 1, S)
+    want, want_lse = ref.attention(q, k, v, causal=causal, return_lse=True, prefix_k=pk, prefix_v=pv, **kw)
+    assert not np.isnan(o).any()
+    assert np.array_equal(np.isfinite(lse), np.isfinite(want_lse))
+    fin = np.isfinite(want_lse)
+    assert np.abs(o - want).max() < 1e-12
+    assert np.abs(lse[fin] - want_lse[fin]).max() < 1e-12
+
+
+# ---- attn_tile_kernel (float32 prefill) ----
+
+T_WARPS, T_ROWS, T_BN = 4, 8, 32
+T_BM = T_WARPS * T_ROWS
+
+
+def tile_kernel_model(q, k, v, causal, scale, q_pos, kv_pos, kv_lens, pk, pv, prows):
+    B, N, Hq, D = q.shape
+    M, Hkv, E = k.shape[1], k.shape[2], v.shape[3]
+    L = 0 if pk is None else pk.shape[1]
+    KS = D if D % 2 else D + 1
+    sl2 = scale * 1.4426950408889634
+    out = np.full((B, N, Hq, E), np.nan)
+    lse = np.full((B, N, Hq), np.nan)
+    nmb = (N + T_BM - 1) // T_BM
+    for blk in range(nmb * Hq * B):
+        mb, h, b = blk % nmb, (blk // nmb) % Hq, blk // (nmb * Hq)
+        g, i0 = h // (Hq // Hkv), mb * T_BM
+        valid_q = min(N - i0, T_BM)
+        ln = M if kv_lens is None else min(max(kv_lens[b], 0), M)
+        q_s = np.zeros(T_BM * D)
+        for idx in range(T_BM * D):
+            r, d = idx // D, idx % D
+            q_s[idx] = q[b, i0 + r, h, d] * sl2 if r < valid_q else 0
+        def qposf(i):
+            if q_pos is None:
+                return ln - N + i
+            return q_pos[i] if q_pos.ndim == 1 else q_pos[b, i]
+        qpos_s = [qposf(i0 + r) if r < valid_q else 0 for r in range(T_BM)]
+        qmax = max(qpos_s[:valid_q])
+        real = ln
+        if causal and kv_pos is None:
+            real = 0 if qmax < 0 else (qmax + 1 if qmax < ln else ln)
+        end = L + real
+        st = [dict(m=np.full(T_ROWS, -np.inf), l=np.zeros(T_ROWS), acc=np.zeros((T_ROWS, E)))
+              for _ in range(T_WARPS)]
+        for kt in range(0, end, T_BN):
+            valid_k = min(end - kt, T_BN)
+            k_s = np.zeros(T_BN * KS)
+            v_s = np.zeros(T_BN * E)
+            kvp_s = [0] * T_BN
+            for r in range(valid_k):
+                jj = kt + r
+                kr = pk[b // prows, jj, g] if jj < L else k[b, jj - L, g]
+                vr = pv[b // prows, jj, g] if jj < L else v[b, jj - L, g]
+                k_s[r * KS: r * KS + D] = kr
+                v_s[r * E: r * E + E] = vr
+                if jj >= L:
+                    j = jj - L
+                    kvp_s[r] = j if kv_pos is None else (kv_pos[j] if kv_pos.ndim == 1 else kv_pos[b, j])
+            for w in range(T_WARPS):
+                wr = w * T_ROWS
+                if not wr < valid_q:
+                    continue
+                S = st[w]
+                s = np.zeros((T_ROWS, 32))                      # [row][lane]
+                for lane in range(32):
+                    for d in range(D):
+                        kd = k_s[lane * KS + d]
+                        for r in range(T_ROWS):
+                            s[r, lane] += q_s[(wr + r) * D + d] * kd
+                for r in range(T_ROWS):
+                    for lane in range(32):
+                        ok = lane < valid_k and (not (causal and kt + lane >= L) or kvp_s[lane] <= qpos_s[wr + r])
+                        s[r, lane] = s[r, lane] if ok else -np.inf
+                    m_new = max(S["m"][r], s[r].max())
+                    base = 0.0 if m_new == -np.inf else m_new
+                    corr = np.exp2(S["m"][r] - base)
+                    s[r] = np.exp2(s[r] - base)
+                    S["l"][r] = S["l"][r] * corr + s[r].sum()
+                    S["m"][r] = m_new
+                    S["acc"][r] *= corr
+                for kk in range(valid_k):
+                    for r in range(T_ROWS):
+                        S["acc"][r] += s[r, kk] * v_s[kk * E: kk * E + E]
+        for w in range(T_WARPS):
+            wr = w * T_ROWS
+            if not wr < valid_q:
+                continue
+            S = st[w]
+            for r in range(T_ROWS):
+                i = i0 + wr + r
+                if i >= N:
+                    continue
+                lr = S["l"][r]
+                out[b, i, h] = S["acc"][r] * (1 / lr if lr > 0 else 0)
+                lse[b, i, h] = (S["m"][r] + np.log2(lr)) * np.log(2) if lr > 0 else -np.inf
+    return out, lse
+
+
+TILE_CASES = [
+    (1, 40, 70, 2, 1, 7, 5, True, {}),                                     # 2 row blocks, odd D
+    (2, 16, 33, 2, 2, 8, 8, False, {"kv_lens": np.array([33, 0])}),
+    (1, 20, 21, 1, 1, 6, 6, True, {"q_pos": np.arange(20)[::-1].copy(), "kv_pos": np.arange(21) * 2}),
+    (2, 17, 9, 2, 1, 4, 4, True, {"P": 2, "Lp": 40}),
+]
+
+
+@pytest.mark.parametrize("B,N,M,Hq,Hkv,D,E,causal,kw", TILE_CASES)
+def test_tile_kernel_model(B, N, M, Hq, Hkv, D, E, causal, kw):
+    rng = np.random.default_rng(2)
+    kw = dict(kw)
+    P, Lp = kw.pop("P", None), kw.pop("Lp", 0)
+    q, k, v = (rng.standard_normal(s) for s in ((B, N, Hq, D), (B, M, Hkv, D), (B, M, Hkv, E)))
+    pk = pv = None
+    if P:
+        pk, pv = rng.standard_normal((P, Lp, Hkv, D)), rng.standard_normal((P, Lp, Hkv, E))
+    o, lse = tile_kernel_model(q, k, v, causal, D ** -0.5, kw.get("q_pos"), kw.get("kv_pos"), kw.get("kv_lens"),
+                               pk, pv, B // P if P else 1)
     want, want_lse = ref.attention(q, k, v, causal=causal, return_lse=True, prefix_k=pk, prefix_v=pv, **kw)
     assert not np.isnan(o).any()
     assert np.array_equal(np.isfinite(lse), np.isfinite(want_lse))

@@ -12,7 +12,10 @@
  *   (V transposed), S = Q K^T and O += P V run on tensor cores (mma.sync m16n8k16, f32 accumulate),
  *   P never leaves registers (the S accumulator layout is the A-operand layout of the next mma).
  *   D and E are zero-padded to multiples of 16 in shared memory, so any D, E <= 256 works.
- * - attn_warp_kernel (f32 any N; f16/bf16 decode): one warp per (query row, split).  Keys in chunks
+ * - attn_tile_kernel (f32, N >= 16): CUDA cores, float32 throughout.  A block of 4 warps owns 32
+ *   query rows of one (b, h) (8 per warp) and stages K/V tiles of 32 keys in shared memory: each
+ *   lane scores one key against the warp's 8 rows, then lanes split the features for P V.
+ * - attn_warp_kernel (f32 and f16/bf16 decode, N < 16): one warp per (query row, split).  Keys in chunks
  *   of 32, one key per lane for the score, then lanes across features for P V.  With num_splits > 1
  *   each warp covers one contiguous chunk of the keys and writes a float32 partial (m, l, acc[E]) to
  *   scratch; attn_combine_kernel merges them with the max-stabilized merge of lmkern/softmax.h.
@@ -229,6 +232,141 @@ attn_combine_kernel(const lk_attention_params p, int num_splits, const float *sc
         o[e] = from_f<T>(sum * inv);
     }
     if (p.lse && lane == 0) ((float *)p.lse)[row] = total > 0.f ? (mx + log2f(total)) * LN2 : -INFINITY;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* CUDA-core tiled kernel (float32 prefill): 4 warps x 8 query rows of one (b, h) share K/V tiles of  */
+/* 32 keys in shared memory.  Scores: lane = key, 8 rows per lane; P V: lanes across features.        */
+
+constexpr int TILE_WARPS = 4;
+constexpr int TILE_ROWS = 8;                        // query rows per warp
+constexpr int TILE_BM = TILE_WARPS * TILE_ROWS;     // query rows per block
+constexpr int TILE_BN = 32;                         // keys per tile (one per lane)
+
+/* Row stride of the K tile: odd, so lanes reading k_s[lane * stride + d] hit 32 different banks. */
+__host__ __device__ __forceinline__ int64_t tile_k_stride(int64_t D) { return D % 2 ? D : D + 1; }
+
+static size_t tile_smem_bytes(int64_t D, int64_t E) {
+    return sizeof(int64_t) * (TILE_BN + TILE_BM) +
+           sizeof(float) * (size_t)(TILE_BM * D + TILE_BN * tile_k_stride(D) + TILE_BN * E);
+}
+
+template <typename T, int EPL>
+__global__ void __launch_bounds__(32 * TILE_WARPS)
+attn_tile_kernel(const lk_attention_params p, float scale_log2) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int64_t D = p.D, E = p.E, KS = tile_k_stride(D), L = p.prefix_len;
+    int64_t *kvp_s = reinterpret_cast<int64_t *>(smem);   // [TILE_BN]
+    int64_t *qpos_s = kvp_s + TILE_BN;                     // [TILE_BM]
+    float *q_s = reinterpret_cast<float *>(qpos_s + TILE_BM);  // [TILE_BM][D], scaled by scale log2 e
+    float *k_s = q_s + TILE_BM * D;                        // [TILE_BN][KS]
+    float *v_s = k_s + TILE_BN * KS;                       // [TILE_BN][E]
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int64_t nmb = (p.N + TILE_BM - 1) / TILE_BM;
+    const int64_t mb = blockIdx.x % nmb, h = (blockIdx.x / nmb) % p.Hq, b = blockIdx.x / (nmb * p.Hq);
+    const int64_t g = h / (p.Hq / p.Hkv), i0 = mb * TILE_BM;
+    const int valid_q = (int)(p.N - i0 < TILE_BM ? p.N - i0 : TILE_BM);
+    const int64_t len = row_len(p, b);
+
+    for (int64_t idx = tid; idx < TILE_BM * D; idx += blockDim.x) {
+        const int r = (int)(idx / D);
+        const int64_t d = idx % D;
+        q_s[idx] = r < valid_q ? to_f<T>(((const T *)p.q + b * p.q_stride[0] + (i0 + r) * p.q_stride[1] +
+                                          h * p.q_stride[2])[d]) * scale_log2
+                               : 0.f;
+    }
+    for (int r = tid; r < TILE_BM; r += blockDim.x) qpos_s[r] = r < valid_q ? q_position(p, b, i0 + r, len) : 0;
+    __syncthreads();
+    int64_t qmax = INT64_MIN;
+    for (int r = 0; r < valid_q; r++) qmax = qpos_s[r] > qmax ? qpos_s[r] : qmax;
+    const int64_t end = key_end(p, len, qmax);
+
+    const int wr = warp * TILE_ROWS;
+    const bool warp_active = wr < valid_q;  // uniform across the warp
+    float m[TILE_ROWS], l[TILE_ROWS], acc[TILE_ROWS][EPL];
+#pragma unroll
+    for (int r = 0; r < TILE_ROWS; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.f;
+#pragma unroll
+        for (int u = 0; u < EPL; u++) acc[r][u] = 0.f;
+    }
+
+    for (int64_t kt = 0; kt < end; kt += TILE_BN) {
+        const int valid_k = (int)(end - kt < TILE_BN ? end - kt : TILE_BN);
+        __syncthreads();  // everyone is done with the previous tile
+        for (int64_t idx = tid; idx < TILE_BN * D; idx += blockDim.x) {
+            const int r = (int)(idx / D);
+            const int64_t d = idx % D;
+            k_s[r * KS + d] = r < valid_k ? to_f<T>(key_row<T>(p, b, g, kt + r)[d]) : 0.f;
+        }
+        for (int64_t idx = tid; idx < TILE_BN * E; idx += blockDim.x) {
+            const int r = (int)(idx / E);
+            const int64_t e = idx % E;
+            v_s[idx] = r < valid_k ? to_f<T>(value_row<T>(p, b, g, kt + r)[e]) : 0.f;
+        }
+        for (int r = tid; r < TILE_BN; r += blockDim.x)
+            kvp_s[r] = (r < valid_k && kt + r >= L) ? kv_position(p, b, kt + r - L) : 0;
+        __syncthreads();
+        if (!warp_active) continue;
+
+        // s[r] = <q_r, k_lane> (log2 domain) for this warp's 8 rows
+        float s[TILE_ROWS];
+#pragma unroll
+        for (int r = 0; r < TILE_ROWS; r++) s[r] = 0.f;
+        for (int64_t d = 0; d < D; d++) {
+            const float kd = k_s[lane * KS + d];
+#pragma unroll
+            for (int r = 0; r < TILE_ROWS; r++) s[r] = fmaf(q_s[(wr + r) * D + d], kd, s[r]);
+        }
+        const bool key_ok = lane < valid_k;
+        const bool positional = p.causal && kt + lane >= L;
+#pragma unroll
+        for (int r = 0; r < TILE_ROWS; r++) {
+            const bool ok = key_ok && (!positional || kvp_s[lane] <= qpos_s[wr + r]);
+            s[r] = ok ? s[r] : -INFINITY;
+            const float m_new = fmaxf(m[r], warp_max(s[r]));
+            const float base = m_new == -INFINITY ? 0.f : m_new;  // keeps -inf - base at -inf, not NaN
+            const float corr = exp2f(m[r] - base);
+            s[r] = exp2f(s[r] - base);  // p_r for this lane's key (0 when masked)
+            l[r] = l[r] * corr + warp_sum(s[r]);
+            m[r] = m_new;
+#pragma unroll
+            for (int u = 0; u < EPL; u++) acc[r][u] *= corr;
+        }
+        // acc[r] += p[r][kk] v[kk], lanes across features
+        for (int kk = 0; kk < valid_k; kk++) {
+            float pk[TILE_ROWS];
+#pragma unroll
+            for (int r = 0; r < TILE_ROWS; r++) pk[r] = __shfl_sync(0xffffffffu, s[r], kk);
+#pragma unroll
+            for (int u = 0; u < EPL; u++) {
+                const int64_t e = lane + 32 * u;
+                if (e < E) {
+                    const float ve = v_s[kk * E + e];
+#pragma unroll
+                    for (int r = 0; r < TILE_ROWS; r++) acc[r][u] = fmaf(pk[r], ve, acc[r][u]);
+                }
+            }
+        }
+    }
+
+    if (!warp_active) return;
+#pragma unroll
+    for (int r = 0; r < TILE_ROWS; r++) {
+        const int64_t i = i0 + wr + r;
+        if (i >= p.N) continue;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        T *o = (T *)p.out + b * p.out_stride[0] + i * p.out_stride[1] + h * p.out_stride[2];
+#pragma unroll
+        for (int u = 0; u < EPL; u++) {
+            const int64_t e = lane + 32 * u;
+            if (e < E) o[e] = from_f<T>(acc[r][u] * inv);
+        }
+        if (p.lse && lane == 0)
+            ((float *)p.lse)[(b * p.N + i) * p.Hq + h] = l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2 : -INFINITY;
+    }
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -483,6 +621,9 @@ attn_mma_kernel(const lk_attention_params p, float scale_log2, int vec) {
 
 bool use_mma(const lk_attention_params *p) { return (p->dtype == LK_F16 || p->dtype == LK_BF16) && p->N >= 16; }
 
+/* float32 prefill: the shared-memory tiled CUDA-core kernel (decode stays on the split-KV warp kernel). */
+bool use_tile(const lk_attention_params *p) { return p->dtype == LK_F32 && p->N >= 16; }
+
 bool aligned16(const void *ptr) { return ((uintptr_t)ptr & 15) == 0; }
 
 /* VEC_QK: 16-byte loads of q, k, prefix_k rows are safe (D % 8 == 0, strides % 8 == 0, bases
@@ -529,6 +670,27 @@ lk_status launch_warp_e(const lk_attention_params *p, int num_splits, float *scr
     return launch_warp<T, 8>(p, num_splits, scratch, scale_log2, st);
 }
 
+template <typename T, int EPL>
+lk_status launch_tile(const lk_attention_params *p, float scale_log2, cudaStream_t st) {
+    const size_t smem = tile_smem_bytes(p->D, p->E);
+    const int64_t blocks = (p->N + TILE_BM - 1) / TILE_BM * p->Hq * p->B;
+    if (blocks > 0x7fffffff) return LK_ERR_VALUE;
+    if (smem > 48 * 1024) {
+        cudaError_t err = cudaFuncSetAttribute(attn_tile_kernel<T, EPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (err != cudaSuccess) return lk::record_error(err);
+    }
+    attn_tile_kernel<T, EPL><<<(unsigned)blocks, 32 * TILE_WARPS, smem, st>>>(*p, scale_log2);
+    return lk::check_launch();
+}
+
+template <typename T>
+lk_status launch_tile_e(const lk_attention_params *p, float scale_log2, cudaStream_t st) {
+    if (p->E <= 32) return launch_tile<T, 1>(p, scale_log2, st);
+    if (p->E <= 64) return launch_tile<T, 2>(p, scale_log2, st);
+    if (p->E <= 128) return launch_tile<T, 4>(p, scale_log2, st);
+    return launch_tile<T, 8>(p, scale_log2, st);
+}
+
 template <typename T, int ET>
 lk_status launch_mma(const lk_attention_params *p, float scale_log2, cudaStream_t st) {
     const int64_t DP = (p->D + 15) / 16 * 16, EP = (p->E + 15) / 16 * 16;
@@ -555,7 +717,7 @@ lk_status launch_mma_e(const lk_attention_params *p, float scale_log2, cudaStrea
 }  // namespace
 
 extern "C" int lk_attention_cuda_splits(const lk_attention_params *p, int num_sms) {
-    if (use_mma(p)) return 1;
+    if (use_mma(p) || use_tile(p)) return 1;
     const int64_t rows = p->B * p->N * p->Hq, total = p->prefix_len + p->M;
     if (rows <= 0 || total <= 512) return 1;
     const int64_t target = (int64_t)(num_sms > 0 ? num_sms : 1) * 32;  // warps to keep every SM busy
@@ -583,6 +745,10 @@ extern "C" lk_status lk_attention_cuda(const lk_attention_params *p, int num_spl
         if (num_splits != 1) return LK_ERR_VALUE;
         if (p->dtype == LK_F16) return launch_mma_e<__half>(p, scale_log2, st);
         return launch_mma_e<__nv_bfloat16>(p, scale_log2, st);
+    }
+    if (use_tile(p)) {
+        if (num_splits != 1) return LK_ERR_VALUE;
+        return launch_tile_e<float>(p, scale_log2, st);
     }
     switch (p->dtype) {
     case LK_F32: return launch_warp_e<float>(p, num_splits, scratch, scale_log2, st);

@@ -835,9 +835,11 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
     ``stream=`` and the ParScale prefix (``prefix_k (P,L,Hkv,D)``, ``prefix_v (P,L,Hkv,E)``, rows per
     stream ``B // P``), used by ``lmkern.parscale.prefix_attention``.
 
-    f16/bf16 with N >= 16 run on tensor cores (mma.sync m16n8k16, FlashAttention-2 tiling); float32 and
-    decode (N < 16) run the CUDA-core kernel, split over the keys (split-KV, float32 partials and a
-    max-stabilized merge) when B*N*Hq is too small to fill the GPU.  D, E <= 256 (ValueError beyond).
+    Kernels (kernels/cuda/attention.cu): f16/bf16 with N >= 16 on tensor cores (mma.sync m16n8k16,
+    FlashAttention-2 tiling, P kept in registers); float32 with N >= 16 on CUDA cores with K/V tiles
+    in shared memory (float32 throughout: no TF32); decode (N < 16, any dtype) one warp per query row,
+    split over the keys (split-KV, float32 partials, max-stabilized merge) when B*N*Hq is too small
+    to fill the GPU.  D, E <= 256 (ValueError beyond).
     ``lse`` is float32.  Returns ``out`` [and ``lse``] as the inputs' array type, on their device."""
     _require()
     if _dispatch.route(fn, q=q, k=k, v=v, out=out, prefix_k=prefix_k, prefix_v=prefix_v) != "cuda":
