@@ -96,6 +96,12 @@ def test_parse_device():
         cuda.parse_device("gpu")
 
 
+@pytest.mark.skipif(cuda.device_count() > 0, reason="a GPU is visible")
+def test_gpu_kvcache_without_gpu_is_a_clear_error():
+    with pytest.raises((ValueError, RuntimeError), match="not visible|without CUDA"):
+        lmkern.KVCache(1, 4, 1, 8, device="cuda")
+
+
 def test_reference_kvcache_stays_on_host():
     with pytest.raises(ValueError, match="device"):
         ref.KVCache(1, 4, 1, 8, device="cuda")
@@ -284,6 +290,17 @@ def test_glue_attention_matches_reference(fake, rng, B, N, M, Hq, Hkv, D, E, cau
     kw = [c for c in fake.calls if c[0] == "attention"][-1][1]
     if M > 512 and N == 1:
         assert kw["num_splits"] > 1
+
+
+def test_glue_attention_float16_out_and_lse(fake, rng):
+    q, k, v = (randn(rng, s).astype(np.float16) for s in ((1, 3, 2, 8), (1, 5, 1, 8), (1, 5, 1, 6)))
+    out, lse = lmkern.attention(FakeGpuArray(q), FakeGpuArray(k), FakeGpuArray(v), causal=True, return_lse=True)
+    assert out.dtype == "float16" and lse.dtype == "float32"   # lse in float32, as FlashAttention
+    want, want_lse = ref.attention(q, k, v, causal=True, return_lse=True)
+    assert_close(out.numpy(), want, tol=GPU_TOL["float16"])
+    assert_close(lse.numpy(), want_lse, tol=1e-6)
+    kw = [c for c in fake.calls if c[0] == "attention"][-1][1]
+    assert kw["dtype"] == "float16"
 
 
 def test_glue_attention_strided_inputs_zero_copy(fake, rng):
