@@ -63,7 +63,7 @@ def mma_kernel_model(q, k, v, causal, scale, q_pos, kv_pos, kv_lens, pk=None, pv
     def val_row(b, g, jj):
         return pv[b // prows, jj, g] if jj < L else v[b, jj - L, g]
     for blk in range(nmb * Hq * B):
-        mb, h, b = blk % nmb, (blk // nmb) % Hq, blk // (nmb * Hq)
+        mb, h, b = nmb - 1 - blk % nmb, (blk // nmb) % Hq, blk // (nmb * Hq)
         g = h // (Hq // Hkv); i0 = mb * BM; valid_q = min(N - i0, BM); ln = row_len(b)
         q_s = np.zeros(BM * QS)
         for r in range(valid_q):
@@ -325,7 +325,7 @@ def tile_kernel_model(q, k, v, causal, scale, q_pos, kv_pos, kv_lens, pk, pv, pr
     lse = np.full((B, N, Hq), np.nan)
     nmb = (N + T_BM - 1) // T_BM
     for blk in range(nmb * Hq * B):
-        mb, h, b = blk % nmb, (blk // nmb) % Hq, blk // (nmb * Hq)
+        mb, h, b = nmb - 1 - blk % nmb, (blk // nmb) % Hq, blk // (nmb * Hq)
         g, i0 = h // (Hq // Hkv), mb * T_BM
         valid_q = min(N - i0, T_BM)
         ln = M if kv_lens is None else min(max(kv_lens[b], 0), M)

@@ -264,7 +264,8 @@ attn_tile_kernel(const lk_attention_params p, float scale_log2) {
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int64_t nmb = (p.N + TILE_BM - 1) / TILE_BM;
-    const int64_t mb = blockIdx.x % nmb, h = (blockIdx.x / nmb) % p.Hq, b = blockIdx.x / (nmb * p.Hq);
+    // causal: the last row blocks of a head see the most keys, so they are scheduled first
+    const int64_t mb = nmb - 1 - blockIdx.x % nmb, h = (blockIdx.x / nmb) % p.Hq, b = blockIdx.x / (nmb * p.Hq);
     const int64_t g = h / (p.Hq / p.Hkv), i0 = mb * TILE_BM;
     const int valid_q = (int)(p.N - i0 < TILE_BM ? p.N - i0 : TILE_BM);
     const int64_t len = row_len(p, b);
@@ -457,7 +458,8 @@ attn_mma_kernel(const lk_attention_params p, float scale_log2, int vec) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gid = lane >> 2, tig = lane & 3;  // mma fragment coordinates: row group, thread in group
     const int64_t nmb = (p.N + MMA_BM - 1) / MMA_BM;
-    const int64_t mb = blockIdx.x % nmb, h = (blockIdx.x / nmb) % p.Hq, b = blockIdx.x / (nmb * p.Hq);
+    // causal: the last row blocks of a head see the most keys, so they are scheduled first
+    const int64_t mb = nmb - 1 - blockIdx.x % nmb, h = (blockIdx.x / nmb) % p.Hq, b = blockIdx.x / (nmb * p.Hq);
     const int64_t g = h / (p.Hq / p.Hkv), L = p.prefix_len;
     const int64_t i0 = mb * MMA_BM;
     const int valid_q = (int)(p.N - i0 < MMA_BM ? p.N - i0 : MMA_BM);
