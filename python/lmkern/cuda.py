@@ -577,9 +577,11 @@ class View:
                     raise ValueError(f"{fn}: {name} has strides {bst} bytes, not a multiple of its itemsize")
                 strides = tuple(s // item for s in bst)
             ptr = int(cai["data"][0]) if cai["data"][0] else 0
-            dev = _device_of(x) if kind == "cupy" else _cai_device(ptr)
+            dev = _device_of(x) if kind == "cupy" or hasattr(x, "__dlpack_device__") else _cai_device(ptr)
             theirs = cai.get("stream")
-            if theirs is not None and stream is not None and int(theirs) != int(stream):
+            # 0 and 1 both name the legacy default stream here (CAI uses 1; lmkern and CuPy's null stream, 0)
+            same = theirs is None or stream is None or (int(theirs) in (0, 1) and int(stream) in (0, 1))
+            if not same and int(theirs) != int(stream):
                 # CAI v3: the producer's stream; make ours wait for it (event, no host sync)
                 _cuda.stream_wait(int(stream), int(theirs), dev)
             return cls(ptr, shape, strides, dtype, dev, kind, x, x)
