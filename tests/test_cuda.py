@@ -594,3 +594,13 @@ def test_gpu_kvcache(rng):
     q = randn(rng, (B, 1, 4, D))
     got = c.attend(up(q))
     assert_close(_host(got), cpu.attend(q), tol=GPU_TOL["float32"])
+
+
+def test_bench_cuda_quick(capsys):
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import bench_cuda
+    assert bench_cuda.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out or "torch SDPA" in out
