@@ -39,6 +39,20 @@ tensors, CuPy arrays, JAX arrays, :class:`DeviceArray`, and anything else exposi
   contiguous).  Device ``kv_lens`` are not range-checked on the host (that would synchronize); the
   kernel clamps them to ``[0, M]``, so a wrong value never reads out of bounds.
 
+Decisions where the SPEC is silent
+----------------------------------
+* ``lse`` is float32 whatever the input dtype (FlashAttention's convention); ``out`` has the inputs' dtype,
+  rounded once from the float32 accumulator.
+* No autograd: results of torch inputs with ``requires_grad`` are plain tensors (these are inference
+  kernels).
+* Reproducibility: no atomics anywhere, so results are bitwise reproducible for fixed inputs on one GPU
+  model; the split-KV count depends on the number of SMs, so decode results may differ in the last
+  bits between GPU models.
+* Head dimensions D, E <= 256 (``ValueError`` beyond), any value below (no multiple-of-8 requirement:
+  tails are zero-padded in shared memory; 16-byte loads are used when sizes, strides and alignment allow).
+* ``KVCache(..., device="cuda")`` keeps ``lengths``/``positions`` on the host (bookkeeping, needed for
+  the host-side checks) and mirrors the positions on the device for the kernel.
+
 How to add a CUDA op (recipe for the family engineers)
 ------------------------------------------------------
 1. **Params + declaration**: the ``lk_<op>_params`` struct in ``kernels/include/lmkern/<family>.h`` is
