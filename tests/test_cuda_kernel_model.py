@@ -188,7 +188,7 @@ def warp_kernel_model(q, k, v, causal, scale, q_pos, kv_pos, kv_lens, pk, pv, pr
     out = np.full((B, N, Hq, E), np.nan); lse = np.full((B, N, Hq), np.nan)
     rows = B * N * Hq
     for task in range(rows * S):
-        row, split = task // S, task % S
+        row, split = task % rows, task // rows
         h, i, b = row % Hq, (row // Hq) % N, row // (Hq * N)
         g = h // (Hq // Hkv)
         qs = q[b, i, h] * sl2

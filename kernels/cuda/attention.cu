@@ -124,7 +124,9 @@ attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len,
     const int64_t rows = p.B * p.N * p.Hq;
     const int64_t task = (int64_t)blockIdx.x * WARP_KERNEL_WARPS + warp;
     if (task >= rows * num_splits) return;  // whole warp leaves together
-    const int64_t row = task / num_splits, split = task % num_splits;
+    // consecutive warps: consecutive query heads of one split, so GQA heads sharing a KV head read the
+    // same keys together (L1/L2 reuse)
+    const int64_t row = task % rows, split = task / rows;
     // row = (b * N + i) * Hq + h: the index of out / lse in (B, N, Hq) order
     const int64_t h = row % p.Hq, i = (row / p.Hq) % p.N, b = row / (p.Hq * p.N);
     const int64_t g = h / (p.Hq / p.Hkv);
