@@ -33,6 +33,25 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
+def find_cuda_home(nvcc):
+    """The toolkit root (with include/cuda_runtime_api.h): CUDA_HOME, else next to the real nvcc, else
+    where `nvcc -dryrun` says it lives (nvcc may be a wrapper script on PATH)."""
+    candidates = [os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "",
+                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    try:
+        dry = subprocess.run([nvcc, "-dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        for line in (dry.stdout + dry.stderr).splitlines():
+            if "TOP=" in line:
+                candidates.append(os.path.realpath(line.split("TOP=", 1)[1].strip().strip('"')))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    candidates += ["/usr/local/cuda", "/opt/cuda"]
+    for c in candidates:
+        if c and os.path.exists(os.path.join(c, "include", "cuda_runtime_api.h")):
+            return c
+    sys.exit(f"lmkern: found nvcc at {nvcc} but no CUDA toolkit headers; set CUDA_HOME")
+
+
 def cuda_mode():
     mode = os.environ.get("LMKERN_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
@@ -104,7 +123,7 @@ def extensions():
         sys.exit("LMKERN_CUDA=1 but nvcc was not found on PATH or in CUDA_HOME")
     cu = rel("kernels/cuda/*.cu")
     if nvcc and cu:
-        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        cuda_home = find_cuda_home(nvcc)
         libdirs = [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"),
                                os.path.join(cuda_home, "targets", "x86_64-linux", "lib")) if os.path.isdir(d)]
         exts.append(

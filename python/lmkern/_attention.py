@@ -145,3 +145,4 @@ def rope_(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=
 class KVCache(KVCacheBase):
     __doc__ = KVCacheBase.__doc__
     _attention = staticmethod(attention)
+    _gpu_ok = True

@@ -38,15 +38,27 @@ class KVCacheBase:
     positions of each row's last N cached tokens (for the default running positions this is the
     bottom-right alignment ``L_b - N + i``); rows holding fewer than N tokens fall back to
     ``L_b - N + i``.
+
+    ``device="cuda"`` (or ``"cuda:N"``, an int, a ``torch.device``; lmkern.KVCache only, the NumPy twin
+    stays on the host): ``k``/``v`` live on the GPU as torch tensors when torch is installed, else as
+    :class:`lmkern.cuda.DeviceArray`; ``dtype`` may then be float32, float16 or bfloat16 (default
+    float32).  ``append`` takes CUDA arrays and copies on the GPU, ``attend`` runs the CUDA attention
+    and returns the query's array type.  ``lengths`` and ``positions`` stay host (NumPy) bookkeeping
+    (a device copy of the positions feeds the kernel); ``.k``/``.v`` are views for torch, copies for
+    DeviceArray.
     """
 
     _attention = None  # set by subclasses: the attention function used by attend
+    _gpu_ok = False    # lmkern.KVCache sets True: device="cuda" puts the buffers on the GPU
+    _gpu = None        # lmkern.cuda.KVCacheStorage of a GPU cache
 
     def __init__(self, batch, max_len, kv_heads, head_dim, v_head_dim=None, *, dtype=np.float32, device=None):
         fn = "KVCache"
         for name, val in (("batch", batch), ("max_len", max_len), ("kv_heads", kv_heads), ("head_dim", head_dim)):
             if int(val) < 0:
                 raise ValueError(f"{fn}: {name} must be >= 0; got {val}")
+        if type(self)._gpu_ok and device not in (None, "cpu"):
+            return self._init_gpu(batch, max_len, kv_heads, head_dim, v_head_dim, dtype, device)
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"{fn}: dtype must be float32 or float64 on the CPU; got {dtype}")
@@ -62,6 +74,20 @@ class KVCacheBase:
         self._pos = np.zeros((B, S), np.int64)
         self._len = np.zeros(B, np.int64)
 
+    def _init_gpu(self, batch, max_len, kv_heads, head_dim, v_head_dim, dtype, device):
+        from . import cuda
+        gpu = cuda.parse_device(device)
+        self.batch, self.max_len, self.kv_heads = int(batch), int(max_len), int(kv_heads)
+        self.head_dim = int(head_dim)
+        self.v_head_dim = self.head_dim if v_head_dim is None else int(v_head_dim)
+        if gpu is None:
+            raise ValueError(f"KVCache: device must be None, 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+        self._gpu = cuda.KVCacheStorage(self, gpu, dtype)
+        self.dtype = self._gpu.dtype
+        self._k, self._v = self._gpu.k, self._gpu.v
+        self._pos = np.zeros((self.batch, self.max_len), np.int64)
+        self._len = np.zeros(self.batch, np.int64)
+
     # views over the filled capacity
     @property
     def lengths(self):
@@ -72,10 +98,14 @@ class KVCacheBase:
 
     @property
     def k(self):
+        if self._gpu is not None:
+            return self._gpu.filled(self._filled())[0]
         return self._k[:, : self._filled()]
 
     @property
     def v(self):
+        if self._gpu is not None:
+            return self._gpu.filled(self._filled())[1]
         return self._v[:, : self._filled()]
 
     @property
@@ -85,7 +115,8 @@ class KVCacheBase:
     @property
     def nbytes(self):
         """Bytes of the stored tokens (keys and values)."""
-        per_token = self.kv_heads * (self.head_dim + self.v_head_dim) * self.dtype.itemsize
+        itemsize = self._gpu.itemsize if self._gpu is not None else self.dtype.itemsize
+        per_token = self.kv_heads * (self.head_dim + self.v_head_dim) * itemsize
         return int(self._len.sum()) * per_token
 
     def reset(self):
@@ -93,6 +124,8 @@ class KVCacheBase:
 
     def append(self, k, v, *, positions=None, lengths=None):
         fn = "KVCache.append"
+        if self._gpu is not None:
+            return self._append_gpu(k, v, positions, lengths)
         _, a = _dispatch.float_arrays(fn, k=k, v=v)
         sh = _dispatch.Shapes(fn, B=self.batch, Hkv=self.kv_heads, D=self.head_dim, E=self.v_head_dim)
         sh.check("k", a["k"], "B,T,Hkv,D")
@@ -111,6 +144,22 @@ class KVCacheBase:
         self._len += lens
         return self
 
+    def _append_gpu(self, k, v, positions, lengths):
+        fn = "KVCache.append"
+        from . import cuda
+        T, views = self._gpu.check_append(k, v)
+        lens = ragged_lengths(fn, lengths, self.batch, T)
+        if positions is not None:
+            positions = _dispatch.index_array(fn, "positions", cuda.to_host(positions))
+            _dispatch.Shapes(fn, B=self.batch, T=T).check("positions", positions, "B,T")
+        check_room(fn, self._len, lens, self.max_len)
+        for b in range(self.batch):
+            n, start = int(lens[b]), int(self._len[b])
+            self._pos[b, start:start + n] = positions[b, :n] if positions is not None else np.arange(start, start + n)
+        self._gpu.commit(views, lens, self._len, self._pos)
+        self._len += lens
+        return self
+
     def default_q_pos(self, N):
         idx = self._len[:, None] - N + np.arange(N)                      # (B, N)
         stored = np.take_along_axis(self._pos, np.clip(idx, 0, max(self.max_len - 1, 0)), axis=1) \
@@ -121,5 +170,6 @@ class KVCacheBase:
         N = np.shape(q)[1] if np.ndim(q) == 4 else 0
         if q_pos is None:
             q_pos = self.default_q_pos(N)
+        kv_pos = self._pos if self._gpu is None else self._gpu.pos
         return type(self)._attention(q, self._k, self._v, causal=causal, scale=scale, q_pos=q_pos,
-                                     kv_pos=self._pos, kv_lens=self._len, return_lse=return_lse)
+                                     kv_pos=kv_pos, kv_lens=self._len, return_lse=return_lse)
