@@ -36,8 +36,11 @@ HEAD_DIM = WIDTH // HEADS
 PROMPT = 512
 SEED = 0
 # bounds on the largest logit deviation, checked by the test suite (and printed as ok/FAIL)
-LOSSLESS_BOUND = 2e-3
-LOSSY_BOUND = {"kivi2": 2.0, "snapkv25": 4.0, "streaming25": 4.0}
+# (logits have a standard deviation near 1).  Lossless runs differ by float32 rounding only; the lossy
+# bounds are sanity bounds on the approximation error of random-weight attention, which is diffuse
+# (no heavy hitters), the hard case for eviction.
+LOSSLESS_BOUND = 1e-4
+LOSSY_BOUND = {"kivi2": 0.5, "snapkv25": 3.0, "streaming25": 3.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +96,8 @@ def ref_qkv(x, w, positions, B, T):
 
 
 def logits_of(x, weights):
-    return rmsnorm(x) @ weights.embed.T
+    """Tied LM head, scaled by width**-0.5 so that logits have a standard deviation near 1."""
+    return (rmsnorm(x) @ weights.embed.T) * np.float32(WIDTH ** -0.5)
 
 
 # ---------------------------------------------------------------------------------------------
