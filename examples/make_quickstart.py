@@ -85,6 +85,10 @@ approx = qcache.attend(q)
 print(f"KIVI-2: {qcache.nbytes:,} bytes vs {k.nbytes + v.nbytes:,} float32 "
       f"({(k.nbytes + v.nbytes) / qcache.nbytes:.1f}x smaller), rel. error "
       f"{np.linalg.norm(approx - full) / np.linalg.norm(full):.3f}")
+q4 = lmkern.kv.QuantizedKVCache(B, M, Hkv, D, bits=4, group_size=32, residual=128)
+q4.append(k, v)
+print(f"KIVI-4: {q4.nbytes:,} bytes, rel. error {np.linalg.norm(q4.attend(q) - full) / np.linalg.norm(full):.3f}"
+      "  (i.i.d. Gaussian K/V with diffuse attention is the worst case: the output is a tiny average)")
 idx = lmkern.kv.snapkv_select(randn(B, 32, Hq, D), k, 1024)
 print("SnapKV keeps", idx.shape, "->", lmkern.kv.compact(k, idx).shape)"""),
     ("md", """## ParScale (`lmkern.parscale`)
