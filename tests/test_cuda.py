@@ -325,6 +325,16 @@ def test_glue_attention_prefix(fake, rng):
     assert_close(out.numpy(), ref.attention(q, k, v, causal=True, prefix_k=pk, prefix_v=pv))
 
 
+def test_glue_parscale_prefix_attention_routes_to_cuda(fake, rng):
+    P, B, N, M, L, H = 2, 3, 4, 6, 5, 2
+    q, k, v = randn(rng, (P * B, N, H, 8)), randn(rng, (P * B, M, H, 8)), randn(rng, (P * B, M, H, 8))
+    pk, pv = randn(rng, (P, L, H, 8)), randn(rng, (P, L, H, 8))
+    out = lmkern.parscale.prefix_attention(FakeGpuArray(q), FakeGpuArray(k), FakeGpuArray(v), FakeGpuArray(pk),
+                                           FakeGpuArray(pv), causal=True, kv_lens=[6, 5, 4, 3, 2, 1])
+    expected = lmkern.reference.parscale.prefix_attention(q, k, v, pk, pv, causal=True, kv_lens=[6, 5, 4, 3, 2, 1])
+    assert_close(out.numpy(), expected)
+
+
 def test_glue_attention_errors(fake, rng):
     q, k, v = randn(rng, (1, 2, 2, 8)), randn(rng, (1, 3, 2, 8)), randn(rng, (1, 3, 2, 8))
     fq, fk, fv = FakeGpuArray(q), FakeGpuArray(k), FakeGpuArray(v)

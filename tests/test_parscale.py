@@ -495,8 +495,6 @@ def test_cuda_route_not_implemented_names_the_function():
     x = _FakeCudaArray()
     with pytest.raises(NotImplementedError, match="parscale.aggregate"):
         ps.aggregate(x, x, x, x, x, P=2)
-    with pytest.raises(NotImplementedError, match="parscale.prefix_attention"):
-        ps.prefix_attention(x, x, x, x, x)
     with pytest.raises(NotImplementedError, match="parscale.expand"):
         ps.expand(x, 2)
     with pytest.raises(ValueError, match="different devices"):

@@ -287,8 +287,12 @@ def _cuda_expand(x, P):
     raise NotImplementedError("parscale.expand: the CUDA path is not implemented yet; pass NumPy arrays")
 
 
-def _cuda_prefix_attention(*args, **kwargs):
-    raise NotImplementedError("parscale.prefix_attention: the CUDA path is not implemented yet; pass NumPy arrays")
+def _cuda_prefix_attention(q, k, v, prefix_k, prefix_v, **kwargs):
+    """GPU path: the core CUDA attention kernel with its shared-prefix fields (compiled, not yet run on a GPU)."""
+    from . import cuda
+    fn = "parscale.prefix_attention"
+    P, _ = _prefix_streams(fn, q, prefix_k)
+    return cuda.attention(q, k, v, prefix_k=prefix_k, prefix_v=prefix_v, P=max(P, 1), fn=fn, **kwargs)
 
 
 def _cuda_aggregate(*args, **kwargs):
