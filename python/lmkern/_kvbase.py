@@ -163,18 +163,9 @@ class QuantizedKVCacheBase:
         ``positions (B,T)`` are stored for causal masking (default: the running index).  Appending
         past max_len is a ValueError and writes nothing.
         """
-        from ._kvcache import ragged_lengths, check_room
+        from ._kvcache import check_append
         fn = self.fn + ".append"
-        _, a = _dispatch.float_arrays(fn, k=k, v=v)
-        sh = _dispatch.Shapes(fn, B=self.batch, Hkv=self.kv_heads, D=self.head_dim, E=self.v_head_dim)
-        sh.check("k", a["k"], "B,T,Hkv,D")
-        sh.check("v", a["v"], "B,T,Hkv,E")
-        T = sh["T"]
-        lens = ragged_lengths(fn, lengths, self.batch, T)
-        if positions is not None:
-            positions = _dispatch.index_array(fn, "positions", positions)
-            sh.check("positions", positions, "B,T")
-        check_room(fn, self._len, lens, self.max_len)
+        a, lens, positions = check_append(fn, self, k, v, positions, lengths)
         kf = a["k"].astype(np.float32, copy=False)
         vf = a["v"].astype(np.float32, copy=False)
         new_len = self._len + lens

@@ -27,6 +27,22 @@ def check_room(fn, current, new, max_len):
         )
 
 
+def check_append(fn, cache, k, v, positions, lengths):
+    """The checks of a KV cache append (shapes, ragged lengths, positions, room), before any write.
+
+    Returns ``({"k": k, "v": v} as NumPy float arrays, lengths (B,) int64, positions (B,T) int64 or None)``."""
+    _, a = _dispatch.float_arrays(fn, k=k, v=v)
+    sh = _dispatch.Shapes(fn, B=cache.batch, Hkv=cache.kv_heads, D=cache.head_dim, E=cache.v_head_dim)
+    sh.check("k", a["k"], "B,T,Hkv,D")
+    sh.check("v", a["v"], "B,T,Hkv,E")
+    lens = ragged_lengths(fn, lengths, cache.batch, sh["T"])
+    if positions is not None:
+        positions = _dispatch.index_array(fn, "positions", positions)
+        sh.check("positions", positions, "B,T")
+    check_room(fn, cache._len, lens, cache.max_len)
+    return a, lens, positions
+
+
 class KVCacheBase:
     """KVCache(batch, max_len, kv_heads, head_dim, v_head_dim=None, *, dtype=float32, device=None)
 
@@ -126,16 +142,7 @@ class KVCacheBase:
         fn = "KVCache.append"
         if self._gpu is not None:
             return self._append_gpu(k, v, positions, lengths)
-        _, a = _dispatch.float_arrays(fn, k=k, v=v)
-        sh = _dispatch.Shapes(fn, B=self.batch, Hkv=self.kv_heads, D=self.head_dim, E=self.v_head_dim)
-        sh.check("k", a["k"], "B,T,Hkv,D")
-        sh.check("v", a["v"], "B,T,Hkv,E")
-        T = sh["T"]
-        lens = ragged_lengths(fn, lengths, self.batch, T)
-        if positions is not None:
-            positions = _dispatch.index_array(fn, "positions", positions)
-            sh.check("positions", positions, "B,T")
-        check_room(fn, self._len, lens, self.max_len)
+        a, lens, positions = check_append(fn, self, k, v, positions, lengths)
         for b in range(self.batch):
             n, start = int(lens[b]), int(self._len[b])
             self._k[b, start:start + n] = a["k"][b, :n]
