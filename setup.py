@@ -64,7 +64,7 @@ NUMPY_MACROS = [
     ("NPY_NO_DEPRECATED_API", "NPY_1_23_API_VERSION"),
     ("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION"),
 ]
-C_FLAGS = ["-std=c11", "-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+C_FLAGS = ["-std=c11", "-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-psabi"]
 if NATIVE:
     C_FLAGS.append("-march=native")
 INCLUDES = [np.get_include(), os.path.join("kernels", "include"), "csrc"]
