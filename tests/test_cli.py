@@ -59,3 +59,16 @@ def test_demo_rejects_unknown_configuration():
 def test_demo_help():
     res = run_cli("demo", "--help")
     assert res.returncode == 0 and "--tokens" in res.stdout and "--device" in res.stdout
+
+
+def test_every_public_module_is_reachable_from_a_fresh_import():
+    code = ("import lmkern; mods = [lmkern.tpa, lmkern.mor, lmkern.kv, lmkern.parscale, lmkern.cuda, lmkern.reference];"
+            "print(lmkern.cuda.available() in (True, False))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr
+
+
+def test_demo_device_cuda_is_refused_clearly():
+    res = run_cli("demo", "--device", "cuda")
+    assert res.returncode != 0
+    assert "--device cuda" in res.stderr and "Traceback" not in res.stderr

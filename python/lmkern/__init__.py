@@ -18,9 +18,9 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import _core  # noqa: E402
 from ._attention import attention, rope, rope_, KVCache
 from ._config import show_config, set_num_threads, get_num_threads
-from . import reference, tpa, mor, kv, parscale  # noqa: E402
+from . import reference, tpa, mor, kv, parscale, cuda  # noqa: E402
 
 __all__ = [
     "attention", "rope", "rope_", "KVCache", "show_config", "set_num_threads", "get_num_threads",
-    "tpa", "mor", "kv", "parscale", "reference", "__version__",
+    "tpa", "mor", "kv", "parscale", "cuda", "reference", "__version__",
 ]
