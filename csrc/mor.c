@@ -6,7 +6,6 @@
 #include "arrays.h"
 #include "lmkern/mor.h"
 
-static int kernel_typenum(PyObject *a) { return lk_float_typenum(a); }
 
 /* _core.mor_router(h, wt, z, activation, alpha, temperature)
  * h (rows, Dm) and wt (C, Dm), or both None (z already holds h @ w); z (rows, C) is written. */
@@ -18,7 +17,7 @@ static PyObject *py_mor_router(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOidd", &h_o, &wt_o, &z_o, &activation, &alpha, &temperature)) return NULL;
     PyObject *result = NULL;
     PyArrayObject *h = NULL, *wt = NULL, *z = NULL;
-    const int typenum = kernel_typenum(z_o);
+    const int typenum = lk_float_typenum(z_o);
     npy_intp zd[2] = {-1, -1};
     if (!(z = lk_out(z_o, typenum, fn, "z", 2, zd))) goto fail;
     const npy_intp rows = PyArray_DIM(z, 0), C = PyArray_DIM(z, 1);
@@ -58,7 +57,7 @@ static PyObject *py_mor_topk(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OnOOO", &s_o, &k, &cand_o, &idx_o, &gate_o)) return NULL;
     PyObject *result = NULL;
     PyArrayObject *s = NULL, *cand = NULL, *idx = NULL, *gate = NULL;
-    const int typenum = kernel_typenum(s_o);
+    const int typenum = lk_float_typenum(s_o);
     if (!(s = lk_float_in(s_o, typenum, fn, "scores"))) goto fail;
     npy_intp sd[2] = {-1, -1};
     if (lk_check_dims(fn, "scores", s, "(B, n)", 2, sd) < 0) goto fail;
@@ -99,7 +98,7 @@ static PyObject *py_mor_token_choice(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOO", &p_o, &bias_o, &depth_o, &gate_o)) return NULL;
     PyObject *result = NULL;
     PyArrayObject *probs = NULL, *bias = NULL, *depth = NULL, *gate = NULL;
-    const int typenum = kernel_typenum(p_o);
+    const int typenum = lk_float_typenum(p_o);
     if (!(probs = lk_float_in(p_o, typenum, fn, "probs"))) goto fail;
     npy_intp pd[2] = {-1, -1};
     if (lk_check_dims(fn, "probs", probs, "(rows, C)", 2, pd) < 0) goto fail;
@@ -139,7 +138,7 @@ static PyObject *py_mor_gather(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOO", &h_o, &idx_o, &out_o)) return NULL;
     PyObject *result = NULL;
     PyArrayObject *h = NULL, *idx = NULL, *out = NULL;
-    const int typenum = kernel_typenum(h_o);
+    const int typenum = lk_float_typenum(h_o);
     if (!(h = lk_float_in(h_o, typenum, fn, "h"))) goto fail;
     npy_intp hd[3] = {-1, -1, -1};
     if (lk_check_dims(fn, "h", h, "(B, T, Dm)", 3, hd) < 0) goto fail;
@@ -177,7 +176,7 @@ static PyObject *py_mor_scatter(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOOO", &h_o, &idx_o, &y_o, &gate_o, &out_o)) return NULL;
     PyObject *result = NULL;
     PyArrayObject *h = NULL, *idx = NULL, *y = NULL, *gate = NULL, *out = NULL;
-    const int typenum = kernel_typenum(out_o);
+    const int typenum = lk_float_typenum(out_o);
     npy_intp hd[3] = {-1, -1, -1};
     if (!(out = lk_out(out_o, typenum, fn, "out", 3, hd))) goto fail;
     const npy_intp B = PyArray_DIM(out, 0), T = PyArray_DIM(out, 1), Dm = PyArray_DIM(out, 2);
@@ -231,7 +230,7 @@ static PyObject *py_mor_loss(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iOOOO", &kind, &x_o, &depth_o, &target_o, &elig_o)) return NULL;
     PyObject *result = NULL;
     PyArrayObject *x = NULL, *depth = NULL, *target = NULL, *elig = NULL;
-    const int typenum = kernel_typenum(x_o);
+    const int typenum = lk_float_typenum(x_o);
     if (kind < LK_MOR_LOSS_BALANCE || kind > LK_MOR_LOSS_BCE) {
         PyErr_Format(PyExc_ValueError, "%s: unknown loss kind %d", fn, kind);
         return NULL;

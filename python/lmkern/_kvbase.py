@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _dispatch
+from ._kvcache import RaggedRows, check_append
 
 BITS = (2, 4, 8)
 
@@ -97,7 +98,7 @@ def check_quantized(fn, qt):
 
 # ----------------------------------------------------------------------------- the KIVI cache
 
-class QuantizedKVCacheBase:
+class QuantizedKVCacheBase(RaggedRows):
     """Bookkeeping of the KIVI cache shared by lmkern.kv.QuantizedKVCache and its twin.
 
     Per row b holding ``L`` tokens: ``Qk = G * floor(max(0, L - residual) / G)`` keys quantized per
@@ -133,10 +134,6 @@ class QuantizedKVCacheBase:
         self._qv = np.zeros(self.batch, np.int64)
         self._pos = np.zeros((self.batch, self.max_len), np.int64)
 
-    @property
-    def lengths(self):
-        return self._len.copy()
-
     def boundaries(self, L):
         """(Qk, Qv) for rows holding L tokens (SPEC 4.2)."""
         over = np.maximum(0, np.asarray(L, np.int64) - self.residual)
@@ -163,7 +160,6 @@ class QuantizedKVCacheBase:
         ``positions (B,T)`` are stored for causal masking (default: the running index).  Appending
         past max_len is a ValueError and writes nothing.
         """
-        from ._kvcache import check_append
         fn = self.fn + ".append"
         a, lens, positions = check_append(fn, self, k, v, positions, lengths)
         kf = a["k"].astype(np.float32, copy=False)

@@ -43,7 +43,19 @@ def check_append(fn, cache, k, v, positions, lengths):
     return a, lens, positions
 
 
-class KVCacheBase:
+class RaggedRows:
+    """What every cache of ragged batch rows shares: ``_len`` (B,) tokens per row and ``batch``."""
+
+    @property
+    def lengths(self):
+        """(B,) int64: tokens held per row (a copy)."""
+        return self._len.copy()
+
+    def _filled(self):
+        return int(self._len.max()) if self.batch else 0
+
+
+class KVCacheBase(RaggedRows):
     """KVCache(batch, max_len, kv_heads, head_dim, v_head_dim=None, *, dtype=float32, device=None)
 
     Preallocated ``k (B, max_len, Hkv, D)``, ``v (B, max_len, Hkv, E)`` and ``positions (B, max_len)``.
@@ -105,13 +117,6 @@ class KVCacheBase:
         self._len = np.zeros(self.batch, np.int64)
 
     # views over the filled capacity
-    @property
-    def lengths(self):
-        return self._len.copy()
-
-    def _filled(self):
-        return int(self._len.max()) if self.batch else 0
-
     @property
     def k(self):
         if self._gpu is not None:

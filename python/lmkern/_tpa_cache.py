@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import _dispatch
-from ._kvcache import check_room, ragged_lengths
+from ._kvcache import RaggedRows, check_room, ragged_lengths
 
 
-class TPACacheBase:
+class TPACacheBase(RaggedRows):
     """KVCache(batch, max_len, heads, k_rank, v_rank, head_dim, v_head_dim=None, *, dtype=float32, device=None)
 
     Stores the key/value factors of each token, token-major and preallocated:
@@ -61,13 +61,6 @@ class TPACacheBase:
         self._av = np.zeros((B, S, H, self.v_rank), dtype)
         self._bv = np.zeros((B, S, self.v_rank, self.v_head_dim), dtype)
         self._len = np.zeros(B, np.int64)
-
-    @property
-    def lengths(self):
-        return self._len.copy()
-
-    def _filled(self):
-        return int(self._len.max()) if self.batch else 0
 
     @property
     def ak(self):
