@@ -7,7 +7,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "examples", "quickstart.ipynb")
 
 
-def test_quickstart_notebook_executes():
+def test_quickstart_notebook_executes(monkeypatch):
+    import lmkern
+    # the kernel runs in examples/: let it import the lmkern this test imported (installed or in-tree)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(lmkern.__file__)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p))
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOK, as_version=4)
