@@ -189,6 +189,22 @@ static inline void lk_vf_sum4(lk_vf a, lk_vf b, lk_vf c, lk_vf d, float *out) {
 }
 #endif
 
+/* The shared core of lk_vf_exp for x in range: x = n ln2 + r (Cody-Waite, |r| <= ln2/2), returns
+ * the degree-6 polynomial p ~ e^r and n, so that e^x = p * 2^n. */
+static inline lk_vf lk__exp_reduced(lk_vf xc, lk_vf *n_out) {
+    const lk_vf n = lk_vf_round(lk_vf_mul(xc, lk_vf_set1(1.44269504088896341f)));
+    lk_vf r = lk_vf_fma(n, lk_vf_set1(-0.693359375f), xc);
+    r = lk_vf_fma(n, lk_vf_set1(2.12194440e-4f), r);
+    lk_vf p = lk_vf_set1(1.9875691500e-4f);
+    p = lk_vf_fma(p, r, lk_vf_set1(1.3981999507e-3f));
+    p = lk_vf_fma(p, r, lk_vf_set1(8.3334519073e-3f));
+    p = lk_vf_fma(p, r, lk_vf_set1(4.1665795894e-2f));
+    p = lk_vf_fma(p, r, lk_vf_set1(1.6666665459e-1f));
+    p = lk_vf_fma(p, r, lk_vf_set1(5.0000001201e-1f));
+    *n_out = n;
+    return lk_vf_fma(p, lk_vf_mul(r, r), lk_vf_add(r, lk_vf_set1(1.0f)));
+}
+
 /* e^x, |relative error| < 2e-7 on [-87.3, 88.7]; e^x = 0 below -87.3 (so exp(-inf) = 0) and
  * +inf above 88.7; NaN in, NaN out.  Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a
  * degree-6 polynomial for e^r. */
@@ -202,33 +218,16 @@ static inline lk_vf lk_vf_exp(lk_vf x) {
     const lk_vf hi = lk_vf_set1(88.7228391f), lo = lk_vf_set1(-87.3365448f);
     const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     const lk_vf xc = _mm512_min_ps(hi, _mm512_mask_blend_ps(under, x, lk_vf_zero()));
-    const lk_vf n = lk_vf_round(lk_vf_mul(xc, lk_vf_set1(1.44269504088896341f)));
-    lk_vf r = lk_vf_fma(n, lk_vf_set1(-0.693359375f), xc);
-    r = lk_vf_fma(n, lk_vf_set1(2.12194440e-4f), r);
-    lk_vf p = lk_vf_set1(1.9875691500e-4f);
-    p = lk_vf_fma(p, r, lk_vf_set1(1.3981999507e-3f));
-    p = lk_vf_fma(p, r, lk_vf_set1(8.3334519073e-3f));
-    p = lk_vf_fma(p, r, lk_vf_set1(4.1665795894e-2f));
-    p = lk_vf_fma(p, r, lk_vf_set1(1.6666665459e-1f));
-    p = lk_vf_fma(p, r, lk_vf_set1(5.0000001201e-1f));
-    p = lk_vf_fma(p, lk_vf_mul(r, r), lk_vf_add(r, lk_vf_set1(1.0f)));
+    lk_vf n;
+    const lk_vf p = lk__exp_reduced(xc, &n);
     return _mm512_mask_blend_ps(under, _mm512_scalef_ps(p, n), lk_vf_zero()); /* underflow, -inf -> 0 */
 }
 #else
 static inline lk_vf lk_vf_exp(lk_vf x) {
     const lk_vf hi = lk_vf_set1(88.7228391f), lo = lk_vf_set1(-87.3365448f);
     lk_vf xc = lk_vf_min(lk_vf_max(x, lo), hi);
-    lk_vf n = lk_vf_round(lk_vf_mul(xc, lk_vf_set1(1.44269504088896341f)));
-    lk_vf r = lk_vf_fma(n, lk_vf_set1(-0.693359375f), xc);
-    r = lk_vf_fma(n, lk_vf_set1(2.12194440e-4f), r);
-    lk_vf p = lk_vf_set1(1.9875691500e-4f);
-    p = lk_vf_fma(p, r, lk_vf_set1(1.3981999507e-3f));
-    p = lk_vf_fma(p, r, lk_vf_set1(8.3334519073e-3f));
-    p = lk_vf_fma(p, r, lk_vf_set1(4.1665795894e-2f));
-    p = lk_vf_fma(p, r, lk_vf_set1(1.6666665459e-1f));
-    p = lk_vf_fma(p, r, lk_vf_set1(5.0000001201e-1f));
-    lk_vf r2 = lk_vf_mul(r, r);
-    p = lk_vf_fma(p, r2, lk_vf_add(r, lk_vf_set1(1.0f)));
+    lk_vf n;
+    const lk_vf p = lk__exp_reduced(xc, &n);
     /* n can reach 128 at the top of the range: split 2^n = 2^(n-1) * 2 to stay in range */
     lk_vf y = lk_vf_mul(lk_vf_mul(p, lk_vf_pow2i(lk_vf_sub(n, lk_vf_set1(1.0f)))), lk_vf_set1(2.0f));
     y = lk_vf_select_lt(x, lo, lk_vf_zero(), y);                      /* underflow (and -inf) -> 0 */
