@@ -49,6 +49,7 @@ void lk_cu_guard_exit(lk_cu_device_guard *g);
 extern PyMethodDef lk_cuda_tpa_methods[];
 extern PyMethodDef lk_cuda_mor_methods[];
 extern PyMethodDef lk_cuda_kv_methods[];
+extern PyMethodDef lk_cuda_kv_select_methods[]; /* attention_mass, pool1d, keep_topk, compact */
 extern PyMethodDef lk_cuda_parscale_methods[];
 
 #endif

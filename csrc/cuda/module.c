@@ -391,7 +391,7 @@ static PyMethodDef lk_cuda_core_methods[] = {
 
 static int lk_cuda_exec(PyObject *m) {
     PyMethodDef *tables[] = {lk_cuda_core_methods, lk_cuda_tpa_methods, lk_cuda_mor_methods, lk_cuda_kv_methods,
-                             lk_cuda_parscale_methods};
+                             lk_cuda_kv_select_methods, lk_cuda_parscale_methods};
     for (size_t i = 0; i < sizeof tables / sizeof tables[0]; i++)
         if (PyModule_AddFunctions(m, tables[i]) < 0) return -1;
     if (PyModule_AddIntConstant(m, "max_head_dim", LK_CUDA_ATTN_MAX_HEAD_DIM) < 0) return -1;

@@ -4,6 +4,7 @@
 #define LMKERN_KV_H
 
 #include "lmkern/common.h"
+#include "lmkern/cuda.h" /* lk_stream for the CUDA launchers below */
 
 #ifdef __cplusplus
 extern "C" {
@@ -87,6 +88,21 @@ typedef struct {
 } lk_kv_compact_params;
 
 lk_status lk_kv_compact_cpu(const lk_kv_compact_params *p);
+
+/* ---- CUDA launchers: quantization and the quantized cache (kernels/cuda/kv_quant.cu, kv_attend.cu) ---- */
+/* (end of quantization launchers) */
+
+
+
+
+
+
+
+
+
+/* ---- CUDA launchers: scoring and eviction (kernels/cuda/kv_mass.cu, kv_select.cu) ---- */
+
+/* (end of scoring/eviction launchers) */
 
 #ifdef __cplusplus
 }
