@@ -26,12 +26,13 @@
 #include <math.h>
 
 #include "common.cuh"
+#include "softmax.cuh"
 
 namespace {
 
 using namespace lk;
 
-constexpr float LN2 = 0.6931471805599453f;
+constexpr float LN2 = LN2_F;
 
 __device__ __forceinline__ int64_t row_len(const lk_attention_params &p, int64_t b) {
     int64_t len = p.kv_lens ? p.kv_lens[b] : p.M;
@@ -202,38 +203,17 @@ attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len,
     }
 }
 
-/* Merge of the split partials of one row per warp (the combine of lmkern/softmax.h, log2 domain):
- * M = max_s m_s, l = sum_s 2^(m_s - M) l_s, out = sum_s 2^(m_s - M) acc_s / l, lse = (M + log2 l) ln 2. */
+/* Merge of the split partials of one row per warp (softmax.cuh's combine_row). */
 template <typename T>
 __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS)
 attn_combine_kernel(const lk_attention_params p, int num_splits, const float *scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warp = threadIdx.x >> 5;
     const int64_t rows = p.B * p.N * p.Hq;
     const int64_t row = (int64_t)blockIdx.x * WARP_KERNEL_WARPS + warp;
     if (row >= rows) return;
     const int64_t h = row % p.Hq, i = (row / p.Hq) % p.N, b = row / (p.Hq * p.N);
-    const int64_t E = p.E, stride = E + 2;
-    const float *part = scratch + row * num_splits * stride;
-    float mx = -INFINITY;
-    for (int s = 0; s < num_splits; s++) mx = fmaxf(mx, part[s * stride]);
-    float total = 0.f;
-    if (mx != -INFINITY)
-        for (int s = 0; s < num_splits; s++) {
-            const float ls = part[s * stride + 1];
-            if (ls != 0.f) total += exp2f(part[s * stride] - mx) * ls;
-        }
-    const float inv = total > 0.f ? 1.f / total : 0.f;
     T *o = (T *)p.out + b * p.out_stride[0] + i * p.out_stride[1] + h * p.out_stride[2];
-    for (int64_t e = lane; e < E; e += 32) {
-        float sum = 0.f;
-        if (mx != -INFINITY)
-            for (int s = 0; s < num_splits; s++) {
-                const float ls = part[s * stride + 1];
-                if (ls != 0.f) sum += exp2f(part[s * stride] - mx) * part[s * stride + 2 + e];
-            }
-        o[e] = from_f<T>(sum * inv);
-    }
-    if (p.lse && lane == 0) ((float *)p.lse)[row] = total > 0.f ? (mx + log2f(total)) * LN2 : -INFINITY;
+    combine_row<T>(scratch + row * num_splits * (p.E + 2), num_splits, p.E, o, p.lse ? (float *)p.lse + row : nullptr);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
