@@ -9,6 +9,8 @@ import pytest
 import lmkern
 from lmkern import demo
 
+from conftest import requires_gpu
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -68,7 +70,37 @@ def test_every_public_module_is_reachable_from_a_fresh_import():
     assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr
 
 
-def test_demo_device_cuda_is_refused_clearly():
+@pytest.mark.skipif(lmkern.cuda.available(), reason="a GPU is present: the demo runs there (test below)")
+def test_demo_device_cuda_without_a_gpu_is_refused_clearly():
     res = run_cli("demo", "--device", "cuda")
     assert res.returncode != 0
     assert "--device cuda" in res.stderr and "Traceback" not in res.stderr
+
+
+@requires_gpu
+def test_demo_device_cuda_runs_every_configuration_within_bound():
+    pytest.importorskip("torch")
+    res = run_cli("demo", "--device", "cuda", "--tokens", "4", "--prompt", "160")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "device cuda" in res.stdout and "FAIL" not in res.stdout
+    for name in demo.CONFIGS:
+        assert f"| {name}" in res.stdout
+
+
+def test_demo_torch_backend_primitives_match_numpy():
+    """--device cuda runs the demo model in torch: its primitives are the NumPy backend's math
+    (checked here on CPU tensors; the GPU run itself needs a device)."""
+    torch = pytest.importorskip("torch")
+    from lmkern import demo
+
+    xb = demo.TorchCudaBackend.__new__(demo.TorchCudaBackend)
+    xb.torch = torch
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    t = torch.from_numpy(x)
+    np.testing.assert_allclose(xb.host(xb.rmsnorm(t)), demo.NP.rmsnorm(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(xb.host(xb.silu(t)), demo.NP.silu(x), rtol=1e-5, atol=1e-6)
+    idx = np.array([4, 0, 2])
+    np.testing.assert_array_equal(xb.host(xb.take(t, idx, 1)), demo.NP.take(x, idx, 1))
+    np.testing.assert_array_equal(xb.host(xb.cat([t, t[:, :2]], 1)), demo.NP.cat([x, x[:, :2]], 1))
+    assert xb.host(xb.contiguous(t.transpose(0, 1))).flags.c_contiguous

@@ -16,7 +16,8 @@ def main(argv=None):
                       help="configurations to run (default: all): mha tpa mor-cache mor-share kivi2 snapkv25 "
                            "streaming25 parscale4")
     demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                      help="where the kernels run (cpu; cuda is reserved until every family has CUDA kernels)")
+                      help="where the fast runs go: cpu (NumPy arrays) or cuda (torch CUDA tensors; needs a GPU and PyTorch); "
+                           "the references always run on the CPU")
     bench = sub.add_parser("bench", help="the benchmark table (SPEC 7)")
     bench.add_argument("family", nargs="?", default=None,
                        help="attention, tpa, mor, kv, parscale or cuda (default: all)")

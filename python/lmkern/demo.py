@@ -44,6 +44,79 @@ LOSSY_BOUND = {"kivi2": 0.5, "snapkv25": 3.0, "streaming25": 3.0}
 
 
 # ---------------------------------------------------------------------------------------------
+# where the fast run's arrays live: NumPy on the CPU, torch tensors on the GPU (--device cuda)
+
+class NumpyBackend:
+    """The CPU run: NumPy arrays throughout (the references always run here)."""
+
+    device = "cpu"
+    cache_device = None
+
+    def put(self, a):
+        return a
+
+    def host(self, a):
+        return np.asarray(a)
+
+    def take(self, a, idx, axis):
+        return np.take(a, idx, axis=axis)
+
+    def cat(self, arrays, axis):
+        return np.concatenate(arrays, axis=axis)
+
+    def contiguous(self, a):
+        return np.ascontiguousarray(a)
+
+    def rmsnorm(self, x):
+        return rmsnorm(x)
+
+    def silu(self, x):
+        return silu(x)
+
+
+class TorchCudaBackend(NumpyBackend):
+    """The GPU run: weights and activations are torch CUDA tensors, every lmkern call takes and returns
+    them zero-copy; index bookkeeping (positions, routing decisions) stays on the host."""
+
+    def __init__(self):
+        try:
+            import torch
+        except ImportError:
+            raise SystemExit("demo: --device cuda needs PyTorch with CUDA (the demo model's matmuls run in torch)") from None
+        if not torch.cuda.is_available():
+            raise SystemExit("demo: --device cuda needs a CUDA GPU visible to PyTorch; none is available")
+        self.torch = torch
+        self.device = self.cache_device = "cuda"
+
+    def put(self, a):
+        return self.torch.from_numpy(np.ascontiguousarray(a)).to("cuda")
+
+    def host(self, a):
+        if isinstance(a, self.torch.Tensor):
+            return a.detach().cpu().numpy()
+        return np.asarray(a)
+
+    def take(self, a, idx, axis):
+        return self.torch.index_select(a, axis, self.torch.as_tensor(np.asarray(idx), device=a.device))
+
+    def cat(self, arrays, axis):
+        return self.torch.cat(arrays, dim=axis)
+
+    def contiguous(self, a):
+        return a.contiguous()
+
+    def rmsnorm(self, x):
+        return x * self.torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + 1e-6)
+
+    def silu(self, x):
+        return self.torch.nn.functional.silu(x)
+
+
+NP = NumpyBackend()
+BACKEND = NP   # the fast runs' backend: main() sets a TorchCudaBackend for --device cuda
+
+
+# ---------------------------------------------------------------------------------------------
 # model pieces shared by every configuration
 
 def rmsnorm(x):
@@ -65,6 +138,15 @@ class Weights:
     def normal(self, shape, std):
         return (self.rng.standard_normal(shape) * std).astype(np.float32)
 
+    def on(self, xb):
+        """These weights as the backend's arrays (the same objects on the CPU)."""
+        if xb is NP:
+            return self
+        dev = Weights.__new__(Weights)
+        dev.embed = xb.put(self.embed)
+        dev.layers = [{name: xb.put(a) for name, a in layer.items()} for layer in self.layers]
+        return dev
+
     def layer(self):
         s = WIDTH ** -0.5
         return {
@@ -74,13 +156,13 @@ class Weights:
         }
 
 
-def mlp(x, w):
-    return silu(rmsnorm(x) @ w["w1"]) @ w["w2"]
+def mlp(x, w, xb=NP):
+    return xb.silu(xb.rmsnorm(x) @ w["w1"]) @ w["w2"]
 
 
-def qkv(x, w, positions, B, T):
+def qkv(x, w, positions, B, T, xb=NP):
     """q, k, v (B, T, H, Dh) of a pre-norm layer, RoPE applied to q and k."""
-    xn = rmsnorm(x)
+    xn = xb.rmsnorm(x)
     q = (xn @ w["wq"]).reshape(B, T, HEADS, HEAD_DIM)
     k = (xn @ w["wk"]).reshape(B, T, HEADS, HEAD_DIM)
     v = (xn @ w["wv"]).reshape(B, T, HEADS, HEAD_DIM)
@@ -95,9 +177,9 @@ def ref_qkv(x, w, positions, B, T):
     return ref.rope(q, positions), ref.rope(k, positions), v
 
 
-def logits_of(x, weights):
+def logits_of(x, weights, xb=NP):
     """Tied LM head, scaled by width**-0.5 so that logits have a standard deviation near 1."""
-    return (rmsnorm(x) @ weights.embed.T) * np.float32(WIDTH ** -0.5)
+    return (xb.rmsnorm(x) @ weights.embed.T) * float(np.float32(WIDTH ** -0.5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +189,7 @@ class PlainCache:
     """lmkern.KVCache per layer."""
 
     def __init__(self, max_len):
-        self.caches = [lmkern.KVCache(1, max_len, HEADS, HEAD_DIM) for _ in range(LAYERS)]
+        self.caches = [lmkern.KVCache(1, max_len, HEADS, HEAD_DIM, device=BACKEND.cache_device) for _ in range(LAYERS)]
 
     def prefill(self, l, q, k, v):
         self.caches[l].append(k, v)
@@ -155,16 +237,16 @@ class EvictingCache:
             self.k[l], self.v[l] = lmkern.kv.compact(k, idx), lmkern.kv.compact(v, idx)
         else:
             keep = lmkern.kv.streaming_indices(T, sink=4, recent=self.budget - 4)
-            self.k[l], self.v[l] = k[:, keep], v[:, keep]
+            self.k[l], self.v[l] = BACKEND.take(k, keep, 1), BACKEND.take(v, keep, 1)
         return lmkern.attention(q, k, v, causal=True)
 
     def decode(self, l, q, k, v):
-        K = np.concatenate([self.k[l], k], axis=1)
-        V = np.concatenate([self.v[l], v], axis=1)
+        K = BACKEND.cat([self.k[l], k], axis=1)
+        V = BACKEND.cat([self.v[l], v], axis=1)
         if self.mode == "streaming" and K.shape[1] > self.budget:
             keep = np.r_[0:4, K.shape[1] - (self.budget - 4):K.shape[1]]   # sink + recent window
-            K, V = K[:, keep], V[:, keep]
-        self.k[l], self.v[l] = np.ascontiguousarray(K), np.ascontiguousarray(V)
+            K, V = BACKEND.take(K, keep, 1), BACKEND.take(V, keep, 1)
+        self.k[l], self.v[l] = BACKEND.contiguous(K), BACKEND.contiguous(V)
         return lmkern.attention(q, self.k[l], self.v[l])
 
     def nbytes(self):
@@ -173,18 +255,19 @@ class EvictingCache:
 
 class MHAModel:
     def __init__(self, weights):
-        self.w = weights
+        self.w = weights                 # NumPy (the reference)
+        self.d = weights.on(BACKEND)     # the fast run's arrays
 
     def forward(self, tokens, pos0, cache, prefill):
-        B, T = 1, len(tokens)
-        x = self.w.embed[tokens][None]
+        B, T, xb = 1, len(tokens), BACKEND
+        x = xb.take(self.d.embed, tokens, 0)[None]
         positions = np.arange(pos0, pos0 + T)
-        for l, w in enumerate(self.w.layers):
-            q, k, v = qkv(x, w, positions, B, T)
+        for l, w in enumerate(self.d.layers):
+            q, k, v = qkv(x, w, positions, B, T, xb)
             o = (cache.prefill if prefill else cache.decode)(l, q, k, v)
             x = x + o.reshape(B, T, WIDTH) @ w["wo"]
-            x = x + mlp(x, w)
-        return logits_of(x[0], self.w)
+            x = x + mlp(x, w, xb)
+        return logits_of(x[0], self.d, xb)
 
     def reference(self, tokens):
         B, T = 1, len(tokens)
@@ -204,16 +287,18 @@ class TPAModel:
 
     def __init__(self, weights):
         self.w = weights
+        self.d = weights.on(BACKEND)
         s = WIDTH ** -0.5
         self.f = [{name: weights.normal((WIDTH, n), s) for name, n in (
             ("aq", HEADS * self.RQ), ("bq", self.RQ * HEAD_DIM), ("ak", HEADS * self.RK),
             ("bk", self.RK * HEAD_DIM), ("av", HEADS * self.RV), ("bv", self.RV * HEAD_DIM))}
             for _ in range(LAYERS)]
+        self.fd = [{name: BACKEND.put(a) for name, a in f.items()} for f in self.f]
 
-    def factors(self, x, l, positions, rope):
+    def factors(self, x, l, positions, rope, xb=NP):
         B, T = x.shape[:2]
-        xn = rmsnorm(x)
-        f = self.f[l]
+        xn = xb.rmsnorm(x)
+        f = (self.f if xb is NP else self.fd)[l]
         aq = (xn @ f["aq"]).reshape(B, T, HEADS, self.RQ)
         bq = rope((xn @ f["bq"]).reshape(B, T, self.RQ, HEAD_DIM), positions)
         ak = (xn @ f["ak"]).reshape(B, T, HEADS, self.RK)
@@ -223,22 +308,23 @@ class TPAModel:
         return aq, bq, ak, bk, av, bv
 
     def new_cache(self, max_len):
-        return [lmkern.tpa.KVCache(1, max_len, HEADS, self.RK, self.RV, HEAD_DIM) for _ in range(LAYERS)]
+        return [lmkern.tpa.KVCache(1, max_len, HEADS, self.RK, self.RV, HEAD_DIM, device=BACKEND.cache_device)
+                for _ in range(LAYERS)]
 
     def forward(self, tokens, pos0, cache, prefill):
-        B, T = 1, len(tokens)
-        x = self.w.embed[tokens][None]
+        B, T, xb = 1, len(tokens), BACKEND
+        x = xb.take(self.d.embed, tokens, 0)[None]
         positions = np.arange(pos0, pos0 + T)
-        for l, w in enumerate(self.w.layers):
-            aq, bq, ak, bk, av, bv = self.factors(x, l, positions, lmkern.rope)
+        for l, w in enumerate(self.d.layers):
+            aq, bq, ak, bk, av, bv = self.factors(x, l, positions, lmkern.rope, xb)
             cache[l].append(ak, bk, av, bv)
             if prefill:
                 o = lmkern.tpa.attention(aq, bq, ak, bk, av, bv, causal=True)
             else:
                 o = cache[l].decode(aq[:, 0], bq[:, 0])[:, None]
             x = x + o.reshape(B, T, WIDTH) @ w["wo"]
-            x = x + mlp(x, w)
-        return logits_of(x[0], self.w)
+            x = x + mlp(x, w, xb)
+        return logits_of(x[0], self.d, xb)
 
     def reference(self, tokens):
         B, T = 1, len(tokens)
@@ -264,62 +350,66 @@ class MoRModel:
 
     def __init__(self, weights, share):
         self.w = weights
+        self.d = weights.on(BACKEND)
         self.share = share
         self.router = weights.normal((WIDTH,), 1.0)
+        self.router_d = BACKEND.put(self.router)
         self.depths = []   # recursion depth of every token seen (for the reference)
 
-    def block_update(self, h, w, o):
+    def block_update(self, h, w, o, xb=NP):
         """The shared block's residual update for hidden states h given attention output o."""
         y = o.reshape(h.shape) @ w["wo"]
-        return y + mlp(h + y, w)
+        return y + mlp(h + y, w, xb)
 
     def new_cache(self, max_len):
-        plain = [lmkern.KVCache(1, max_len, HEADS, HEAD_DIM) for _ in range(LAYERS)]
-        depth = [lmkern.KVCache(1, max_len, HEADS, HEAD_DIM) for _ in range(self.R)]
+        dev = BACKEND.cache_device
+        plain = [lmkern.KVCache(1, max_len, HEADS, HEAD_DIM, device=dev) for _ in range(LAYERS)]
+        depth = [lmkern.KVCache(1, max_len, HEADS, HEAD_DIM, device=dev) for _ in range(self.R)]
         return {"plain": plain, "depth": depth}
 
-    def scores(self, h):
-        return lmkern.mor.router_scores(h, self.router, activation="sigmoid", alpha=1.0)
-
     def forward(self, tokens, pos0, cache, prefill):
-        B, T = 1, len(tokens)
-        x = self.w.embed[tokens][None]
+        B, T, xb = 1, len(tokens), BACKEND
+        x = xb.take(self.d.embed, tokens, 0)[None]
         positions = np.arange(pos0, pos0 + T)
-        shared = self.w.layers[1]
+        shared = self.d.layers[1]
         x = self._plain(x, 0, positions, cache, B, T)
-        # recursions of the shared block over the routed tokens
+        # recursions of the shared block over the routed tokens; routing decisions are kept on the
+        # host (cand, idx_h), the routed data on the backend
         cand = np.arange(T)[None]
         depth = np.zeros(T, np.int64)
         for r in range(self.R):
-            s = self.scores(x[:, cand[0]] if cand.shape[1] else x[:, :0])          # (1, n)
+            h_cand = xb.take(x, cand[0], 1)
+            s = lmkern.mor.router_scores(h_cand, self.router_d, activation="sigmoid", alpha=1.0)   # (1, n)
             if prefill:
                 k_sel = lmkern.mor.capacity(T, r, self.R)
-                idx, gate = lmkern.mor.expert_choice(s, min(k_sel, cand.shape[1]), candidates=cand)
+                idx, gate = lmkern.mor.expert_choice(s, min(k_sel, cand.shape[1]), candidates=xb.put(cand))
+                idx_h = xb.host(idx)
             else:
-                keep = s[0] > 0.5 if r else np.ones(s.shape[1], bool)
-                idx, gate = cand[:, keep], s[:, keep]
-            if idx.shape[1] == 0:
+                keep = xb.host(s)[0] > 0.5 if r else np.ones(s.shape[1], bool)
+                idx_h = cand[:, keep]
+                idx, gate = xb.put(idx_h), xb.take(s, np.nonzero(keep)[0], 1)
+            if idx_h.shape[1] == 0:
                 break
-            depth[idx[0]] += 1
+            depth[idx_h[0]] += 1
             h = lmkern.mor.gather(x, idx)
-            n = idx.shape[1]
-            q, k, v = qkv(h, shared, positions[idx[0]], B, n)
-            o = self._recursion_attention(r, q, k, v, positions[idx[0]], cache, prefill)
-            x = lmkern.mor.scatter_residual(x, idx, self.block_update(h, shared, o), self.ALPHA * gate)
-            cand = idx
+            n = idx_h.shape[1]
+            q, k, v = qkv(h, shared, positions[idx_h[0]], B, n, xb)
+            o = self._recursion_attention(r, q, k, v, positions[idx_h[0]], cache, prefill)
+            x = lmkern.mor.scatter_residual(x, idx, self.block_update(h, shared, o, xb), self.ALPHA * gate)
+            cand = idx_h
         self.depths.extend(depth.tolist())
         for l in (2, 3):
             x = self._plain(x, l, positions, cache, B, T)
-        return logits_of(x[0], self.w)
+        return logits_of(x[0], self.d, xb)
 
     def _plain(self, x, l, positions, cache, B, T):
-        w = self.w.layers[l]
-        q, k, v = qkv(x, w, positions, B, T)
+        w, xb = self.d.layers[l], BACKEND
+        q, k, v = qkv(x, w, positions, B, T, xb)
         c = cache["plain"][l]
         c.append(k, v, positions=positions[None])
         o = c.attend(q, q_pos=positions[None])
         x = x + o.reshape(B, T, WIDTH) @ w["wo"]
-        return x + mlp(x, w)
+        return x + mlp(x, w, xb)
 
     def _recursion_attention(self, r, q, k, v, pos, cache, prefill):
         if self.share:
@@ -375,14 +465,18 @@ class ParScaleModel:
 
     def __init__(self, weights):
         self.w = weights
+        self.d = weights.on(BACKEND)
         self.prefix_k = [weights.normal((self.P, self.PREFIX, HEADS, HEAD_DIM), 1.0) for _ in range(LAYERS)]
         self.prefix_v = [weights.normal((self.P, self.PREFIX, HEADS, HEAD_DIM), 1.0) for _ in range(LAYERS)]
         s = (self.P * WIDTH) ** -0.5
         self.agg = (weights.normal((WIDTH, self.P * WIDTH), s), weights.normal((WIDTH,), 0.02),
                     weights.normal((self.P, WIDTH), WIDTH ** -0.5), weights.normal((self.P,), 0.02))
+        self.prefix_kd = [BACKEND.put(a) for a in self.prefix_k]
+        self.prefix_vd = [BACKEND.put(a) for a in self.prefix_v]
+        self.agg_d = tuple(BACKEND.put(a) for a in self.agg)
 
     def new_cache(self, max_len):
-        return [lmkern.KVCache(self.P, max_len, HEADS, HEAD_DIM) for _ in range(LAYERS)]
+        return [lmkern.KVCache(self.P, max_len, HEADS, HEAD_DIM, device=BACKEND.cache_device) for _ in range(LAYERS)]
 
     def cache_bytes(self, cache, key="total"):
         """P streams' tokens plus the prefixes, once per stream (key="p1": the P = 1 model's cache)."""
@@ -391,19 +485,19 @@ class ParScaleModel:
                                               prefix_len=self.PREFIX)[key]
 
     def forward(self, tokens, pos0, cache, prefill):
-        T = len(tokens)
-        x = lmkern.parscale.expand(self.w.embed[tokens][None], self.P)          # (P, T, W)
+        T, xb = len(tokens), BACKEND
+        x = lmkern.parscale.expand(xb.take(self.d.embed, tokens, 0)[None], self.P)          # (P, T, W)
         positions = np.arange(pos0, pos0 + T)
-        for l, w in enumerate(self.w.layers):
-            q, k, v = qkv(x, w, positions, self.P, T)
+        for l, w in enumerate(self.d.layers):
+            q, k, v = qkv(x, w, positions, self.P, T, xb)
             c = cache[l]
             c.append(k, v)
-            o = lmkern.parscale.prefix_attention(q, c.k, c.v, self.prefix_k[l], self.prefix_v[l], causal=True,
+            o = lmkern.parscale.prefix_attention(q, c.k, c.v, self.prefix_kd[l], self.prefix_vd[l], causal=True,
                                                  kv_lens=c.lengths)
             x = x + o.reshape(self.P, T, WIDTH) @ w["wo"]
-            x = x + mlp(x, w)
-        y = lmkern.parscale.aggregate(x, *self.agg, P=self.P)
-        return logits_of(y[0], self.w)
+            x = x + mlp(x, w, xb)
+        y = lmkern.parscale.aggregate(x, *self.agg_d, P=self.P)
+        return logits_of(y[0], self.d, xb)
 
     def reference(self, tokens):
         T = len(tokens)
@@ -462,12 +556,12 @@ def run(name, tokens=64, prompt_len=PROMPT):
     logits = model.forward(prompt, 0, cache, prefill=True)
     prefill_s = time.perf_counter() - t0
     seq = list(prompt)
-    steps = [logits[-1]]
+    steps = [BACKEND.host(logits[-1])]
     t0 = time.perf_counter()
     for _ in range(tokens - 1):
         nxt = int(np.argmax(steps[-1]))
         seq.append(nxt)
-        steps.append(model.forward(np.array([nxt]), len(seq) - 1, cache, prefill=False)[-1])
+        steps.append(BACKEND.host(model.forward(np.array([nxt]), len(seq) - 1, cache, prefill=False)[-1]))
     gen_s = time.perf_counter() - t0
     full = model.reference(np.array(seq))
     expected = full[prompt_len - 1:]
@@ -499,13 +593,15 @@ def format_table(rows):
 def main(args):
     configs = args.configs or list(CONFIGS)
     device = getattr(args, "device", "cpu")
+    global BACKEND
     if device == "cuda":
         if not lmkern.cuda.available():
             raise SystemExit("demo: --device cuda needs a CUDA GPU and lmkern built with nvcc; none is available")
-        # Decision: the families' CUDA kernels (TPA, MoR, KV) are not written yet, so the demo model
-        # stays on the CPU rather than silently mixing devices; say so instead of pretending.
-        raise SystemExit("demo: --device cuda is not available yet: only lmkern.attention, rope, KVCache and "
-                         "parscale.prefix_attention have CUDA kernels so far; run the demo on the CPU")
+        # the fast runs go to the GPU as torch tensors (lmkern's kernels take them zero-copy); the
+        # references stay NumPy twins on the CPU, so the deviation column compares GPU against CPU
+        BACKEND = TorchCudaBackend()
+    else:
+        BACKEND = NP
     print(f"lmkern {lmkern.__version__} demo: {LAYERS}-layer decoder, width {WIDTH}, vocab {VOCAB}, "
           f"{args.prompt}-token prompt, {args.tokens} generated tokens, {lmkern.get_num_threads()} threads, "
           f"device {device}\n")
