@@ -1,4 +1,7 @@
-"""GPU benchmarks of lmkern.cuda (SPEC 7): attention prefill and split-KV decode vs PyTorch SDPA.
+"""GPU benchmarks (SPEC 7): attention prefill and split-KV decode vs PyTorch SDPA, and the families'
+CUDA paths: tpa.decode (FlashTPA) vs materialize + SDPA, KIVI-2 QuantizedKVCache.attend vs float16
+decode, attention_mass vs softmax-then-sum, mor.expert_choice vs topk + sort, scatter_residual vs
+scatter_add, parscale.aggregate and prefix_attention vs the same math in torch.
 
     PYTHONPATH=python python benchmarks/bench_cuda.py [--quick]
 
@@ -110,7 +113,114 @@ def main(argv=None):
         nbytes = 2 * Bd * M * Hkv * D * k.element_size()
         row(f"{dt_name} decode B={Bd} M={M} Hq={Hq} Hkv={Hkv} D={D}", t, flops, nbytes,
             {"torch SDPA (KV expanded)": ts})
+
+    for section in (bench_tpa, bench_kv, bench_mor, bench_parscale):
+        try:
+            section(torch, F, row, args.quick)
+        except NotImplementedError as exc:   # a family op without a CUDA path in this build
+            print(f"| {section.__name__}: skipped ({exc}) | | | | | |", flush=True)
     return 0
+
+
+def bench_tpa(torch, F, row, quick):
+    """tpa.decode, the paper's decode configuration (H=32, D=64, ranks 16/1/1), and T6-medium."""
+    M = 4096 if quick else 32768
+    for dt_name, dt in (("bf16", torch.bfloat16), ("f32", torch.float32)):
+        for H, Rq, Rk, Rv in ((32, 16, 1, 1), (16, 6, 2, 2)):
+            B, D = 4, 64
+            r = lambda *s: torch.randn(*s, device="cuda", dtype=dt)   # noqa: E731
+            aq, bq = r(B, H, Rq), r(B, Rq, D)
+            ak, bk, av, bv = r(B, M, H, Rk), r(B, M, Rk, D), r(B, M, H, Rv), r(B, M, Rv, D)
+            t = gpu_time(torch, lambda: lmkern.tpa.decode(aq, bq, ak, bk, av, bv))
+
+            def torch_tpa():   # T6's computation: materialize K, V, then SDPA
+                q = torch.einsum("bhr,brd->bhd", aq, bq) / Rq
+                k = torch.einsum("bmhr,bmrd->bhmd", ak, bk) / Rk
+                v = torch.einsum("bmhr,bmrd->bhmd", av, bv) / Rv
+                return F.scaled_dot_product_attention(q[:, :, None], k, v)
+            ts = gpu_time(torch, torch_tpa)
+            nbytes = sum(x.numel() * x.element_size() for x in (ak, bk, av, bv))
+            flops = 2 * B * M * (Rk * Rq * D + H * Rk * Rq + 2 * H * Rv + Rv * D)
+            row(f"{dt_name} tpa.decode B={B} M={M} H={H} ranks {Rq}/{Rk}/{Rv} D={D}", t, flops, nbytes,
+                {"torch materialize+SDPA": ts})
+
+
+def bench_kv(torch, F, row, quick):
+    """KIVI-2 decode straight from the codes vs float16 decode over the uncompressed cache; attention_mass."""
+    M = 4096 if quick else 32768
+    B, Hq, Hkv, D = 4, 32, 8, 128
+    k = torch.randn(B, M, Hkv, D, device="cuda", dtype=torch.float16)
+    v = torch.randn(B, M, Hkv, D, device="cuda", dtype=torch.float16)
+    q = torch.randn(B, 1, Hq, D, device="cuda", dtype=torch.float16)
+    t16 = gpu_time(torch, lambda: lmkern.attention(q, k, v, causal=True))
+    cache = lmkern.kv.QuantizedKVCache(B, M, Hkv, D, bits=2, group_size=32, residual=128, device="cuda")
+    cache.append(k, v)
+    t = gpu_time(torch, lambda: cache.attend(q))
+    row(f"KIVI-2 attend B={B} M={M} Hq={Hq} Hkv={Hkv} D={D}", t, 4 * B * Hq * M * D, cache.nbytes,
+        {"float16 lmkern.attention": t16})
+    N = 32
+    qw = torch.randn(B, N, Hq, D, device="cuda", dtype=torch.float16)
+    t = gpu_time(torch, lambda: lmkern.kv.attention_mass(qw, k))
+
+    def torch_mass():   # softmax-then-sum: materializes every score
+        kk = k.transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
+        p = torch.softmax((qw.transpose(1, 2).float() @ kk.float().transpose(-1, -2)) * D ** -0.5, dim=-1)
+        return p.sum(dim=2).view(B, Hkv, Hq // Hkv, M).mean(dim=2)
+    ts = gpu_time(torch, torch_mass)
+    row(f"attention_mass B={B} N={N} M={M} Hq={Hq} Hkv={Hkv}", t, 2 * B * N * Hq * M * D * 2,
+        (qw.numel() + k.numel()) * 2, {"torch softmax-then-sum": ts})
+
+
+def bench_mor(torch, F, row, quick):
+    """expert_choice 16x8192 k=2730 vs topk + sort; scatter_residual 8x4096x1024, 1365 tokens per row."""
+    scores = torch.rand(16, 8192, device="cuda")
+    t = gpu_time(torch, lambda: lmkern.mor.expert_choice(scores, 2730))
+    ts = gpu_time(torch, lambda: torch.sort(torch.topk(scores, 2730, dim=1).indices, dim=1))
+    row("mor.expert_choice 16x8192 k=2730", t, 0, scores.numel() * 4, {"torch topk+sort": ts})
+    B, T, H, n = (2, 1024, 1024, 341) if quick else (8, 4096, 1024, 1365)
+    h = torch.randn(B, T, H, device="cuda")
+    idx = torch.sort(torch.rand(B, T, device="cuda").argsort(dim=1)[:, :n], dim=1).values
+    y = torch.randn(B, n, H, device="cuda")
+    gate = torch.rand(B, n, device="cuda")
+    t = gpu_time(torch, lambda: lmkern.mor.scatter_residual(h, idx, y, gate))
+    ts = gpu_time(torch, lambda: h.scatter_add(1, idx[..., None].expand(-1, -1, H), y * gate[..., None]))
+    row(f"mor.scatter_residual {B}x{T}x{H} n={n}", t, 2 * B * n * H, (2 * h.numel() + y.numel()) * 4,
+        {"torch scatter_add": ts})
+
+
+def bench_parscale(torch, F, row, quick):
+    """aggregate P=8 B=1 T=256 H=1024 and prefix_attention decode vs the same math in torch."""
+    P, B, T, H = 8, 1, 256, 1024
+    h = torch.randn(P * B, T, H, device="cuda")
+    w1 = torch.randn(H, P * H, device="cuda") * (P * H) ** -0.5    # Linear layout (out, in)
+    b1 = torch.zeros(H, device="cuda")
+    w2 = torch.randn(P, H, device="cuda") * H ** -0.5
+    b2 = torch.zeros(P, device="cuda")
+    t = gpu_time(torch, lambda: lmkern.parscale.aggregate(h, w1, b1, w2, b2, P=P))
+
+    def torch_agg():   # ParScale's modeling code: interleaved concat -> MLP -> softmax -> smoothing -> sum
+        hs = h.view(P, B, T, H)
+        z = F.silu(F.linear(hs.permute(1, 2, 3, 0).reshape(B, T, H * P), w1, b1))
+        w = torch.softmax(F.linear(z, w2, b2).float(), dim=-1) * (1 - 0.1) + 0.1 / P
+        return (hs * w.permute(2, 0, 1)[..., None]).sum(0)
+    ts = gpu_time(torch, torch_agg)
+    row(f"parscale.aggregate P={P} B={B} T={T} H={H}", t, 2 * B * T * (P * H * H + H * P),
+        (h.numel() + w1.numel()) * 4, {"torch": ts})
+    Bd, M, L, Hq, Hkv, D = 16, 4096, 48, 16, 4, 128
+    q = torch.randn(P * Bd, 1, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(P * Bd, M, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    pk = torch.randn(P, L, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    pv = torch.randn_like(pk)
+    t = gpu_time(torch, lambda: lmkern.parscale.prefix_attention(q, k, v, pk, pv))
+
+    def torch_prefix():   # the prefix copied per row, then SDPA
+        kk = torch.cat([pk.repeat_interleave(Bd, dim=0), k], dim=1).transpose(1, 2)
+        vv = torch.cat([pv.repeat_interleave(Bd, dim=0), v], dim=1).transpose(1, 2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, enable_gqa=True)
+    ts = gpu_time(torch, torch_prefix)
+    row(f"parscale.prefix_attention decode P={P} B={Bd} M={M} L={L}", t, 4 * P * Bd * Hq * (M + L) * D,
+        2 * (k.numel() + pk.numel()) * 2, {"torch concat+SDPA": ts})
 
 
 if __name__ == "__main__":
