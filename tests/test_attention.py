@@ -236,6 +236,17 @@ def test_simd_matches_generic(rng, N, M):
     assert_close(fast[1], slow[1])
 
 
+def test_set_num_threads_takes_numpy_integers():
+    before = lmkern.get_num_threads()
+    try:
+        lmkern.set_num_threads(np.int64(1))
+        assert lmkern.get_num_threads() == 1
+    finally:
+        lmkern.set_num_threads(before)
+    with pytest.raises(TypeError, match="set_num_threads"):
+        lmkern.set_num_threads(1.0)
+
+
 def test_threads_setting_and_reproducibility(rng):
     prev = lmkern.get_num_threads()
     try:
@@ -371,6 +382,9 @@ def test_rope_errors_and_zero_size(rng):
     with pytest.raises(TypeError, match="positions"):
         lmkern.rope(x, np.arange(5.0))
     assert lmkern.rope(x[:0], np.zeros((0, 5), np.int64)).shape == (0, 5, 3, 8)
+    # SPEC 1.2: r = rotary_dim or D, so 0 rotates the whole head like None
+    np.testing.assert_array_equal(lmkern.rope(x, np.arange(5), rotary_dim=0), lmkern.rope(x, np.arange(5)))
+    assert_close(ref.rope(x, np.arange(5), rotary_dim=0), lmkern.rope(x, np.arange(5)))
     assert lmkern.rope(x[:, :0], np.arange(0)).shape == (2, 0, 3, 8)
 
 
@@ -435,6 +449,35 @@ def test_kvcache_stored_positions_and_overflow(rng):
         cache.append(randn(rng, (2, 1, 1, 4)), randn(rng, (2, 1, 1, 4)), lengths=[2, 0])
     with pytest.raises(TypeError, match="dtype"):
         lmkern.KVCache(1, 4, 1, 4, dtype=np.int32)
+
+
+def test_kvcache_attend_is_attention_over_the_cache(rng):
+    """SPEC 1.3: attend = attention(q, k, v, kv_lens=lengths, kv_pos=positions), q_pos passed through
+    (None = attention's default L_b - N + i, even after custom positions were appended)."""
+    cache = lmkern.KVCache(2, 8, 1, 4)
+    k = randn(rng, (2, 5, 1, 4))
+    cache.append(k, k, positions=np.array([[0, 1, 2, 10, 11], [3, 4, 7, 8, 9]]), lengths=[5, 3])
+    q = randn(rng, (2, 2, 2, 4))
+    for q_pos in (None, np.array([[2, 10], [4, 7]])):
+        want = lmkern.attention(q, cache.k, cache.v, causal=True, q_pos=q_pos, kv_pos=cache.positions,
+                                kv_lens=cache.lengths)
+        np.testing.assert_array_equal(cache.attend(q, q_pos=q_pos), want)
+        want = ref.attention(q, cache.k, cache.v, causal=True, q_pos=q_pos, kv_pos=cache.positions,
+                             kv_lens=cache.lengths)
+        assert_close(cache.attend(q, q_pos=q_pos), want)
+
+
+def test_kvcache_attend_errors_name_the_query():
+    cache = lmkern.KVCache(1, 4, 2, 8)
+    cache.append(np.ones((1, 2, 2, 8), np.float32), np.ones((1, 2, 2, 8), np.float32))
+    with pytest.raises(ValueError, match=r"KVCache.attend: q has shape \(1, 1, 2, 3\); expected \(B, N, Hq, D\)"):
+        cache.attend(np.ones((1, 1, 2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"KVCache.attend: q has shape \(2, 1, 2, 8\)"):
+        cache.attend(np.ones((2, 1, 2, 8), np.float32))
+    with pytest.raises(ValueError, match="KVCache.attend: q has Hq = 3 heads"):
+        cache.attend(np.ones((1, 1, 3, 8), np.float32))
+    with pytest.raises(ValueError, match="KVCache.attend: q_pos"):
+        cache.attend(np.ones((1, 1, 2, 8), np.float32), q_pos=np.array([1, 2]))
 
 
 @pytest.mark.parametrize("N,L", [(1, 5), (70, 130), (3, 0)])

@@ -101,7 +101,7 @@ def check_rope_args(fn, x, positions, rotary_dim, style):
     sh.check("x", x, "B,T,G,D")
     sh.check_one_of("positions", positions, "T", "B,T")
     D = sh["D"]
-    r = D if rotary_dim is None else int(rotary_dim)
+    r = int(rotary_dim) if rotary_dim else D      # SPEC 1.2: r = rotary_dim or D (0 and None mean D)
     if r < 0 or r > D or r % 2:
         raise ValueError(f"{fn}: rotary_dim must be even and in [0, D = {D}]; got {rotary_dim}")
     _dispatch.check_choice(fn, "style", style, ("half", "interleaved"))

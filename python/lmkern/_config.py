@@ -1,6 +1,8 @@
 """Threads and introspection (SPEC 0): set_num_threads, get_num_threads, show_config."""
 from __future__ import annotations
 
+import operator
+
 import platform
 import sys
 
@@ -9,9 +11,9 @@ from . import _core
 
 def set_num_threads(n: int) -> None:
     """Threads used by every CPU kernel (default: all cores, or LMKERN_NUM_THREADS)."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, bool) or not hasattr(n, "__index__"):
         raise TypeError(f"set_num_threads: n must be an int; got {type(n).__name__}")
-    _core.set_num_threads(n)
+    _core.set_num_threads(operator.index(n))
 
 
 def get_num_threads() -> int:

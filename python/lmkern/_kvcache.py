@@ -62,10 +62,10 @@ class KVCacheBase(RaggedRows):
     ``append`` copies the first ``lengths[b]`` tokens of row b after the row's current end;
     ``attend`` runs attention over the filled part with ``kv_lens = lengths`` and ``kv_pos = positions``.
 
-    Decision (SPEC silent): with ``q_pos=None``, ``attend`` places the N queries at the stored
-    positions of each row's last N cached tokens (for the default running positions this is the
-    bottom-right alignment ``L_b - N + i``); rows holding fewer than N tokens fall back to
-    ``L_b - N + i``.
+    ``attend(q, q_pos=None)`` is exactly ``attention(q, k, v, causal=causal, q_pos=q_pos, kv_pos=positions,
+    kv_lens=lengths)`` (SPEC 1.3), so ``q_pos=None`` is attention's default ``L_b - N + i``.  After
+    appending custom ``positions``, pass the queries' positions too (e.g. the positions just appended):
+    the default counts tokens, not stored positions.
 
     ``device="cuda"`` (or ``"cuda:N"``, an int, a ``torch.device``; lmkern.KVCache only, the NumPy twin
     stays on the host): ``k``/``v`` live on the GPU as torch tensors when torch is installed, else as
@@ -172,16 +172,16 @@ class KVCacheBase(RaggedRows):
         self._len += lens
         return self
 
-    def default_q_pos(self, N):
-        idx = self._len[:, None] - N + np.arange(N)                      # (B, N)
-        stored = np.take_along_axis(self._pos, np.clip(idx, 0, max(self.max_len - 1, 0)), axis=1) \
-            if self.max_len else idx
-        return np.where(idx >= 0, stored, idx)
-
     def attend(self, q, *, causal=True, q_pos=None, scale=None, return_lse=False):
-        N = np.shape(q)[1] if np.ndim(q) == 4 else 0
-        if q_pos is None:
-            q_pos = self.default_q_pos(N)
+        # the query is checked against the cache here, so errors name KVCache.attend and q (the cached
+        # k/v are right by construction); q_pos=None stays attention's default L_b - N + i (SPEC 1.3)
+        fn = "KVCache.attend"
+        sh = _dispatch.Shapes(fn, B=self.batch, D=self.head_dim)
+        sh.check("q", q if hasattr(q, "shape") else np.asarray(q), "B,N,Hq,D")
+        if self.kv_heads and sh["Hq"] % self.kv_heads or not self.kv_heads and sh["Hq"]:
+            raise ValueError(f"{fn}: q has Hq = {sh['Hq']} heads; Hq must be a multiple of kv_heads = {self.kv_heads}")
+        if q_pos is not None and not _dispatch.is_cuda(q_pos):
+            sh.check_one_of("q_pos", _dispatch.index_array(fn, "q_pos", q_pos), "N", "B,N")
         kv_pos = self._pos if self._gpu is None else self._gpu.pos
         return type(self)._attention(q, self._k, self._v, causal=causal, scale=scale, q_pos=q_pos,
                                      kv_pos=kv_pos, kv_lens=self._len, return_lse=return_lse)

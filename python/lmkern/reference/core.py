@@ -77,7 +77,7 @@ def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=F
     dtype, a = _dispatch.float_arrays("rope", x=x)
     x = a["x"]
     B, T, G, D = x.shape
-    r = D if rotary_dim is None else int(rotary_dim)
+    r = int(rotary_dim) if rotary_dim else D      # r = rotary_dim or D
     pos = np.broadcast_to(np.asarray(positions, np.int64), (B, T)).astype(np.float64)
     inv_freq = base ** (-2.0 * np.arange(r // 2, dtype=np.float64) / r)
     theta = pos[:, :, None, None] * inv_freq                                 # (B, T, 1, r/2)
