@@ -164,7 +164,7 @@ class FakeCuda:
     def free(self, ptr, device):
         del self.blocks[ptr]
 
-    def memcpy_htod(self, dst, host, device):
+    def memcpy_htod(self, dst, host, device, stream=0):
         h = np.ascontiguousarray(host)
         ctypes.memmove(dst, h.ctypes.data, h.nbytes)
 

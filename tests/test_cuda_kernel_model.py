@@ -212,10 +212,11 @@ def warp_kernel_model(q, k, v, causal, scale, q_pos, kv_pos, kv_lens, pk, pv, pr
                     if ok:
                         kr = pk[b // prows, jj, g] if jj < L else k[b, jj - L, g]
                         s[lane] = qs @ kr
-            cmax = s.max(); m_new = max(m, cmax)
-            if m_new == -np.inf: continue
-            corr = np.exp2(m - m_new)
-            pj = np.where(s == -np.inf, 0, np.exp2(s - m_new))
+            cmax = np.fmax.reduce(s); m_new = max(m, cmax)      # fmaxf: NaN scores do not set the max
+            ref = 0.0 if m_new == -np.inf else m_new
+            corr = 0.0 if m == -np.inf else np.exp2(m - ref)
+            with np.errstate(invalid="ignore"):
+                pj = np.where(s == -np.inf, 0, np.exp2(s - ref))
             l = l * corr + pj.sum(); m = m_new; acc *= corr
             for kk in range(min(hi - base, 32)):
                 if pj[kk] == 0: continue
@@ -223,8 +224,8 @@ def warp_kernel_model(q, k, v, causal, scale, q_pos, kv_pos, kv_lens, pk, pv, pr
                 vr = pv[b // prows, jj, g] if jj < L else v[b, jj - L, g]
                 acc += pj[kk] * vr
         if S == 1:
-            out[b, i, h] = acc * (1 / l if l > 0 else 0)
-            lse[b, i, h] = (m + np.log2(l)) * np.log(2) if l > 0 else -np.inf
+            out[b, i, h] = acc * (0 if l == 0 else 1 / l)
+            lse[b, i, h] = -np.inf if l == 0 else (m + np.log2(l)) * np.log(2)
         else:
             o = (row * S + split) * (E + 2)
             scratch[o] = m; scratch[o + 1] = l; scratch[o + 2:o + 2 + E] = acc
@@ -232,7 +233,10 @@ def warp_kernel_model(q, k, v, causal, scale, q_pos, kv_pos, kv_lens, pk, pv, pr
         for row in range(rows):
             h, i, b = row % Hq, (row // Hq) % N, row // (Hq * N)
             part = scratch[row * S * (E + 2):(row + 1) * S * (E + 2)].reshape(S, E + 2)
-            assert not np.isnan(part).any()
+            assert not np.isnan(part[:, 0]).any()            # m is an fmaxf: never NaN
+            if np.isnan(part[:, 1]).any():                   # softmax.cuh combine_row: NaN in, NaN out
+                out[b, i, h] = np.nan; lse[b, i, h] = np.nan
+                continue
             mx = part[:, 0].max()
             total = 0.0; o = np.zeros(E)
             if mx != -np.inf:
@@ -307,6 +311,22 @@ def test_warp_kernel_model(B, N, M, Hq, Hkv, D, E, causal, kw):
     fin = np.isfinite(want_lse)
     assert np.abs(o - want).max() < 1e-12
     assert np.abs(lse[fin] - want_lse[fin]).max() < 1e-12
+
+
+@pytest.mark.parametrize("M", [40, 2049])   # one split, several splits
+def test_warp_kernel_model_nan_query_gives_nan(M):
+    """A NaN query row gives NaN out and lse (SPEC 0), on the single-split and the split+combine paths;
+    the other rows are unaffected."""
+    rng = np.random.default_rng(2)
+    B, N, Hq, Hkv, D, E = 1, 1, 2, 1, 8, 8
+    q, k, v = (rng.standard_normal(s) for s in ((B, N, Hq, D), (B, M, Hkv, D), (B, M, Hkv, E)))
+    q[0, 0, 1, 3] = np.nan
+    S = splits_of(B, N, Hq, M, 0, 132)
+    assert (S > 1) == (M > 512)
+    o, lse = warp_kernel_model(q, k, v, True, D ** -0.5, None, None, None, None, None, 1, S)
+    assert np.isnan(o[0, 0, 1]).all() and np.isnan(lse[0, 0, 1])
+    want, want_lse = ref.attention(q[:, :, :1], k, v, causal=True, return_lse=True)
+    assert np.abs(o[:, :, :1] - want).max() < 1e-12 and np.abs(lse[:, :, :1] - want_lse).max() < 1e-12
 
 
 # ---- attn_tile_kernel (float32 prefill) ----

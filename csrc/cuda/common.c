@@ -79,6 +79,7 @@ cudaError_t lk_cu_guard_enter(lk_cu_device_guard *g, int device) {
         if (err != cudaSuccess) return err;
         g->switched = 1;
     }
+    (void)cudaGetLastError(); /* an earlier, unrelated non-sticky error must not be blamed on our launch */
     return cudaSuccess;
 }
 

@@ -105,12 +105,14 @@ static PyObject *py_free(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* memcpy_htod(dst, host_buffer, device): synchronous copy of a C-contiguous host buffer. */
+/* memcpy_htod(dst, host_buffer, device, stream=0): copy of a C-contiguous host buffer, ordered on
+ * `stream` (cudaMemcpyAsync: a pageable buffer is staged before the call returns, so the caller may
+ * drop it; the device copy lands in stream order, before any later work on that stream). */
 static PyObject *py_memcpy_htod(PyObject *self, PyObject *args) {
     PyObject *dst_o, *src_o;
     int device;
-    void *dst;
-    if (!PyArg_ParseTuple(args, "OOi", &dst_o, &src_o, &device)) return NULL;
+    void *dst, *stream = NULL;
+    if (!PyArg_ParseTuple(args, "OOi|O&", &dst_o, &src_o, &device, lk_cu_ptr_arg, &stream)) return NULL;
     if (!lk_cu_ptr_arg(dst_o, &dst)) return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(src_o, &view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
@@ -119,7 +121,8 @@ static PyObject *py_memcpy_htod(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     if (view.len > 0) {
         err = lk_cu_guard_enter(&g, device);
-        if (err == cudaSuccess) err = cudaMemcpy(dst, view.buf, (size_t)view.len, cudaMemcpyHostToDevice);
+        if (err == cudaSuccess)
+            err = cudaMemcpyAsync(dst, view.buf, (size_t)view.len, cudaMemcpyHostToDevice, (cudaStream_t)stream);
         lk_cu_guard_exit(&g);
     }
     Py_END_ALLOW_THREADS
@@ -371,7 +374,7 @@ static PyMethodDef lk_cuda_core_methods[] = {
     {"pointer_device", py_pointer_device, METH_O, "pointer_device(ptr) -> device id of a device pointer."},
     {"malloc", py_malloc, METH_VARARGS, "malloc(nbytes, device) -> ptr"},
     {"free", py_free, METH_VARARGS, "free(ptr, device)"},
-    {"memcpy_htod", py_memcpy_htod, METH_VARARGS, "memcpy_htod(dst_ptr, host_buffer, device): synchronous."},
+    {"memcpy_htod", py_memcpy_htod, METH_VARARGS, "memcpy_htod(dst_ptr, host_buffer, device, stream=0): ordered on stream."},
     {"memcpy_dtoh", py_memcpy_dtoh, METH_VARARGS, "memcpy_dtoh(host_buffer, src_ptr, device): synchronous."},
     {"memcpy_dtod", py_memcpy_dtod, METH_VARARGS, "memcpy_dtod(dst, src, nbytes, device, stream): asynchronous."},
     {"synchronize", py_synchronize, METH_VARARGS, "synchronize(device[, stream])"},

@@ -156,11 +156,11 @@ attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len,
             if (jj >= p.prefix_len && p.causal) ok = kv_position(p, b, jj - p.prefix_len) <= qp;
             if (ok) s = dot_row<T>(q_s[warp], key_row<T>(p, b, g, jj), D, (vec & VEC_QK) != 0);
         }
-        const float cmax = warp_max(s);
+        const float cmax = warp_max(s);   // fmaxf: NaN scores do not set the max ...
         const float m_new = fmaxf(m, cmax);
-        if (m_new == -INFINITY) continue;  // nothing admissible yet (uniform across the warp)
-        const float corr = exp2f(m - m_new);  // m = -inf gives 0
-        const float pj = s == -INFINITY ? 0.f : exp2f(s - m_new);
+        const float ref = m_new == -INFINITY ? 0.f : m_new;   // nothing admissible yet: masked keys give 0
+        const float corr = m == -INFINITY ? 0.f : exp2f(m - ref);
+        const float pj = s == -INFINITY ? 0.f : exp2f(s - ref);   // ... but reach l and acc (NaN out, lse)
         l = l * corr + warp_sum(pj);
         m = m_new;
 #pragma unroll
@@ -180,14 +180,14 @@ attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len,
     }
 
     if (num_splits == 1) {
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float inv = l == 0.f ? 0.f : 1.f / l;   // NaN l (a NaN score) stays NaN
         T *o = (T *)p.out + b * p.out_stride[0] + i * p.out_stride[1] + h * p.out_stride[2];
 #pragma unroll
         for (int r = 0; r < EPL; r++) {
             const int64_t e = lane + 32 * r;
             if (e < E) o[e] = from_f<T>(acc[r] * inv);
         }
-        if (p.lse && lane == 0) ((float *)p.lse)[row] = l > 0.f ? (m + log2f(l)) * LN2 : -INFINITY;
+        if (p.lse && lane == 0) ((float *)p.lse)[row] = l == 0.f ? -INFINITY : (m + log2f(l)) * LN2;
     } else {
         // partial state (m in the log2 domain, l, acc[E]) of this split
         float *part = scratch + (row * num_splits + split) * (E + 2);
@@ -340,7 +340,7 @@ attn_tile_kernel(const lk_attention_params p, float scale_log2) {
     for (int r = 0; r < TILE_ROWS; r++) {
         const int64_t i = i0 + wr + r;
         if (i >= p.N) continue;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        const float inv = l[r] == 0.f ? 0.f : 1.f / l[r];
         T *o = (T *)p.out + b * p.out_stride[0] + i * p.out_stride[1] + h * p.out_stride[2];
 #pragma unroll
         for (int u = 0; u < EPL; u++) {
@@ -348,7 +348,7 @@ attn_tile_kernel(const lk_attention_params p, float scale_log2) {
             if (e < E) o[e] = from_f<T>(acc[r][u] * inv);
         }
         if (p.lse && lane == 0)
-            ((float *)p.lse)[(b * p.N + i) * p.Hq + h] = l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2 : -INFINITY;
+            ((float *)p.lse)[(b * p.N + i) * p.Hq + h] = l[r] == 0.f ? -INFINITY : (m[r] + log2f(l[r])) * LN2;
     }
 }
 
@@ -576,7 +576,7 @@ attn_mma_kernel(const lk_attention_params p, float scale_log2, int vec) {
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const float inv0 = l0 == 0.f ? 0.f : 1.f / l0, inv1 = l1 == 0.f ? 0.f : 1.f / l1;
     const int64_t ia = i0 + wr + gid, ib = ia + 8;
     T *oa = (T *)p.out + b * p.out_stride[0] + ia * p.out_stride[1] + h * p.out_stride[2];
     T *ob = (T *)p.out + b * p.out_stride[0] + ib * p.out_stride[1] + h * p.out_stride[2];
@@ -595,8 +595,8 @@ attn_mma_kernel(const lk_attention_params p, float scale_log2, int vec) {
     }
     if (p.lse && tig == 0) {
         float *lse = (float *)p.lse;
-        if (ia < p.N) lse[(b * p.N + ia) * p.Hq + h] = l0 > 0.f ? (m0 + log2f(l0)) * LN2 : -INFINITY;
-        if (ib < p.N) lse[(b * p.N + ib) * p.Hq + h] = l1 > 0.f ? (m1 + log2f(l1)) * LN2 : -INFINITY;
+        if (ia < p.N) lse[(b * p.N + ia) * p.Hq + h] = l0 == 0.f ? -INFINITY : (m0 + log2f(l0)) * LN2;
+        if (ib < p.N) lse[(b * p.N + ib) * p.Hq + h] = l1 == 0.f ? -INFINITY : (m1 + log2f(l1)) * LN2;
     }
 }
 

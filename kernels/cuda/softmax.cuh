@@ -4,7 +4,8 @@
  * log2 domain (s * scale * log2 e): m = max score of the split, l = sum 2^(s - m), acc = sum 2^(s - m) v.
  * An empty split has m = -inf, l = 0.  Merging: M = max_s m_s, l = sum_s 2^(m_s - M) l_s,
  * out = sum_s 2^(m_s - M) acc_s / l, lse = (M + log2 l) ln 2 (natural log); all-empty gives out = 0 and
- * lse = -inf.  Stabilized by the maximum, float32 throughout, fixed merge order (reproducible).
+ * lse = -inf; a NaN in any partial's m or l (a NaN score reached it) makes out and lse NaN, as on the CPU.
+ * Stabilized by the maximum, float32 throughout, fixed merge order (reproducible).
  * Every split kernel (attention, tpa.decode, the quantized cache's attend) writes this layout and
  * merges it with combine_row. */
 #ifndef LMKERN_CUDA_SOFTMAX_CUH
@@ -23,7 +24,17 @@ __device__ __forceinline__ void combine_row(const float *part, int num_splits, i
     const int lane = threadIdx.x & 31;
     const int64_t stride = E + 2;
     float mx = -INFINITY;
-    for (int s = 0; s < num_splits; s++) mx = fmaxf(mx, part[s * stride]);
+    bool nan = false;
+    for (int s = 0; s < num_splits; s++) {
+        const float ms = part[s * stride], ls = part[s * stride + 1];
+        mx = fmaxf(mx, ms);
+        nan |= ms != ms || ls != ls;
+    }
+    if (nan) {
+        for (int64_t e = lane; e < E; e += 32) o[e] = from_f<T>(NAN);
+        if (lse && lane == 0) *lse = NAN;
+        return;
+    }
     float total = 0.f;
     if (mx != -INFINITY)
         for (int s = 0; s < num_splits; s++) {

@@ -539,6 +539,8 @@ class View:
         return not self.shape or self.shape[-1] <= 1 or self.strides[-1] == 1
 
     def c_contiguous(self):
+        if any(s == 0 for s in self.shape):
+            return True   # an empty array has no layout to get wrong
         expect = 1
         for s, st in zip(reversed(self.shape), reversed(self.strides)):
             if s > 1 and st != expect:
@@ -567,6 +569,10 @@ class View:
     def _raw(cls, x, name, fn, stream):
         kind = _kind(x)
         if kind == "devicearray":
+            if stream is not None:   # our stream waits for the array's last writer (event, no host sync)
+                mine, theirs = int(stream), int(x._stream)
+                if mine != theirs and not (mine in (0, 1) and theirs in (0, 1)):
+                    _cuda.stream_wait(mine, theirs, x.device)
             st = x.strides
             return cls(x.ptr, x.shape, tuple(s // x.itemsize for s in st), x.dtype, x.device, kind, x, x)
         if kind == "torch":
@@ -775,6 +781,16 @@ def wrap_result(ref, arr, stream=None):
     return arr
 
 
+def enter_stream(ref, stream, device):
+    """Call before launching on ``stream`` into buffers that ref's framework allocated on its current
+    stream (outputs, scratch): when they differ, ``stream`` waits for the current stream (an event, no
+    host sync), so a block just freed there and still read by queued work is not overwritten early.
+    Pair with :func:`release_scratch` on every such buffer after the launch."""
+    cur = _current_stream(ref)
+    if int(stream) != cur and not (int(stream) in (0, 1) and cur in (0, 1)):
+        _cuda.stream_wait(int(stream), cur, device)
+
+
 def release_scratch(ref, buf, stream):
     """Call after enqueueing work that reads/writes ``buf`` on ``stream``; makes dropping ``buf`` safe.
 
@@ -927,8 +943,10 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
     scratch = empty_like_caller(q, (scratch_floats,), "float32") if splits > 1 else None
     kw["num_splits"] = splits
     kw["scratch"] = View.of(scratch, "scratch", fn).ptr if scratch is not None else None
+    enter_stream(q, st, dev)
     _cuda.attention(**kw)
-    release_scratch(q, scratch, st)
+    for buf in (scratch, lse, res if res is not out else None):
+        release_scratch(q, buf, st)
     # index arrays uploaded from the host are dropped when this call returns: keep them stream-safe too
     for idx, view in ((q_pos, qpos_v), (kv_pos, kvpos_v), (kv_lens, lens_v)):
         if view is not None and not _dispatch.is_cuda(idx):
@@ -967,6 +985,7 @@ def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=F
     from ._attention import check_rope_args
     r = check_rope_args(fn, xv, pos_host if pos_host is not None else _ShapeOnly(pos_v.shape), rotary_dim, style)
     B, T, G, D = xv.shape
+    enter_stream(x, st, xv.device)   # the copies below and the kernel write on st
     if out is None:
         target = empty_like_caller(x, xv.shape, dtype)
         tv = View.of(target, "out", fn)
@@ -990,6 +1009,8 @@ def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=F
                interleaved=style == "interleaved", inverse=bool(inverse))
     if pos_host is not None:
         release_scratch(x, pos_v.obj, st)
+    if res is not out and res is not x:
+        release_scratch(x, res, st)
     if out is not None and res is not out:
         _copy_into(out, res, st)
         res = out
@@ -1141,7 +1162,7 @@ class KVCacheStorage:
                 _cuda.memcpy_dtod(vdst.ptr + (b * c.max_len + start) * vrow, vv_.ptr + b * T * vrow, n * vrow,
                                   self.device, st)
             row = np.ascontiguousarray(host_pos[b, start:start + n], dtype=np.int64)
-            _cuda.memcpy_htod(pdst.ptr + (b * c.max_len + start) * 8, row, self.device)  # synchronous
+            _cuda.memcpy_htod(pdst.ptr + (b * c.max_len + start) * 8, row, self.device, st)  # ordered on st
         # the caller may drop k / v now: their framework's allocator is ordered on st (the current
         # stream) unless stream= says otherwise
         if st != _current_stream(kv_.src):
