@@ -436,16 +436,13 @@ def test_bench_quick_runs(capsys):
     assert "T6-medium" in out and "KV-cache bytes per token" in out
 
 
-def test_cuda_route_not_implemented_yet(rng):
+def test_cuda_route_mixed_devices_and_gpu_cache(rng):
+    # the CUDA paths themselves are tested in test_cuda_tpa.py
     class FakeCudaArray:  # enough for routing: lives on CUDA device 0
         def __dlpack_device__(self):
             return (2, 0)
 
     aq, bq, ak, bk, av, bv = factors(rng, 1, 1, 4, 2, 1, 1, 1, 4, 4)
-    with pytest.raises(NotImplementedError, match="tpa.decode on CUDA is not implemented yet"):
-        tpa.decode(FakeCudaArray(), FakeCudaArray(), FakeCudaArray(), FakeCudaArray(), FakeCudaArray(), FakeCudaArray())
-    with pytest.raises(NotImplementedError, match="tpa.attention on CUDA"):
-        tpa.attention(*[FakeCudaArray()] * 6)
     with pytest.raises(ValueError, match="different devices"):
         tpa.decode(FakeCudaArray(), bq[:, 0], ak, bk, av, bv)
     with pytest.raises(NotImplementedError):

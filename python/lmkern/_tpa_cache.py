@@ -47,7 +47,8 @@ class TPACacheBase(RaggedRows):
         if v_head_dim is not None and int(v_head_dim) < 0:
             raise ValueError(f"{fn}: v_head_dim must be >= 0; got {v_head_dim}")
         if device not in (None, "cpu"):
-            raise NotImplementedError(f"{fn}: a CUDA factor cache is not implemented yet (device={device!r})")
+            raise NotImplementedError(f"{fn}: a CUDA factor cache is not implemented yet (device={device!r}); keep "
+                                      "the factors in torch/CuPy tensors and call lmkern.tpa.decode on them")
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"{fn}: dtype must be float32 or float64 on the CPU; got {dtype}")

@@ -54,8 +54,25 @@ Decisions where the SPEC is silent:
   and ``_splits`` a split count; tests use them to check that every path agrees.
 * Inadmissible keys contribute nothing, even when their factors hold inf or NaN; NaN in an admissible
   key's factors propagates to the queries that see it.
-* CUDA arrays route to the GPU path, which is not implemented yet: NotImplementedError
-  ("tpa.decode on CUDA is not implemented yet"); a CUDA ``KVCache`` likewise.
+* ``KVCache(..., device="cuda")`` is not implemented (NotImplementedError); keep the factor cache in
+  torch / CuPy tensors and call :func:`decode` on views of it (``ak[:, :M]`` is read in place).
+
+On the GPU (CUDA arrays route there by themselves; float32, float16, bfloat16; see lmkern.cuda for
+streams, outputs and scratch; kernels in kernels/cuda/tpa.cu):
+
+* ``decode`` is the FlashTPA kernel: one block per (batch row, head group, cache split), tiles of up to
+  32 cached tokens staged once in shared memory as float32; ``bk . bq`` products in float32, head
+  mixing, online softmax in the log2 domain, ``av`` folded into the weights, then ``bv``.  The cache is
+  split by the SM count; float32 partials per (row, head, split) are merged by the max-stabilized
+  combine shared by every lmkern split kernel (``kernels/cuda/softmax.cuh``); lse is float32.  The
+  cached factors are read with (batch, token) strides, so only each token's ``(H, R)`` / ``(R, D)``
+  block must be contiguous (others are copied).  Device ``kv_lens`` are clamped to ``[0, M]`` on the
+  device.  The four improvements over the T6 Triton kernels listed above hold on the GPU too.
+  ``_path`` is ignored on the GPU; ``_splits`` forces the split count.
+* ``materialize``: one thread per output element, float32 accumulation, rounded once.
+* ``attention`` (prefill) is the *materialized* path: ``Q``, ``K``, ``V`` are formed by the materialize
+  kernel (temporaries from the caller's framework, rounded to the input dtype) and the core GPU
+  attention (``lmkern.attention``'s kernels) runs on them; no ``N x M`` matrix is formed.
 """
 from __future__ import annotations
 
@@ -67,10 +84,6 @@ from ._tpa_cache import TPACacheBase
 __all__ = ["materialize", "attention", "decode", "KVCache"]
 
 _PATHS = {"auto": 0, "factor": 1, "materialized": 2}
-
-
-def _cuda_not_implemented(fn):
-    raise NotImplementedError(f"{fn} on CUDA is not implemented yet")
 
 
 def _check_ranks(fn, sh, pairs):
@@ -94,11 +107,23 @@ def materialize(a, b, *, scale=None, out=None):
     """
     fn = "tpa.materialize"
     if _dispatch.route(fn, a=a, b=b, out=out) == "cuda":
-        _cuda_not_implemented(fn)
+        from . import _cuda_tpa
+        return _cuda_tpa.materialize(a, b, scale=scale, out=out)
     dtype, arr = _dispatch.float_arrays(fn, a=a, b=b)
     a, b = arr["a"], arr["b"]
+    sh, scale, shape, rows = check_materialize(fn, a, b, scale)
+    R = sh["R"]
+    buf = _dispatch.prepare_out(fn, out, shape, dtype)
+    _core.tpa_materialize(a.reshape(rows, sh["H"], R), b.reshape(rows, R, sh["D"]),
+                          buf.reshape(rows, sh["H"], sh["D"]), scale)
+    return _dispatch.finish_out(buf, out)
+
+
+def check_materialize(fn, a, b, scale):
+    """Shape and scale checks of materialize (CPU and CUDA): ``(Shapes, scale, out shape, rows)``; ``a``
+    and ``b`` need only ``.shape`` and ``.ndim``."""
     if a.ndim < 2:
-        raise ValueError(f"{fn}: a has shape {a.shape}; expected (..., H, R) with at least 2 dimensions")
+        raise ValueError(f"{fn}: a has shape {tuple(a.shape)}; expected (..., H, R) with at least 2 dimensions")
     lead = ",".join(f"L{i}" for i in range(a.ndim - 2))
     sh = _dispatch.Shapes(fn)
     sh.check("a", a, (lead + "," if lead else "") + "H,R")
@@ -107,15 +132,12 @@ def materialize(a, b, *, scale=None, out=None):
     if scale is None and R < 1:
         raise ValueError(f"{fn}: a has rank R = {R}; the default scale 1/R needs R >= 1")
     scale = _dispatch.as_scale(fn, scale, 1.0 / R if R else 1.0)
-    shape = a.shape[:-1] + (sh["D"],)
-    buf = _dispatch.prepare_out(fn, out, shape, dtype)
+    shape = tuple(a.shape[:-1]) + (sh["D"],)
     rows = int(np.prod(a.shape[:-2], dtype=np.int64))
-    _core.tpa_materialize(a.reshape(rows, sh["H"], R), b.reshape(rows, R, sh["D"]),
-                          buf.reshape(rows, sh["H"], sh["D"]), scale)
-    return _dispatch.finish_out(buf, out)
+    return sh, scale, shape, rows
 
 
-def _check_factors(fn, sh, a, kv_lens, query_spec):
+def check_factors(fn, sh, a, kv_lens, query_spec):
     """The cached factors bind the letters first (so a wrong query names the query), then aq, bq."""
     sh.check("ak", a["ak"], "B,M,H,Rk")
     sh.check("bk", a["bk"], "B,M,Rk,D")
@@ -153,13 +175,15 @@ def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, k
     """
     fn = "tpa.attention"
     if _dispatch.route(fn, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, out=out) == "cuda":
-        _cuda_not_implemented(fn)
+        from . import _cuda_tpa
+        return _cuda_tpa.attention(aq, bq, ak, bk, av, bv, causal=causal, scale=scale, q_pos=q_pos, kv_pos=kv_pos,
+                                   kv_lens=kv_lens, return_lse=return_lse, out=out)
     dtype, a = _dispatch.float_arrays(fn, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv)
     q_pos = _dispatch.index_array(fn, "q_pos", q_pos)
     kv_pos = _dispatch.index_array(fn, "kv_pos", kv_pos)
     kv_lens = _dispatch.index_array(fn, "kv_lens", kv_lens)
     sh = _dispatch.Shapes(fn)
-    _check_factors(fn, sh, a, kv_lens, ("B,N,H,Rq", "B,N,Rq,D"))
+    check_factors(fn, sh, a, kv_lens, ("B,N,H,Rq", "B,N,Rq,D"))
     if q_pos is not None:
         sh.check_one_of("q_pos", q_pos, "N", "B,N")
     if kv_pos is not None:
@@ -195,11 +219,13 @@ def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False
     """
     fn = "tpa.decode"
     if _dispatch.route(fn, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, out=out) == "cuda":
-        _cuda_not_implemented(fn)
+        from . import _cuda_tpa
+        return _cuda_tpa.decode(aq, bq, ak, bk, av, bv, kv_lens=kv_lens, scale=scale, return_lse=return_lse, out=out,
+                                splits=int(_splits))
     dtype, a = _dispatch.float_arrays(fn, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv)
     kv_lens = _dispatch.index_array(fn, "kv_lens", kv_lens)
     sh = _dispatch.Shapes(fn)
-    _check_factors(fn, sh, a, kv_lens, ("B,H,Rq", "B,Rq,D"))
+    check_factors(fn, sh, a, kv_lens, ("B,H,Rq", "B,Rq,D"))
     path = _dispatch.check_choice(fn, "_path", _path, tuple(_PATHS))
     B, H, E, D = sh["B"], sh["H"], sh["E"], sh["D"]
     scale = _dispatch.as_scale(fn, scale, D ** -0.5 if D else 1.0)

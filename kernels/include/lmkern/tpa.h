@@ -1,11 +1,12 @@
 /* lmkern.tpa kernels (SPEC 2): params structs and declarations.
  *
  * Factor layout (T6): A head-major (..., H, R), B rank-major (..., R, D); Q = (1/Rq) aq @ bq,
- * K = (1/Rk) ak @ bk, V = (1/Rv) av @ bv.  Every array handed to these kernels is C-contiguous. */
+ * K = (1/Rk) ak @ bk, V = (1/Rv) av @ bv.  Every array handed to the CPU kernels is C-contiguous. */
 #ifndef LMKERN_TPA_H
 #define LMKERN_TPA_H
 
 #include "lmkern/common.h"
+#include "lmkern/cuda.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -65,6 +66,35 @@ lk_status lk_tpa_decode_cpu(const lk_tpa_attention_params *p);
 
 /* The split a decode / attention call uses for its shape (exposed for tests and benchmarks). */
 int64_t lk_tpa_default_splits(int64_t queries, int64_t M, int threads);
+
+/* ---- CUDA (kernels/cuda/tpa.cu) ------------------------------------------------------------------
+ * Pointers are device pointers; dtype LK_F32, LK_F16 or LK_BF16 for every float array except lse
+ * (float32, (B, H) contiguous).  The params structs above are reused; what the GPU adds is strides:
+ * decode reads every factor with element strides for its two leading axes, the rest contiguous. */
+
+/* Element strides of the two leading axes of the decode arrays; the trailing block of each is
+ * contiguous: aq (B, H, Rq): batch, head; bq (B, Rq, D): batch, rank; ak (B, M, H, Rk), bk (B, M, Rk, D),
+ * av (B, M, H, Rv), bv (B, M, Rv, E): batch, token (each token's (H, R) / (R, D) block contiguous);
+ * out (B, H, E): batch, head. */
+typedef struct {
+    int64_t aq[2], bq[2], ak[2], bk[2], av[2], bv[2], out[2];
+} lk_tpa_decode_strides;
+
+/* Decode (N = 1) on the GPU: the FlashTPA order per (row, head group, cache split); kv_lens is an int64
+ * device array (values clamped to [0, M] on the device) or NULL.  num_splits > 1 writes float32
+ * partials to `scratch` (lk_tpa_decode_cuda_scratch_floats floats), merged by a second kernel.
+ * LK_ERR_VALUE when the shape does not fit the kernel (lk_tpa_decode_cuda_supported). */
+lk_status lk_tpa_decode_cuda(const lk_tpa_attention_params *p, const lk_tpa_decode_strides *s, int num_splits,
+                             float *scratch, lk_stream stream);
+/* 1 when the ranks and sizes fit the kernel's shared memory (D, E <= 256, moderate Rq and Rk). */
+int lk_tpa_decode_cuda_supported(const lk_tpa_attention_params *p);
+/* The split count the launcher would like on a GPU with num_sms multiprocessors. */
+int lk_tpa_decode_cuda_splits(const lk_tpa_attention_params *p, int num_sms);
+/* Floats of scratch for num_splits (0 when num_splits == 1). */
+int64_t lk_tpa_decode_cuda_scratch_floats(const lk_tpa_attention_params *p, int num_splits);
+
+/* materialize on the GPU: a, b, out C-contiguous device arrays of p->dtype (f32/f16/bf16). */
+lk_status lk_tpa_materialize_cuda(const lk_tpa_materialize_params *p, lk_stream stream);
 
 #ifdef __cplusplus
 }

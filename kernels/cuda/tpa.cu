@@ -1,0 +1,502 @@
+/* Tensor Product Attention on the GPU (SPEC 2): decode in the FlashTPA order (2.4) and materialize (2.1).
+ * f32, f16, bf16 in; float32 for every product, score, softmax statistic and accumulator.
+ *
+ * Decode, s[h,j] = scale/(Rq Rk) sum_{r,s} aq[h,r] ak[j,h,s] <bq[r], bk[j,s]>,
+ *         out[h] = sum_j softmax_j(s[h,j]) (1/Rv) sum_t av[j,h,t] bv[j,t].
+ * tpa_decode_kernel: one block of 256 threads per (batch row b, head group, cache split).  The split's
+ * tokens are visited in tiles of TN <= 32; per tile:
+ *   1. stage: the tile's ak, bk, av, bv rows (token-major, each token's block contiguous in memory)
+ *      are read once, coalesced (16-byte loads when sizes, strides and alignment allow), converted to
+ *      float32 into shared memory; tokens past the row's length read as 0 (never loaded);
+ *   2. G[j,r,s] = <bq[r], bk[j,s]>: the head-shared products, float32 (bq in shared memory);
+ *   3. scores S[h,j] = sum_s ak[j,h,s] sum_r aq'[h,r] G[j,r,s], with aq' = aq * scale log2(e)/(Rq Rk),
+ *      so scores are in the log2 domain; tokens j >= kv_lens[b] are -inf (masked tail);
+ *   4. one warp per head: online softmax (running max m, sum l, rescale alpha), and the softmax
+ *      weights folded into av: W[j,t,h] = p[h,j] av[j,h,t] / Rv;
+ *   5. acc[h, e] = alpha[h] acc[h, e] + sum_{j,t} W[j,t,h] bv[j,t,e]: each thread owns 4 consecutive
+ *      features of up to 8 heads (float4 reads of bv from shared memory).
+ * K and V are never formed and each cached factor is read once per split (once per head group; a
+ * single group unless H * E is large).  With one split the block writes out and lse itself; with more,
+ * float32 partials [m, l, acc[E]] per (b, h, split) go to scratch and tpa_combine_kernel merges them
+ * with softmax.cuh's combine_row (max-stabilized, log2 domain, fixed order: reproducible).
+ *
+ * Where this does better than the reference Triton kernels of tensorgi/T6
+ * (decode/flashtpa_decode_triton*.py): the padded tail of the last block is masked (keys >= kv_lens[b]
+ * never contribute; device kv_lens are clamped to [0, M]); the split combine is stabilized by the
+ * maximum partial statistic, not the minimum LSE (which overflows exp when partial maxima differ by more
+ * than ~88); partials and LSE are float32, not bf16; and the bk . bq products stay float32 (the reference
+ * rounds them to bf16 before the head mixing).
+ *
+ * materialize_kernel: one thread per output element (grid-stride), out = scale sum_r a[h,r] b[r,d].
+ *
+ * Every index is 64-bit where it can exceed 2^31; every tail is bounds-checked; no float atomics. */
+#include <math.h>
+
+#include "common.cuh"
+#include "lmkern/tpa.h"
+#include "softmax.cuh"
+
+namespace {
+
+using namespace lk;
+
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / 32;
+constexpr int MAX_TN = 32;             // tokens per tile (one per lane in the softmax step)
+constexpr int MAX_HPT = 8;             // heads per thread in the accumulator
+constexpr size_t SMEM_DEFAULT = 48 * 1024;
+constexpr size_t SMEM_MAX = 96 * 1024; // opt-in limit that every sm_80+ GPU allows
+
+__host__ __device__ __forceinline__ int odd_pad(int x) { return x | 1; }  // odd row strides: no bank conflicts
+
+/* Shape of one decode launch, computed on the host and passed by value. */
+struct DecodeCfg {
+    int TN;                    // tokens per tile
+    int TE, TH;                // threads across features (4 each) and across heads; TE * TH = THREADS
+    int HPT;                   // heads per thread (template parameter of the kernel)
+    int groups, hg;            // head groups and heads per group (the last one may hold fewer)
+    int Dp, Rq4, BKJ, GS, AKJ, AVJ, TNP, E4;  // shared-memory strides (floats)
+    size_t smem;               // bytes
+    int vec;                   // VEC_* flags: 16-byte loads allowed
+};
+
+constexpr int VEC_AK = 1, VEC_BK = 2, VEC_AV = 4, VEC_BV = 8;
+
+/* Shared-memory layout (floats), bv first so that its float4 rows are 16-byte aligned. */
+struct SmemLayout {
+    int bv, bq, bk, G, aq, ak, av, S, W, m, l, alpha, total;
+};
+
+__host__ __device__ inline SmemLayout smem_layout(const DecodeCfg &c, int Rq, int Rv) {
+    SmemLayout L;
+    int o = 0;
+    L.bv = o;    o += c.TN * Rv * c.E4;
+    L.bq = o;    o += c.Rq4 * c.Dp;
+    L.bk = o;    o += c.TN * c.BKJ;
+    L.G = o;     o += c.TN * c.GS;
+    L.aq = o;    o += c.hg * Rq;
+    L.ak = o;    o += c.TN * c.AKJ;
+    L.av = o;    o += c.TN * c.AVJ;
+    L.S = o;     o += c.hg * c.TNP;
+    L.W = o;     o += c.TN * Rv * c.hg;
+    L.m = o;     o += c.hg;
+    L.l = o;     o += c.hg;
+    L.alpha = o; o += c.hg;
+    L.total = o;
+    return L;
+}
+
+/* Element u of 16 raw bytes read as T. */
+__device__ __forceinline__ uint32_t word_of(const uint4 &r, int w) {
+    return w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w;
+}
+template <typename T> __device__ __forceinline__ float raw_f(const uint4 &r, int u);
+template <> __device__ __forceinline__ float raw_f<float>(const uint4 &r, int u) { return __uint_as_float(word_of(r, u)); }
+template <> __device__ __forceinline__ float raw_f<__half>(const uint4 &r, int u) {
+    const uint32_t w = word_of(r, u >> 1);
+    return __half2float(__ushort_as_half((unsigned short)((u & 1) ? (w >> 16) : (w & 0xffffu))));
+}
+template <> __device__ __forceinline__ float raw_f<__nv_bfloat16>(const uint4 &r, int u) {
+    const uint32_t w = word_of(r, u >> 1);
+    return __bfloat162float(__ushort_as_bfloat16((unsigned short)((u & 1) ? (w >> 16) : (w & 0xffffu))));
+}
+
+/* Copies tokens j0 .. j0 + TN - 1 of one factor into shared memory as float32.  Token j's `len`
+ * contiguous elements start at src + (j0 + j) * tok_stride; element c goes to
+ * dst[j * dst_j + (c / inner) * dst_inner + c % inner].  Tokens j >= nvalid are written as 0 and never
+ * read from global memory.  vec: 16-byte loads (the host checked len, inner, strides and alignment). */
+template <typename T>
+__device__ __forceinline__ void stage(float *dst, const T *src, int64_t tok_stride, int64_t j0, int nvalid, int TN,
+                                      int len, int inner, int dst_j, int dst_inner, bool vec) {
+    if (len <= 0) return;
+    if (vec) {
+        constexpr int PER = 16 / sizeof(T);
+        const int cpr = len / PER, chunks = TN * cpr;
+        for (int q = threadIdx.x; q < chunks; q += THREADS) {
+            const int j = q / cpr, c = (q - j * cpr) * PER;
+            uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+            if (j < nvalid) raw = *reinterpret_cast<const uint4 *>(src + (j0 + j) * tok_stride + c);
+            float *d = dst + j * dst_j + (c / inner) * dst_inner + c % inner;  // PER elements stay in one inner row
+#pragma unroll
+            for (int u = 0; u < PER; u++) d[u] = raw_f<T>(raw, u);
+        }
+    } else {
+        const int total = TN * len;
+        for (int q = threadIdx.x; q < total; q += THREADS) {
+            const int j = q / len, c = q - j * len;
+            const float v = j < nvalid ? to_f<T>(src[(j0 + j) * tok_stride + c]) : 0.f;
+            dst[j * dst_j + (c / inner) * dst_inner + c % inner] = v;
+        }
+    }
+}
+
+template <typename T, int HPT>
+__global__ void __launch_bounds__(THREADS)
+tpa_decode_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides st, const DecodeCfg cfg,
+                  int num_splits, int64_t split_len, float *scratch, float score_scale) {
+    extern __shared__ float4 smem4[];
+    float *sm = reinterpret_cast<float *>(smem4);
+    const int Rq = (int)p.Rq, Rk = (int)p.Rk, Rv = (int)p.Rv, D = (int)p.D, E = (int)p.E;
+    const int TN = cfg.TN, hg = cfg.hg;
+    const SmemLayout L = smem_layout(cfg, Rq, Rv);
+    float *bv_s = sm + L.bv, *bq_s = sm + L.bq, *bk_s = sm + L.bk, *G_s = sm + L.G, *aq_s = sm + L.aq;
+    float *ak_s = sm + L.ak, *av_s = sm + L.av, *S_s = sm + L.S, *W_s = sm + L.W;
+    float *m_s = sm + L.m, *l_s = sm + L.l, *alpha_s = sm + L.alpha;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int64_t blk = blockIdx.x;
+    const int64_t split = blk % num_splits;
+    const int64_t grp = (blk / num_splits) % cfg.groups;
+    const int64_t b = blk / ((int64_t)num_splits * cfg.groups);
+    const int h0 = (int)grp * hg;
+    const int hc = (int)min((int64_t)hg, p.H - h0);  // heads of this group (>= 1: groups = cdiv(H, hg))
+
+    int64_t len = p.kv_lens ? p.kv_lens[b] : p.M;
+    len = len < 0 ? 0 : (len > p.M ? p.M : len);  // memory safety for device-resident kv_lens
+    const int64_t start = split * split_len;
+    const int64_t end = min(start + split_len, len);
+
+    // per-block setup: bq rows (zero rows up to Rq4), aq of the group's heads (pre-scaled), zero bv
+    // padding columns, softmax state
+    const T *bq = (const T *)p.bq + b * st.bq[0];
+    for (int q = tid; q < cfg.Rq4 * D; q += THREADS) {
+        const int r = q / D, d = q - r * D;
+        bq_s[r * cfg.Dp + d] = r < Rq ? to_f<T>(bq[r * st.bq[1] + d]) : 0.f;
+    }
+    const T *aq = (const T *)p.aq + b * st.aq[0];
+    for (int q = tid; q < hc * Rq; q += THREADS) {
+        const int h = q / Rq, r = q - h * Rq;
+        aq_s[h * Rq + r] = to_f<T>(aq[(int64_t)(h0 + h) * st.aq[1] + r]) * score_scale;
+    }
+    for (int q = tid; q < TN * Rv * (cfg.E4 - E); q += THREADS) {
+        const int row = q / (cfg.E4 - E), e = E + q % (cfg.E4 - E);
+        bv_s[row * cfg.E4 + e] = 0.f;
+    }
+    for (int h = tid; h < hg; h += THREADS) {
+        m_s[h] = -INFINITY;
+        l_s[h] = 0.f;
+        alpha_s[h] = 1.f;
+    }
+
+    // accumulator: features e0 .. e0 + 3 of heads th + k TH
+    const int te = tid % cfg.TE, th = tid / cfg.TE, e0 = te * 4;
+    float acc[HPT][4];
+    int wh[HPT];  // head index for reads, clamped to the group's written heads (results of heads >= hc are dropped)
+#pragma unroll
+    for (int k = 0; k < HPT; k++) {
+        wh[k] = min(th + k * cfg.TH, hc - 1);
+#pragma unroll
+        for (int u = 0; u < 4; u++) acc[k][u] = 0.f;
+    }
+
+    const T *akp = (const T *)p.ak + b * st.ak[0] + (int64_t)h0 * Rk;
+    const T *bkp = (const T *)p.bk + b * st.bk[0];
+    const T *avp = (const T *)p.av + b * st.av[0] + (int64_t)h0 * Rv;
+    const T *bvp = (const T *)p.bv + b * st.bv[0];
+    const float inv_rv = 1.f / (float)Rv;
+
+    for (int64_t j0 = start; j0 < end; j0 += TN) {
+        const int nvalid = (int)min((int64_t)TN, end - j0);
+        __syncthreads();  // the previous tile (and the setup) is done with shared memory
+        // 1. stage the tile
+        stage<T>(ak_s, akp, st.ak[1], j0, nvalid, TN, hc * Rk, hc * Rk, cfg.AKJ, 0, cfg.vec & VEC_AK);
+        stage<T>(bk_s, bkp, st.bk[1], j0, nvalid, TN, Rk * D, Rk * D, cfg.BKJ, 0, cfg.vec & VEC_BK);
+        stage<T>(av_s, avp, st.av[1], j0, nvalid, TN, hc * Rv, hc * Rv, cfg.AVJ, 0, cfg.vec & VEC_AV);
+        stage<T>(bv_s, bvp, st.bv[1], j0, nvalid, TN, Rv * E, E > 0 ? E : 1, Rv * cfg.E4, cfg.E4, cfg.vec & VEC_BV);
+        __syncthreads();
+        // 2. G[j, r, s] = <bq[r], bk[j, s]>, four ranks r per thread (bq rows past Rq are zero)
+        {
+            const int rchunks = cfg.Rq4 / 4, tasks = TN * Rk * rchunks;
+            for (int q = tid; q < tasks; q += THREADS) {
+                const int j = q % TN, rest = q / TN, s = rest % Rk, r0 = (rest / Rk) * 4;
+                const float *krow = bk_s + j * cfg.BKJ + s * D;
+                const float *q0 = bq_s + r0 * cfg.Dp;
+                float g0 = 0.f, g1 = 0.f, g2 = 0.f, g3 = 0.f;
+                for (int d = 0; d < D; d++) {
+                    const float x = krow[d];
+                    g0 = fmaf(q0[d], x, g0);
+                    g1 = fmaf(q0[cfg.Dp + d], x, g1);
+                    g2 = fmaf(q0[2 * cfg.Dp + d], x, g2);
+                    g3 = fmaf(q0[3 * cfg.Dp + d], x, g3);
+                }
+                float *g = G_s + j * cfg.GS + s;
+                if (r0 < Rq) g[r0 * Rk] = g0;
+                if (r0 + 1 < Rq) g[(r0 + 1) * Rk] = g1;
+                if (r0 + 2 < Rq) g[(r0 + 2) * Rk] = g2;
+                if (r0 + 3 < Rq) g[(r0 + 3) * Rk] = g3;
+            }
+        }
+        __syncthreads();
+        // 3. S[h, j] = sum_s ak[j, h, s] sum_r aq'[h, r] G[j, r, s]  (log2 domain; masked tail -inf)
+        for (int q = tid; q < hc * TN; q += THREADS) {
+            const int j = q % TN, h = q / TN;
+            float sc = -INFINITY;
+            if (j < nvalid) {
+                sc = 0.f;
+                const float *g = G_s + j * cfg.GS;
+                const float *a = aq_s + h * Rq;
+                const float *k = ak_s + j * cfg.AKJ + h * Rk;
+                for (int s = 0; s < Rk; s++) {
+                    float mix = 0.f;
+                    for (int r = 0; r < Rq; r++) mix = fmaf(a[r], g[r * Rk + s], mix);
+                    sc = fmaf(k[s], mix, sc);
+                }
+            }
+            S_s[h * cfg.TNP + j] = sc;
+        }
+        __syncthreads();
+        // 4. online softmax, one warp per head (lane = token), and W[j, t, h] = p[h, j] av[j, h, t] / Rv
+        for (int h = warp; h < hc; h += WARPS) {  // warp-uniform
+            const float m_old = m_s[h];
+            const float sc = lane < TN ? S_s[h * cfg.TNP + lane] : -INFINITY;
+            const float m_new = fmaxf(m_old, warp_max(sc));
+            const float m_use = m_new == -INFINITY ? 0.f : m_new;  // all -inf so far: p = 0, alpha = 0
+            const float pr = exp2f(sc - m_use);
+            const float alpha = exp2f(m_old - m_use);
+            const float sum = warp_sum(pr);
+            __syncwarp();  // every lane has read m_s[h] before lane 0 overwrites it
+            if (lane == 0) {
+                m_s[h] = m_new;
+                l_s[h] = fmaf(l_s[h], alpha, sum);
+                alpha_s[h] = alpha;
+            }
+            if (lane < TN) {
+                const float pw = pr * inv_rv;
+                for (int t = 0; t < Rv; t++) W_s[(lane * Rv + t) * hg + h] = pw * av_s[lane * cfg.AVJ + h * Rv + t];
+            }
+        }
+        __syncthreads();
+        // 5. acc[h, e] = alpha[h] acc[h, e] + sum_{j, t} W[j, t, h] bv[j, t, e]
+        float al[HPT];
+#pragma unroll
+        for (int k = 0; k < HPT; k++) al[k] = alpha_s[wh[k]];
+#pragma unroll
+        for (int k = 0; k < HPT; k++)
+#pragma unroll
+            for (int u = 0; u < 4; u++) acc[k][u] *= al[k];
+        const int rows = nvalid * Rv;
+        for (int row = 0; row < rows; row++) {
+            const float4 v = *reinterpret_cast<const float4 *>(bv_s + row * cfg.E4 + e0);
+            const float *w = W_s + row * hg;
+#pragma unroll
+            for (int k = 0; k < HPT; k++) {
+                const float wk = w[wh[k]];
+                acc[k][0] = fmaf(wk, v.x, acc[k][0]);
+                acc[k][1] = fmaf(wk, v.y, acc[k][1]);
+                acc[k][2] = fmaf(wk, v.z, acc[k][2]);
+                acc[k][3] = fmaf(wk, v.w, acc[k][3]);
+            }
+        }
+    }
+    __syncthreads();  // m_s / l_s of the last tile (and of the setup, for an empty split) are visible
+
+    // write: the output directly (one split) or this split's partial
+#pragma unroll
+    for (int k = 0; k < HPT; k++) {
+        const int h = th + k * cfg.TH;
+        if (h >= hc) continue;
+        const int64_t hh = h0 + h;
+        const float m = m_s[h], l = l_s[h];
+        if (num_splits == 1) {
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            T *o = (T *)p.out + b * st.out[0] + hh * st.out[1];
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (e0 + u < E) o[e0 + u] = from_f<T>(acc[k][u] * inv);
+            if (te == 0 && p.lse) ((float *)p.lse)[b * p.H + hh] = l > 0.f ? (m + log2f(l)) * LN2_F : -INFINITY;
+        } else {
+            float *part = scratch + ((b * p.H + hh) * num_splits + split) * (int64_t)(E + 2);
+            if (te == 0) {
+                part[0] = m;
+                part[1] = l;
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (e0 + u < E) part[2 + e0 + u] = acc[k][u];
+        }
+    }
+}
+
+/* One warp per (b, h): merges the split partials with combine_row. */
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+tpa_combine_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides st, int num_splits, const float *scratch) {
+    const int warp = threadIdx.x >> 5;
+    const int64_t rows = p.B * p.H;
+    const int64_t row = (int64_t)blockIdx.x * WARPS + warp;
+    if (row >= rows) return;  // whole warp leaves together
+    const int64_t b = row / p.H, h = row % p.H;
+    T *o = (T *)p.out + b * st.out[0] + h * st.out[1];
+    combine_row<T>(scratch + row * num_splits * (p.E + 2), num_splits, p.E, o, p.lse ? (float *)p.lse + row : nullptr);
+}
+
+/* out[n, h, d] = scale sum_r a[n, h, r] b[n, r, d]: one thread per output element. */
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+materialize_kernel(const lk_tpa_materialize_params p, float scale) {
+    const int64_t total = p.rows * p.H * p.D;
+    const T *a = (const T *)p.a;
+    const T *bm = (const T *)p.b;
+    T *out = (T *)p.out;
+    for (int64_t idx = (int64_t)blockIdx.x * THREADS + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * THREADS) {
+        const int64_t d = idx % p.D, nh = idx / p.D, n = nh / p.H;
+        const T *ar = a + nh * p.R;
+        const T *bc = bm + n * p.R * p.D + d;
+        float acc = 0.f;
+        for (int64_t r = 0; r < p.R; r++) acc = fmaf(to_f<T>(ar[r]), to_f<T>(bc[r * p.D]), acc);
+        out[idx] = from_f<T>(acc * scale);
+    }
+}
+
+/* ---- host side ----------------------------------------------------------------------------------- */
+
+size_t itemsize(lk_dtype dt) { return dt == LK_F32 ? 4 : 2; }
+
+/* The launch shape of a decode call; false when it does not fit the kernel. */
+bool decode_config(const lk_tpa_attention_params *p, DecodeCfg *c) {
+    if (p->D > LK_CUDA_ATTN_MAX_HEAD_DIM || p->E > LK_CUDA_ATTN_MAX_HEAD_DIM || p->D < 0 || p->E < 0) return false;
+    if (p->Rq < 1 || p->Rk < 1 || p->Rv < 1 || p->H < 1) return false;
+    if (p->Rq > 4096 || p->Rk > 4096 || p->Rv > 4096 || p->H > (1 << 20)) return false;
+    const int D = (int)p->D, E = (int)p->E, Rq = (int)p->Rq, Rk = (int)p->Rk, Rv = (int)p->Rv, H = (int)p->H;
+    int te = 1;
+    while (te * 4 < E) te *= 2;  // E <= 256: te <= 64
+    c->TE = te;
+    c->TH = THREADS / te;
+    c->E4 = 4 * te;
+    const int need = (H + c->TH - 1) / c->TH;  // heads per thread for one group
+    if (need <= MAX_HPT) {
+        c->groups = 1;
+        c->hg = H;
+    } else {
+        c->groups = (H + MAX_HPT * c->TH - 1) / (MAX_HPT * c->TH);
+        c->hg = (H + c->groups - 1) / c->groups;
+        c->groups = (H + c->hg - 1) / c->hg;
+    }
+    const int hpt = (c->hg + c->TH - 1) / c->TH;
+    c->HPT = hpt <= 1 ? 1 : hpt <= 2 ? 2 : hpt <= 4 ? 4 : 8;
+    c->Dp = odd_pad(D);
+    c->Rq4 = (Rq + 3) / 4 * 4;
+    c->BKJ = odd_pad(Rk * D);
+    c->GS = odd_pad(Rq * Rk);
+    c->AKJ = odd_pad(c->hg * Rk);
+    c->AVJ = odd_pad(c->hg * Rv);
+    for (int tn = MAX_TN; tn >= 1; tn /= 2) {
+        c->TN = tn;
+        c->TNP = odd_pad(tn);
+        const size_t bytes = (size_t)smem_layout(*c, Rq, Rv).total * sizeof(float);
+        c->smem = bytes;
+        if (bytes <= SMEM_DEFAULT) return true;
+    }
+    return c->smem <= SMEM_MAX;  // TN = 1 with more than the default shared memory
+}
+
+/* 16-byte loads of a factor: token rows of `len` elements at `base` + b*sb + j*sj + off for every b, j
+ * (and inner rows of `inner` elements not straddling a chunk). */
+bool vec_ok(const void *base, int64_t sb, int64_t sj, int64_t off_step, int64_t len, int64_t inner, size_t item) {
+    const int64_t per = 16 / (int64_t)item;
+    return ((uintptr_t)base % 16 == 0) && sb % per == 0 && sj % per == 0 && off_step % per == 0 && len % per == 0 &&
+           inner % per == 0;
+}
+
+template <typename T, int HPT>
+lk_status launch_decode(const lk_tpa_attention_params *p, const lk_tpa_decode_strides *s, const DecodeCfg &c,
+                        int num_splits, float *scratch, cudaStream_t st) {
+    const int64_t blocks = p->B * c.groups * (int64_t)num_splits;
+    if (blocks > 0x7fffffff) return LK_ERR_VALUE;
+    // split_len: a multiple of the tile, covering M
+    int64_t split_len = (p->M + num_splits - 1) / num_splits;
+    split_len = (split_len + c.TN - 1) / c.TN * c.TN;
+    if (split_len < c.TN) split_len = c.TN;
+    if (c.smem > SMEM_DEFAULT) {
+        cudaError_t err = cudaFuncSetAttribute(tpa_decode_kernel<T, HPT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               (int)c.smem);
+        if (err != cudaSuccess) return lk::record_error(err);
+    }
+    const float score_scale = (float)(p->scale * 1.4426950408889634 / ((double)p->Rq * (double)p->Rk));
+    tpa_decode_kernel<T, HPT><<<(unsigned)blocks, THREADS, c.smem, st>>>(*p, *s, c, num_splits, split_len, scratch,
+                                                                          score_scale);
+    lk_status status = lk::check_launch();
+    if (status != LK_OK || num_splits == 1) return status;
+    const int64_t cblocks = (p->B * p->H + WARPS - 1) / WARPS;
+    tpa_combine_kernel<T><<<(unsigned)cblocks, THREADS, 0, st>>>(*p, *s, num_splits, scratch);
+    return lk::check_launch();
+}
+
+template <typename T>
+lk_status launch_decode_h(const lk_tpa_attention_params *p, const lk_tpa_decode_strides *s, const DecodeCfg &c,
+                          int num_splits, float *scratch, cudaStream_t st) {
+    switch (c.HPT) {
+    case 1: return launch_decode<T, 1>(p, s, c, num_splits, scratch, st);
+    case 2: return launch_decode<T, 2>(p, s, c, num_splits, scratch, st);
+    case 4: return launch_decode<T, 4>(p, s, c, num_splits, scratch, st);
+    default: return launch_decode<T, 8>(p, s, c, num_splits, scratch, st);
+    }
+}
+
+}  // namespace
+
+extern "C" int lk_tpa_decode_cuda_supported(const lk_tpa_attention_params *p) {
+    DecodeCfg c;
+    return decode_config(p, &c) ? 1 : 0;
+}
+
+extern "C" int lk_tpa_decode_cuda_splits(const lk_tpa_attention_params *p, int num_sms) {
+    DecodeCfg c;
+    if (!decode_config(p, &c) || p->B <= 0 || p->M <= 256) return 1;
+    const int64_t per_split = p->B * c.groups;                 // blocks per split index
+    const int64_t target = (int64_t)(num_sms > 0 ? num_sms : 1) * 8;  // blocks to keep every SM busy
+    int64_t splits = (target + per_split - 1) / per_split;
+    const int64_t most = (p->M + 127) / 128;                   // at least 128 tokens per split
+    if (splits > most) splits = most;
+    if (splits > 512) splits = 512;
+    return splits < 1 ? 1 : (int)splits;
+}
+
+extern "C" int64_t lk_tpa_decode_cuda_scratch_floats(const lk_tpa_attention_params *p, int num_splits) {
+    if (num_splits <= 1) return 0;
+    return p->B * p->H * (int64_t)num_splits * (p->E + 2);
+}
+
+extern "C" lk_status lk_tpa_decode_cuda(const lk_tpa_attention_params *p, const lk_tpa_decode_strides *s,
+                                        int num_splits, float *scratch, lk_stream stream) {
+    if (p->dtype != LK_F32 && p->dtype != LK_F16 && p->dtype != LK_BF16) return LK_ERR_DTYPE;
+    if (p->B == 0 || p->H == 0) return LK_OK;
+    if (p->M < 0 || p->B < 0) return LK_ERR_VALUE;
+    if (num_splits < 1 || (num_splits > 1 && !scratch)) return LK_ERR_VALUE;
+    DecodeCfg c;
+    if (!decode_config(p, &c)) return LK_ERR_VALUE;
+    const size_t item = itemsize(p->dtype);
+    c.vec = 0;
+    const int64_t hk = c.groups > 1 ? (int64_t)c.hg * p->Rk : 0, hv = c.groups > 1 ? (int64_t)c.hg * p->Rv : 0;
+    const int64_t lak = (int64_t)c.hg * p->Rk, lav = (int64_t)c.hg * p->Rv;
+    // ak / av: the last group's row is shorter (hc < hg): require both lengths to be whole chunks
+    const int64_t lak_last = (p->H - (int64_t)(c.groups - 1) * c.hg) * p->Rk;
+    const int64_t lav_last = (p->H - (int64_t)(c.groups - 1) * c.hg) * p->Rv;
+    if (vec_ok(p->ak, s->ak[0], s->ak[1], hk, lak, lak_last, item)) c.vec |= VEC_AK;
+    if (vec_ok(p->bk, s->bk[0], s->bk[1], 0, p->Rk * p->D, p->Rk * p->D, item)) c.vec |= VEC_BK;
+    if (vec_ok(p->av, s->av[0], s->av[1], hv, lav, lav_last, item)) c.vec |= VEC_AV;
+    if (p->E > 0 && vec_ok(p->bv, s->bv[0], s->bv[1], 0, p->Rv * p->E, p->E, item)) c.vec |= VEC_BV;
+    cudaStream_t st = (cudaStream_t)stream;
+    switch (p->dtype) {
+    case LK_F32: return launch_decode_h<float>(p, s, c, num_splits, scratch, st);
+    case LK_F16: return launch_decode_h<__half>(p, s, c, num_splits, scratch, st);
+    default: return launch_decode_h<__nv_bfloat16>(p, s, c, num_splits, scratch, st);
+    }
+}
+
+extern "C" lk_status lk_tpa_materialize_cuda(const lk_tpa_materialize_params *p, lk_stream stream) {
+    if (p->dtype != LK_F32 && p->dtype != LK_F16 && p->dtype != LK_BF16) return LK_ERR_DTYPE;
+    if (p->rows < 0 || p->H < 0 || p->R < 0 || p->D < 0) return LK_ERR_VALUE;
+    const int64_t total = p->rows * p->H * p->D;
+    if (total == 0) return LK_OK;
+    int64_t blocks = (total + THREADS - 1) / THREADS;
+    if (blocks > (1 << 20)) blocks = 1 << 20;  // grid-stride beyond
+    cudaStream_t st = (cudaStream_t)stream;
+    const float scale = (float)p->scale;
+    switch (p->dtype) {
+    case LK_F32: materialize_kernel<float><<<(unsigned)blocks, THREADS, 0, st>>>(*p, scale); break;
+    case LK_F16: materialize_kernel<__half><<<(unsigned)blocks, THREADS, 0, st>>>(*p, scale); break;
+    default: materialize_kernel<__nv_bfloat16><<<(unsigned)blocks, THREADS, 0, st>>>(*p, scale); break;
+    }
+    return lk::check_launch();
+}
