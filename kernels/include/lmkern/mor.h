@@ -7,6 +7,7 @@
 #define LMKERN_MOR_H
 
 #include "lmkern/common.h"
+#include "lmkern/cuda.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -104,6 +105,44 @@ typedef struct {
     double result;
 } lk_mor_loss_params;
 lk_status lk_mor_loss_cpu(lk_mor_loss_params *p);
+
+/* ---- CUDA launchers (kernels/cuda/mor_*.cu) ----------------------------------------------------
+ * Device pointers on the current device; dtype LK_F32, LK_F16 or LK_BF16 (all float arrays of a call
+ * in one dtype); index arrays int64 and C-contiguous; outputs the launcher writes (idx, gate, depth,
+ * z) C-contiguous.  Strides are in elements; the feature (last) axis is always contiguous.  Launchers
+ * only enqueue on `stream`.  Index values read from device memory (idx, candidates) are never trusted
+ * as addresses: out-of-range token indices gather a zero row and are skipped by the scatter (the
+ * Python layer range-checks host index arrays before the launch, raising ValueError). */
+/* expert_choice; scores row b at scores + b * scores_stride; n < 2^31 (else LK_ERR_VALUE). */
+lk_status lk_mor_topk_cuda(const lk_mor_topk_params *p, int64_t scores_stride, lk_stream stream);
+/* router_scores; h (B, T, Dm) with rows = B * T and h_stride = (batch, token) strides; p->wt is the
+ * weight w (Dm, C) addressed as wt[d * w_stride[0] + c * w_stride[1]]; z (rows, C) contiguous.
+ * C <= LK_MOR_CUDA_MAX_C (else LK_ERR_VALUE). */
+#define LK_MOR_CUDA_MAX_C 1024
+lk_status lk_mor_router_cuda(const lk_mor_router_params *p, int64_t T, const int64_t h_stride[2],
+                             const int64_t w_stride[2], lk_stream stream);
+/* token_choice; probs (B, T, C) with rows = B * T and probs_stride = (batch, token) strides. */
+lk_status lk_mor_token_choice_cuda(const lk_mor_token_choice_params *p, int64_t T, const int64_t probs_stride[2],
+                                   lk_stream stream);
+/* gather; h_stride / out_stride = (batch, token) strides. */
+lk_status lk_mor_gather_cuda(const lk_mor_gather_params *p, const int64_t h_stride[2], const int64_t out_stride[2],
+                             lk_stream stream);
+/* scatter_residual; h == NULL: in place on out; else out = h first (h and out must not overlap).
+ * Repeated indices: each feature of an output row is updated by one thread in ascending j, each
+ * step out = round(fma(gate, y, out)) in out's dtype (float32 arithmetic), as the CPU kernel. */
+lk_status lk_mor_scatter_cuda(const lk_mor_scatter_params *p, const int64_t h_stride[2], const int64_t y_stride[2],
+                              const int64_t out_stride[2], lk_stream stream);
+/* Router losses (the CPU formulas above) in double: every block of a fixed grid of
+ * LK_MOR_CUDA_LOSS_BLOCKS blocks reduces a fixed slice of the rows into `scratch`
+ * (lk_mor_loss_cuda_scratch(p) doubles), then one block adds the partials in block order and writes
+ * the loss to *result (device memory): bitwise reproducible on every GPU.  x rows at
+ * x + (r / T) * x_stride[0] + (r % T) * x_stride[1]; BCE targets are `target` (float32, rows) instead
+ * of p->target; p->eligible (uint8) and p->depth as on the CPU (device arrays; depth values outside
+ * [1, C] count for no depth). */
+#define LK_MOR_CUDA_LOSS_BLOCKS 128
+int64_t lk_mor_loss_cuda_scratch(const lk_mor_loss_params *p);
+lk_status lk_mor_loss_cuda(const lk_mor_loss_params *p, int64_t T, const int64_t x_stride[2], const float *target,
+                           double *scratch, double *result, lk_stream stream);
 
 #ifdef __cplusplus
 }
