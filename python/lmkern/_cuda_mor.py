@@ -42,16 +42,31 @@ from . import mor as _mor
 
 def _index(ref, x, name, fn, stream, device):
     """(view, host, shape_source) of an index argument: host arrays are uploaded (host kept for checks)."""
-    view, host = cuda.index_view(ref, x, name, fn, stream)
-    if view is None:
+    if x is None:
         return None, None, None
+    if not _dispatch.is_cuda(x):
+        host = _dispatch.index_array(fn, name, x)
+        if host.size == 0:  # nothing to read: no upload, a NULL pointer (the kernels have no work)
+            return _Empty(host.shape), host, host
+    view, host = cuda.index_view(ref, x, name, fn, stream)
     if view.device != device:
         raise ValueError(f"{fn}: arrays are on different devices: data on cuda:{device}, {name} on cuda:{view.device}")
     return view, host, (host if host is not None else cuda._ShapeOnly(view.shape))
 
 
+class _Empty:
+    """Stands in for an empty host index array that is not uploaded (NULL device pointer)."""
+
+    ptr = None
+    obj = None
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+        self.ndim = len(self.shape)
+
+
 def _release_index(ref, view, host, stream):
-    if view is not None and host is not None:  # an upload of ours, dropped when the call returns
+    if view is not None and view.obj is not None and host is not None:  # an upload of ours, dropped when the call returns
         cuda.release_scratch(ref, view.obj, stream)
 
 
