@@ -570,3 +570,42 @@ def test_gpu_gather_scatter(rng, dtype, Dm):
     hs.copy_(h)
     assert mor.scatter_residual_(hs, idx, y) is hs
     assert_close(_np(hs), ref.scatter_residual(hr, idx, yr), tol=GPU_TOL[dtype])
+
+
+# ------------------------------------------------------------------------------------------------
+# the real bindings' argument handling (no GPU needed: size errors come before any CUDA call)
+
+
+@pytest.mark.skipif(cuda._cuda is None, reason="built without CUDA")
+def test_bindings_parse_and_check_sizes():
+    m = cuda._cuda
+    zero = [
+        ("mor_topk", dict(dtype="float16", B=0, n=3, k=2, scores=None, scores_stride=3, candidates=None, idx=None,
+                          gate=None)),
+        ("mor_router", dict(dtype="bfloat16", B=0, T=2, Dm=3, C=2, h=None, h_stride=(6, 3), w=None,
+                            w_stride=(2, 1), z=None, activation=3, alpha=0.1, temperature=1.0)),
+        ("mor_token_choice", dict(B=0, T=2, C=2, probs=None, probs_stride=(4, 2), bias=None, depth=None, gate=None)),
+        ("mor_gather", dict(B=0, T=2, k=2, Dm=3, h=None, h_stride=(6, 3), idx=None, out=None, out_stride=(6, 3))),
+        ("mor_scatter", dict(B=0, T=2, k=2, Dm=3, h=None, h_stride=(6, 3), idx=None, y=None, y_stride=(6, 3),
+                             gate=None, out=None, out_stride=(6, 3))),
+    ]
+    for name, kw in zero:
+        try:  # no work: returns, or (no GPU / driver) a RuntimeError from selecting the device; never a parse error
+            getattr(m, name)(device=0, stream=0, **kw)
+        except RuntimeError:
+            pass
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        m.mor_topk(B=1, n=2, k=3)
+    with pytest.raises(ValueError, match="at most 1024"):
+        m.mor_router(B=1, T=1, Dm=4, C=2000)
+    with pytest.raises(ValueError, match="C >= 1"):
+        m.mor_token_choice(B=1, T=1, C=0)
+    with pytest.raises(ValueError, match="null device pointer"):
+        m.mor_gather(B=1, T=2, k=1, Dm=3, h_stride=(6, 3), out_stride=(3, 3))
+    with pytest.raises(ValueError, match="h and out must differ"):
+        m.mor_scatter(B=1, T=2, k=1, Dm=3, h=4096, idx=8192, y=4096, out=4096, h_stride=(6, 3), y_stride=(3, 3),
+                      out_stride=(6, 3))
+    with pytest.raises(ValueError, match="2 entries"):
+        m.mor_gather(B=0, h_stride=(1, 2, 3))
+    with pytest.raises(TypeError, match="float64"):
+        m.mor_topk(dtype="float64")

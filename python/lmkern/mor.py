@@ -51,6 +51,17 @@ rows where the token is inactive append nothing (``lengths=0``).  With ``kv_mode
 depth-0 cache exists and every depth attends over it.  The dense reference over the prompt plus the
 new token, with the same active sets, gives the same hidden state (tested).
 
+GPU
+---
+CUDA arrays (torch, CuPy, DeviceArray, ...) run :func:`router_scores`, :func:`expert_choice`,
+:func:`token_choice`, :func:`gather`, :func:`scatter_residual` and :func:`scatter_residual_` on the
+GPU (float32/float16/bfloat16, float32 arithmetic; kernels and GPU decisions in
+:mod:`lmkern._cuda_mor`): ``expert_choice`` is a per-row radix select plus a stable compaction (the
+same results bit for bit as the CPU), the scatter accumulates repeated indices in ascending ``j``
+without atomics.  Index arrays may be host arrays (checked, then uploaded) or device int64 arrays
+(not read back: an out-of-range device ``idx`` gathers zeros and is skipped by the scatter).
+The router losses have no GPU path yet (NotImplementedError).
+
 Decisions where the SPEC is silent (also in each docstring)
 -----------------------------------------------------------
 * ``expert_choice``: ``candidates`` must be non-negative and strictly ascending (ValueError), so that

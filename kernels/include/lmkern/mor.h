@@ -132,17 +132,6 @@ lk_status lk_mor_gather_cuda(const lk_mor_gather_params *p, const int64_t h_stri
  * step out = round(fma(gate, y, out)) in out's dtype (float32 arithmetic), as the CPU kernel. */
 lk_status lk_mor_scatter_cuda(const lk_mor_scatter_params *p, const int64_t h_stride[2], const int64_t y_stride[2],
                               const int64_t out_stride[2], lk_stream stream);
-/* Router losses (the CPU formulas above) in double: every block of a fixed grid of
- * LK_MOR_CUDA_LOSS_BLOCKS blocks reduces a fixed slice of the rows into `scratch`
- * (lk_mor_loss_cuda_scratch(p) doubles), then one block adds the partials in block order and writes
- * the loss to *result (device memory): bitwise reproducible on every GPU.  x rows at
- * x + (r / T) * x_stride[0] + (r % T) * x_stride[1]; BCE targets are `target` (float32, rows) instead
- * of p->target; p->eligible (uint8) and p->depth as on the CPU (device arrays; depth values outside
- * [1, C] count for no depth). */
-#define LK_MOR_CUDA_LOSS_BLOCKS 128
-int64_t lk_mor_loss_cuda_scratch(const lk_mor_loss_params *p);
-lk_status lk_mor_loss_cuda(const lk_mor_loss_params *p, int64_t T, const int64_t x_stride[2], const float *target,
-                           double *scratch, double *result, lk_stream stream);
 
 #ifdef __cplusplus
 }
