@@ -451,13 +451,17 @@ def test_router_bce_hand(rng):
 
 # --------------------------------------------------------------------------------------- CUDA route
 
-def test_cuda_route_not_implemented():
-    with pytest.raises(NotImplementedError, match="mor.expert_choice"):
-        mor.expert_choice(FakeCudaArray((2, 5)), 2)
-    with pytest.raises(NotImplementedError, match="mor.scatter_residual"):
-        mor.scatter_residual(FakeCudaArray((1, 2, 3)), FakeCudaArray((1, 1)), FakeCudaArray((1, 1, 3)))
+def test_cuda_route_losses_not_implemented():
+    # the kernels route to lmkern._cuda_mor (tests/test_cuda_mor.py); the losses have no GPU path yet
+    with pytest.raises(NotImplementedError, match="mor.z_loss"):
+        mor.z_loss(FakeCudaArray((2, 5)))
+    with pytest.raises(NotImplementedError, match="mor.balance_loss"):
+        mor.balance_loss(FakeCudaArray((1, 2, 3)), FakeCudaArray((1, 2)))
+    # host data with a device index array is a device mismatch (host index arrays with device data are uploaded)
     with pytest.raises(ValueError, match="different devices"):
-        mor.gather(FakeCudaArray((1, 2, 3)), np.zeros((1, 1), np.int64))
+        mor.gather(np.zeros((1, 2, 3), np.float32), FakeCudaArray((1, 1)))
+    with pytest.raises(ValueError, match="different devices"):
+        mor.scatter_residual(FakeCudaArray((1, 2, 3)), np.zeros((1, 1), np.int64), np.zeros((1, 1, 3), np.float32))
 
 
 # ----------------------------------------------------------------------------------------- recipes

@@ -51,6 +51,17 @@ rows where the token is inactive append nothing (``lengths=0``).  With ``kv_mode
 depth-0 cache exists and every depth attends over it.  The dense reference over the prompt plus the
 new token, with the same active sets, gives the same hidden state (tested).
 
+GPU
+---
+CUDA arrays (torch, CuPy, DeviceArray, ...) run :func:`router_scores`, :func:`expert_choice`,
+:func:`token_choice`, :func:`gather`, :func:`scatter_residual` and :func:`scatter_residual_` on the
+GPU (float32/float16/bfloat16, float32 arithmetic; kernels and GPU decisions in
+:mod:`lmkern._cuda_mor`): ``expert_choice`` is a per-row radix select plus a stable compaction (the
+same results bit for bit as the CPU), the scatter accumulates repeated indices in ascending ``j``
+without atomics.  Index arrays may be host arrays (checked, then uploaded) or device int64 arrays
+(not read back: an out-of-range device ``idx`` gathers zeros and is skipped by the scatter).
+The router losses have no GPU path yet (NotImplementedError).
+
 Decisions where the SPEC is silent (also in each docstring)
 -----------------------------------------------------------
 * ``expert_choice``: ``candidates`` must be non-negative and strictly ascending (ValueError), so that
@@ -78,6 +89,15 @@ _ACTIVATIONS = {"none": 0, "sigmoid": 1, "tanh": 2, "softmax": 3}
 _FUSED_MAX_C = 16
 
 
+def _route(fn, floats, indices):
+    """"cuda" or "cpu" by where the float arrays live; index arrays may be host arrays for CUDA data
+    (uploaded), but a CUDA index array with host data is a ValueError (different devices)."""
+    where = _dispatch.route(fn, **floats)
+    if where == "cpu" and any(_dispatch.is_cuda(x) for x in indices.values()):
+        _dispatch.route(fn, **floats, **indices)  # raises the "different devices" message
+    return where
+
+
 def _cuda_unavailable(name):
     raise NotImplementedError(f"mor.{name}: the CUDA path of lmkern.mor is not implemented yet; "
                               f"pass NumPy arrays to run it on the CPU")
@@ -86,15 +106,24 @@ def _cuda_unavailable(name):
 # ----------------------------------------------------------------------------------------------
 # argument checks (shared with the NumPy twins in lmkern.reference.mor)
 
-def _check_router_scores(h, w, activation, temperature):
+# The *_shapes helpers take anything with .shape (NumPy arrays, lmkern.cuda Views): the CPU and the
+# CUDA paths run the same checks and raise the same messages.
+
+def _router_shapes(h, w, activation, temperature):
     fn = "mor.router_scores"
-    dtype, a = _dispatch.float_arrays(fn, h=h, w=w)
     sh = _dispatch.Shapes(fn)
-    sh.check("h", a["h"], "B,T,Dm")
-    sh.check_one_of("w", a["w"], "Dm", "Dm,C")
+    sh.check("h", h, "B,T,Dm")
+    sh.check_one_of("w", w, "Dm", "Dm,C")
     _dispatch.check_choice(fn, "activation", activation, tuple(_ACTIVATIONS))
     if not float(temperature) > 0:
         raise ValueError(f"{fn}: temperature must be positive; got {temperature}")
+    return sh
+
+
+def _check_router_scores(h, w, activation, temperature):
+    fn = "mor.router_scores"
+    dtype, a = _dispatch.float_arrays(fn, h=h, w=w)
+    _router_shapes(a["h"], a["w"], activation, temperature)
     return dtype, a["h"], a["w"]
 
 
@@ -105,33 +134,52 @@ def _as_int(fn, name, value):
         raise TypeError(f"{fn}: {name} must be an integer; got {type(value).__name__}") from None
 
 
-def _check_expert_choice(scores, k, candidates):
+def _expert_choice_shapes(s, k, cand):
+    """Shapes of scores (B,n) / candidates (B,n) and the range of k; returns (Shapes, k)."""
     fn = "mor.expert_choice"
-    dtype, a = _dispatch.float_arrays(fn, scores=scores)
-    s = a["scores"]
     sh = _dispatch.Shapes(fn)
     sh.check("scores", s, "B,n")
     k = _as_int(fn, "k", k)
     if k < 0 or k > sh["n"]:
         raise ValueError(f"{fn}: k must be in [0, n = {sh['n']}]; got k = {k}")
-    cand = _dispatch.index_array(fn, "candidates", candidates)
     if cand is not None:
         sh.check("candidates", cand, "B,n")
-        if cand.size and (cand.min() < 0 or (cand.shape[1] > 1 and np.any(cand[:, 1:] <= cand[:, :-1]))):
-            raise ValueError(f"{fn}: candidates must be non-negative and strictly ascending in every row "
-                             f"(global token positions, e.g. the previous step's idx)")
+    return sh, k
+
+
+def _check_candidate_values(cand):
+    """Host candidates (int64 ndarray): non-negative and strictly ascending per row."""
+    if cand.size and (cand.min() < 0 or (cand.shape[1] > 1 and np.any(cand[:, 1:] <= cand[:, :-1]))):
+        raise ValueError("mor.expert_choice: candidates must be non-negative and strictly ascending in every row "
+                         "(global token positions, e.g. the previous step's idx)")
+
+
+def _check_expert_choice(scores, k, candidates):
+    fn = "mor.expert_choice"
+    dtype, a = _dispatch.float_arrays(fn, scores=scores)
+    s = a["scores"]
+    cand = _dispatch.index_array(fn, "candidates", candidates)
+    _, k = _expert_choice_shapes(s, k, cand)
+    if cand is not None:
+        _check_candidate_values(cand)
     return dtype, s, k, cand
+
+
+def _token_choice_shapes(probs, bias):
+    fn = "mor.token_choice"
+    sh = _dispatch.Shapes(fn)
+    sh.check("probs", probs, "B,T,C")
+    if bias is not None:
+        sh.check("bias", bias, "C")
+    if sh["C"] == 0 and sh["B"] * sh["T"]:
+        raise ValueError(f"{fn}: probs has C = 0 choices; expected at least one recursion depth")
+    return sh
 
 
 def _check_token_choice(probs, bias):
     fn = "mor.token_choice"
     dtype, a = _dispatch.float_arrays(fn, probs=probs, bias=bias)
-    sh = _dispatch.Shapes(fn)
-    sh.check("probs", a["probs"], "B,T,C")
-    if bias is not None:
-        sh.check("bias", a["bias"], "C")
-    if sh["C"] == 0 and sh["B"] * sh["T"]:
-        raise ValueError(f"{fn}: probs has C = 0 choices; expected at least one recursion depth")
+    _token_choice_shapes(a["probs"], a["bias"])
     return dtype, a["probs"], a["bias"]
 
 
@@ -142,16 +190,24 @@ def _check_index_range(fn, idx, T):
                          f"expected token positions in [0, T = {T})")
 
 
+def _gather_shapes(h, idx, idx_host):
+    """h (B,T,Dm), idx (B,k); idx_host (int64 ndarray or None: a device array) is range-checked."""
+    fn = "mor.gather"
+    if idx is None:
+        raise ValueError(f"{fn}: idx is required")
+    sh = _dispatch.Shapes(fn)
+    sh.check("h", h, "B,T,Dm")
+    sh.check("idx", idx, "B,k")
+    if idx_host is not None:
+        _check_index_range(fn, idx_host, sh["T"])
+    return sh
+
+
 def _check_gather(h, idx):
     fn = "mor.gather"
     dtype, a = _dispatch.float_arrays(fn, h=h)
     idx = _dispatch.index_array(fn, "idx", idx)
-    if idx is None:
-        raise ValueError(f"{fn}: idx is required")
-    sh = _dispatch.Shapes(fn)
-    sh.check("h", a["h"], "B,T,Dm")
-    sh.check("idx", idx, "B,k")
-    _check_index_range(fn, idx, sh["T"])
+    _gather_shapes(a["h"], idx, idx)
     return dtype, a["h"], idx
 
 
@@ -163,16 +219,23 @@ def _check_scatter(fn, h, idx, y, gate, dtype=None):
         a = {n: (None if v is None else v.astype(dtype, copy=False)) for n, v in a.items()}
         a["h"] = h
     idx = _dispatch.index_array(fn, "idx", idx)
+    _scatter_shapes(fn, a["h"], idx, idx, a["y"], a["gate"])
+    return np.dtype(dtype), a["h"], idx, a["y"], a["gate"]
+
+
+def _scatter_shapes(fn, h, idx, idx_host, y, gate):
+    """h (B,T,Dm), idx (B,k), y (B,k,Dm), gate (B,k) or None; idx_host range-checked when given."""
     if idx is None:
         raise ValueError(f"{fn}: idx is required")
     sh = _dispatch.Shapes(fn)
-    sh.check("h", a["h"], "B,T,Dm")
+    sh.check("h", h, "B,T,Dm")
     sh.check("idx", idx, "B,k")
-    sh.check("y", a["y"], "B,k,Dm")
+    sh.check("y", y, "B,k,Dm")
     if gate is not None:
-        sh.check("gate", a["gate"], "B,k")
-    _check_index_range(fn, idx, sh["T"])
-    return np.dtype(dtype), a["h"], idx, a["y"], a["gate"]
+        sh.check("gate", gate, "B,k")
+    if idx_host is not None:
+        _check_index_range(fn, idx_host, sh["T"])
+    return sh
 
 
 def _check_balance(probs, depth):
@@ -291,7 +354,7 @@ def expert_choice(scores, k, *, candidates=None):
     ascending (ties resolved by that scan).
     """
     fn = "expert_choice"
-    if _dispatch.route(fn, scores=scores, candidates=candidates) == "cuda":
+    if _route(fn, dict(scores=scores), dict(candidates=candidates)) == "cuda":
         return _cuda_expert_choice(scores, k, candidates=candidates)
     dtype, s, k, cand = _check_expert_choice(scores, k, candidates)
     B = s.shape[0]
@@ -326,7 +389,7 @@ def gather(h, idx):
     Indices outside ``[0, T)`` are a ValueError (nothing is read out of bounds).
     """
     fn = "gather"
-    if _dispatch.route(fn, h=h, idx=idx) == "cuda":
+    if _route(fn, dict(h=h), dict(idx=idx)) == "cuda":
         return _cuda_gather(h, idx)
     dtype, h, idx = _check_gather(h, idx)
     out = np.empty((idx.shape[0], idx.shape[1], h.shape[2]), dtype)
@@ -345,7 +408,7 @@ def scatter_residual(h, idx, y, gate=None, *, out=None):
     read y, write out: the minimum traffic).  ``out=`` may be ``h`` itself (then it is in place).
     """
     fn = "scatter_residual"
-    if _dispatch.route(fn, h=h, idx=idx, y=y, gate=gate, out=out) == "cuda":
+    if _route(fn, dict(h=h, y=y, gate=gate, out=out), dict(idx=idx)) == "cuda":
         return _cuda_scatter_residual(h, idx, y, gate, out=out)
     dtype, h_a, idx, y, gate = _check_scatter("mor.scatter_residual", h, idx, y, gate)
     buf = _dispatch.prepare_out("mor.scatter_residual", out, h_a.shape, dtype)
@@ -363,8 +426,8 @@ def scatter_residual_(h, idx, y, gate=None):
     returned.  Only the rows named by ``idx`` are touched.  Computed in ``h``'s dtype (``y`` and
     ``gate`` are cast to it, as ``h += ...`` would)."""
     fn = "scatter_residual_"
-    if _dispatch.route(fn, h=h, idx=idx, y=y, gate=gate) == "cuda":
-        return _cuda_scatter_residual(h, idx, y, gate, out=h)
+    if _route(fn, dict(h=h, y=y, gate=gate), dict(idx=idx)) == "cuda":
+        return _cuda_scatter_residual(h, idx, y, gate, out=h, fn=f"mor.{fn}")
     if not isinstance(h, np.ndarray):
         raise TypeError(f"mor.{fn}: h must be a numpy.ndarray (it is modified in place); got {type(h).__name__}")
     if h.dtype not in (np.float32, np.float64):
@@ -436,26 +499,31 @@ def router_bce(logits, selected, *, eligible=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA route (not implemented yet)
+# CUDA route (lmkern._cuda_mor; imported lazily so that importing lmkern.mor never needs CUDA)
 
-def _cuda_router_scores(*args, **kwargs):
-    _cuda_unavailable("router_scores")
-
-
-def _cuda_expert_choice(*args, **kwargs):
-    _cuda_unavailable("expert_choice")
+def _cuda_router_scores(h, w, *, activation, alpha, temperature):
+    from . import _cuda_mor
+    return _cuda_mor.router_scores(h, w, activation=activation, alpha=alpha, temperature=temperature)
 
 
-def _cuda_token_choice(*args, **kwargs):
-    _cuda_unavailable("token_choice")
+def _cuda_expert_choice(scores, k, *, candidates=None):
+    from . import _cuda_mor
+    return _cuda_mor.expert_choice(scores, k, candidates=candidates)
 
 
-def _cuda_gather(*args, **kwargs):
-    _cuda_unavailable("gather")
+def _cuda_token_choice(probs, *, bias=None):
+    from . import _cuda_mor
+    return _cuda_mor.token_choice(probs, bias=bias)
 
 
-def _cuda_scatter_residual(*args, **kwargs):
-    _cuda_unavailable("scatter_residual")
+def _cuda_gather(h, idx):
+    from . import _cuda_mor
+    return _cuda_mor.gather(h, idx)
+
+
+def _cuda_scatter_residual(h, idx, y, gate=None, *, out=None, fn="mor.scatter_residual"):
+    from . import _cuda_mor
+    return _cuda_mor.scatter_residual(h, idx, y, gate, out=out, fn=fn)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 #define LMKERN_MOR_H
 
 #include "lmkern/common.h"
+#include "lmkern/cuda.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -104,6 +105,33 @@ typedef struct {
     double result;
 } lk_mor_loss_params;
 lk_status lk_mor_loss_cpu(lk_mor_loss_params *p);
+
+/* ---- CUDA launchers (kernels/cuda/mor_*.cu) ----------------------------------------------------
+ * Device pointers on the current device; dtype LK_F32, LK_F16 or LK_BF16 (all float arrays of a call
+ * in one dtype); index arrays int64 and C-contiguous; outputs the launcher writes (idx, gate, depth,
+ * z) C-contiguous.  Strides are in elements; the feature (last) axis is always contiguous.  Launchers
+ * only enqueue on `stream`.  Index values read from device memory (idx, candidates) are never trusted
+ * as addresses: out-of-range token indices gather a zero row and are skipped by the scatter (the
+ * Python layer range-checks host index arrays before the launch, raising ValueError). */
+/* expert_choice; scores row b at scores + b * scores_stride; n < 2^31 (else LK_ERR_VALUE). */
+lk_status lk_mor_topk_cuda(const lk_mor_topk_params *p, int64_t scores_stride, lk_stream stream);
+/* router_scores; h (B, T, Dm) with rows = B * T and h_stride = (batch, token) strides; p->wt is the
+ * weight w (Dm, C) addressed as wt[d * w_stride[0] + c * w_stride[1]]; z (rows, C) contiguous.
+ * C <= LK_MOR_CUDA_MAX_C (else LK_ERR_VALUE). */
+#define LK_MOR_CUDA_MAX_C 1024
+lk_status lk_mor_router_cuda(const lk_mor_router_params *p, int64_t T, const int64_t h_stride[2],
+                             const int64_t w_stride[2], lk_stream stream);
+/* token_choice; probs (B, T, C) with rows = B * T and probs_stride = (batch, token) strides. */
+lk_status lk_mor_token_choice_cuda(const lk_mor_token_choice_params *p, int64_t T, const int64_t probs_stride[2],
+                                   lk_stream stream);
+/* gather; h_stride / out_stride = (batch, token) strides. */
+lk_status lk_mor_gather_cuda(const lk_mor_gather_params *p, const int64_t h_stride[2], const int64_t out_stride[2],
+                             lk_stream stream);
+/* scatter_residual; h == NULL: in place on out; else out = h first (h and out must not overlap).
+ * Repeated indices: each feature of an output row is updated by one thread in ascending j, each
+ * step out = round(fma(gate, y, out)) in out's dtype (float32 arithmetic), as the CPU kernel. */
+lk_status lk_mor_scatter_cuda(const lk_mor_scatter_params *p, const int64_t h_stride[2], const int64_t y_stride[2],
+                              const int64_t out_stride[2], lk_stream stream);
 
 #ifdef __cplusplus
 }
