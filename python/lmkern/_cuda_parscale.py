@@ -126,8 +126,11 @@ class _Ops:
 
 
 class _TorchOps(_Ops):
+    @contextlib.contextmanager
     def on_stream(self):
-        return cuda._torch_stream(self.stream, self.ref)
+        import torch
+        with torch.no_grad(), cuda._torch_stream(self.stream, self.ref):   # inference: no autograd graph
+            yield
 
     def permute(self, a, axes):
         return a.permute(*axes)
