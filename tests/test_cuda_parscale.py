@@ -541,7 +541,7 @@ def test_gpu_aggregate_strided_inputs_out_and_stream(rng, dtype):
     with torch.cuda.stream(s):
         yt = ps.aggregate(th, *tp, P=P)
     s.synchronize()
-    assert torch.equal(yt, ys)
+    assert_close(_h(yt), _h(ys), tol=1e-6)       # cuBLAS need not be bitwise equal across streams
 
 
 @requires_gpu

@@ -235,7 +235,7 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
             x = ops.mm(w1, u, transpose_b=True)                     # (Hh, R), cuBLAS
             del u
             xv = cuda.View.of(x, "x", fn, contiguous="full", stream=st)
-            xs, xsv = (x, xv) if dtype == "float32" else (None, None)
+            xs, xsv = (xv.obj, xv) if dtype == "float32" else (None, None)   # in place on what was written
             if xs is None:
                 xs = ops.empty((Hh, R), "float32")
                 xsv = cuda.View.of(xs, "x", fn, contiguous="full", stream=st)
