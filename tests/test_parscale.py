@@ -491,12 +491,19 @@ class _FakeCudaArray:
         return (2, 0)
 
 
-def test_cuda_route_not_implemented_names_the_function():
+def test_cuda_route_errors_name_the_function():
+    # the CUDA paths (tests/test_cuda_parscale.py) refuse what they cannot read, naming the function
     x = _FakeCudaArray()
-    with pytest.raises(NotImplementedError, match="parscale.aggregate"):
-        ps.aggregate(x, x, x, x, x, P=2)
-    with pytest.raises(NotImplementedError, match="parscale.expand"):
-        ps.expand(x, 2)
+    if lmkern.cuda._cuda is None:
+        with pytest.raises(RuntimeError, match="without CUDA"):
+            ps.aggregate(x, x, x, x, x, P=2)
+        with pytest.raises(RuntimeError, match="without CUDA"):
+            ps.expand(x, 2)
+    else:
+        with pytest.raises(TypeError, match="parscale.aggregate: on CUDA, aggregate needs torch or CuPy"):
+            ps.aggregate(x, x, x, x, x, P=2)
+        with pytest.raises(TypeError, match="parscale.expand: x of type _FakeCudaArray is not a CUDA array"):
+            ps.expand(x, 2)
     with pytest.raises(ValueError, match="different devices"):
         ps.aggregate(x, np.zeros((1, 2)), x, x, x, P=2)
 

@@ -80,6 +80,7 @@ def expand(x, P):
 
     Works for any dtype (token ids as well as embeddings) and returns a new C-contiguous array
     (the streams diverge after their first layer, so they are written to, not broadcast views).
+    CUDA arrays (any type, any dtype) are expanded on their GPU with P device-to-device copies.
 
     Example::
 
@@ -181,6 +182,12 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
 
     The released checkpoints use ``smoothing=0.1`` and ``layout="interleaved"`` (the modeling code
     rearranges ``(n b) s h -> b s (h n)``).
+
+    On the GPU (torch or CuPy CUDA tensors; f32/f16/bf16): the two GEMMs are the caller's framework's
+    matmul (cuBLAS, float32 accumulation), bias + SiLU and the fused softmax / smoothing / weighted
+    sum are lmkern kernels (float32 throughout, the weighted sum rounded once to h's dtype); a
+    :class:`lmkern.cuda.DeviceArray` or JAX ``h`` is a ``TypeError`` (no framework to run the GEMMs
+    in).  Details in ``lmkern._cuda_parscale``.
     """
     fn = "parscale.aggregate"
     if _dispatch.route(fn, h=h, w1=w1, b1=b1, w2=w2, b2=b2, out=out) == "cuda":
@@ -284,16 +291,21 @@ def kv_cache_bytes(n_layers, kv_heads, head_dim, seq_len, batch=1, P=1, *, prefi
 # ---------------------------------------------------------------- CUDA routes
 
 def _cuda_expand(x, P):
-    raise NotImplementedError("parscale.expand: the CUDA path is not implemented yet; pass NumPy arrays")
+    """GPU path: P device-to-device copies into an array of the caller's framework (any CUDA array type)."""
+    from . import _cuda_parscale
+    return _cuda_parscale.expand(x, P)
 
 
 def _cuda_prefix_attention(q, k, v, prefix_k, prefix_v, **kwargs):
-    """GPU path: the core CUDA attention kernel with its shared-prefix fields (compiled, not yet run on a GPU)."""
+    """GPU path: the core CUDA attention kernel with its shared-prefix fields (the prefix is read in place)."""
     from . import cuda
     fn = "parscale.prefix_attention"
     P, _ = _prefix_streams(fn, q, prefix_k)
     return cuda.attention(q, k, v, prefix_k=prefix_k, prefix_v=prefix_v, P=max(P, 1), fn=fn, **kwargs)
 
 
-def _cuda_aggregate(*args, **kwargs):
-    raise NotImplementedError("parscale.aggregate: the CUDA path is not implemented yet; pass NumPy arrays")
+def _cuda_aggregate(h, w1, b1, w2, b2, **kwargs):
+    """GPU path (torch / CuPy arrays): the GEMMs in the caller's framework (cuBLAS), bias + SiLU and the
+    fused softmax-smoothing-weighted-sum in lmkern's kernels; see lmkern._cuda_parscale."""
+    from . import _cuda_parscale
+    return _cuda_parscale.aggregate(h, w1, b1, w2, b2, **kwargs)

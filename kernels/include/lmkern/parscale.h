@@ -17,6 +17,7 @@
 #define LMKERN_PARSCALE_H
 
 #include "lmkern/common.h"
+#include "lmkern/cuda.h" /* lk_stream for the CUDA launchers below */
 
 #ifdef __cplusplus
 extern "C" {
@@ -60,6 +61,35 @@ typedef struct {
 } lk_parscale_mix_params;
 
 lk_status lk_parscale_mix_cpu(const lk_parscale_mix_params *p);
+
+/* ---- CUDA launchers (kernels/cuda/parscale_aggregate.cu) ----
+ * On the GPU the gather is the framework's own reshape (a view when the layout allows, else its copy
+ * kernel) and the two GEMMs are the framework's matmul (cuBLAS), feature-major as on the CPU:
+ *   x  = w1 @ u^T            (Hh, R) in the inputs' dtype (cuBLAS accumulates in float32)
+ *   xs = lk_parscale_bias_silu_cuda(x, b1)    (Hh, R) float32 (may be x itself when x is float32)
+ *   z  = float32(w2) @ xs    (P, R) float32
+ *   y  = lk_parscale_mix_cuda(h, z, b2)
+ * dtype: LK_F32, LK_F16 or LK_BF16; every pointer is a device pointer on the current device. */
+
+/* out[o, r] = silu(x[o, r] + bias[o]) in float32.  x (Hh, R) C-contiguous of p->dtype; out (Hh, R)
+ * C-contiguous float32, which may be x itself when dtype is LK_F32 (each element is read, then
+ * written, by one thread).  p->threads is ignored. */
+lk_status lk_parscale_bias_silu_cuda(const lk_parscale_bias_silu_params *p, float *out, lk_stream stream);
+
+/* The mix with strided h / y (rows of the (P·B, T, Hd) h and the (B, T, Hd) y are addressed through
+ * B, T and the strides below, feature axis contiguous) and float32 logits: p->z is a float32 (P, R)
+ * C-contiguous array whatever p->dtype is; R = B·T.  w[r, :] and y[r, :] exactly as the CPU mix
+ * (softmax max-stabilized, in float32); p->weights is (R, P) float32 C-contiguous or NULL.
+ * Returns LK_ERR_VALUE when P > LK_PARSCALE_CUDA_MAX_P (the weights of a row live in shared memory). */
+#define LK_PARSCALE_CUDA_MAX_P 8192
+typedef struct {
+    int64_t B, T;
+    int64_t h_stride[2];          /* h[p·B + b, t, j] at h + (p·B + b)·h_stride[0] + t·h_stride[1] + j */
+    int64_t y_stride[2];          /* y[b, t, j] at y + b·y_stride[0] + t·y_stride[1] + j */
+} lk_parscale_mix_cuda_layout;
+
+lk_status lk_parscale_mix_cuda(const lk_parscale_mix_params *p, const lk_parscale_mix_cuda_layout *l,
+                               lk_stream stream);
 
 #ifdef __cplusplus
 }
