@@ -221,7 +221,9 @@ def attention_mass(q, k, *, scale=None, causal=False, q_pos=None, kv_pos=None, k
     """
     fn = "kv.attention_mass"
     if _dispatch.route(fn, q=q, k=k) == "cuda":
-        return _cuda_unavailable("attention_mass")
+        from . import _cuda_kv_select
+        return _cuda_kv_select.attention_mass(q, k, scale=scale, causal=causal, q_pos=q_pos, kv_pos=kv_pos,
+                                              kv_lens=kv_lens, normalize=normalize, group_reduce=group_reduce)
     q, k, qp, kp, lens, scale, sh = check_mass_args(fn, q, k, scale, q_pos, kv_pos, kv_lens, group_reduce)
     B, M = sh["B"], sh["M"]
     out = np.zeros((B, M, sh["Hq"] if group_reduce == "none" else sh["Hkv"]), np.float32)
@@ -238,7 +240,8 @@ def pool1d(scores, kernel_size, *, mode="avg"):
     SnapKV smooths its votes with ``kernel_size=5`` (avg).  Vectorized NumPy (memory-bound)."""
     fn = "kv.pool1d"
     if _dispatch.route(fn, scores=scores) == "cuda":
-        return _cuda_unavailable("pool1d")
+        from . import _cuda_kv_select
+        return _cuda_kv_select.pool1d(scores, kernel_size, mode=mode)
     s, ks = check_pool_args(fn, scores, kernel_size, mode)
     r = ks // 2
     if s.shape[1] == 0:
@@ -259,7 +262,8 @@ def keep_topk(scores, budget, *, sink=0, recent=0):
     :func:`compact` to free the evicted rows (kvpress masks them and keeps the memory)."""
     fn = "kv.keep_topk"
     if _dispatch.route(fn, scores=scores) == "cuda":
-        return _cuda_unavailable("keep_topk")
+        from . import _cuda_kv_select
+        return _cuda_kv_select.keep_topk(scores, budget, sink=sink, recent=recent)
     s, budget, sink, recent = check_topk_args(fn, scores, budget, sink, recent)
     B, M, H = s.shape
     idx = np.empty((B, min(budget, M), H), np.int64)
@@ -272,8 +276,10 @@ def compact(x, idx):
     ``idx (B, K, H)`` -> ``(B, K, H, D)`` in x's dtype (any dtype: it copies rows).  Indices outside
     ``[0, M)`` are a ValueError.  The result is a new, smaller array: evicted tokens free memory."""
     fn = "kv.compact"
-    if _dispatch.route(fn, x=x, idx=idx) == "cuda":
-        return _cuda_unavailable("compact")
+    if _dispatch.route(fn, x=x) == "cuda":  # idx may be a host array (uploaded) or a device array
+        from . import _cuda_kv_select
+        return _cuda_kv_select.compact(x, idx)
+    _dispatch.route(fn, x=x, idx=idx)  # host x with a device idx: ValueError (different devices)
     x, idx = check_compact_args(fn, x, idx)
     out = np.empty(idx.shape + x.shape[3:], x.dtype)
     _core.kv_compact(np.ascontiguousarray(x), np.ascontiguousarray(idx), out)
