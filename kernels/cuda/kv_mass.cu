@@ -16,8 +16,8 @@
  * - mass_combine_kernel: one warp per row merges the splits with lk::combine_row (E = 0) into the
  *   natural-log lse of the row.
  * - mass_keys_kernel: block (b, g, 32-key tile).  The key tile (all D features) stays in shared
- *   memory; the rows of the group stream through in chunks of 32 (q in chunks of 64 features), scores
- *   are recomputed with the very same FMA chain as pass 1 (bitwise the same s), p = 2^(s - lse2) goes
+ *   memory; the rows of the group stream through in chunks of 32 (q in chunks of 64 features), dot
+ *   products are recomputed with the very same FMA chain as pass 1 (bitwise equal), p = 2^(s - lse2) goes
  *   to a 32 x 32 shared tile, and 32 threads (one per key) add the tile's rows in row order into the
  *   running head total, finishing a head (reduce or write) when the row index leaves it.  Every
  *   output element is owned by one thread and summed in a fixed order: deterministic, no atomics.
@@ -66,7 +66,7 @@ __host__ __device__ __forceinline__ int q_row_stride(int64_t D) {
 
 /* acc[u][c] += sum_{d < nd} q[ty + 8u][d] * k[d][tx + 16c]: qrow points at row ty of a q tile with row
  * stride qs; kcol at column tx of a transposed key tile (stride KS).  The same FMA order in both
- * passes, so the recomputed scores are bitwise those of pass 1. */
+ * passes, so the recomputed dot products are bitwise those of pass 1. */
 __device__ __forceinline__ void tile_fma(const float *qrow, int qs, const float *kcol, int nd, float acc[4][2]) {
 #pragma unroll 4
     for (int d = 0; d < nd; d++) {

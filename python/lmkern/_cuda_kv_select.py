@@ -35,6 +35,15 @@ def _stand_in(shape, dtype=np.float32):
                                            writeable=False)
 
 
+def _view(x, name, fn, st):
+    """View with a contiguous feature axis (copied by the caller's framework otherwise); zero-sized arrays
+    as they are (NumPy-style producers give them zero strides, which no kernel reads)."""
+    v = cuda.View.of(x, name, fn, contiguous=None, stream=st)
+    if v.size == 0 or v.inner_contiguous():
+        return v
+    return cuda.View.of(x, name, fn, stream=st)
+
+
 def _index(ref, idx, name, fn, st, dev):
     """(device View or None, what the host checks see, uploaded temporary or None) of an index argument."""
     if idx is None:
@@ -68,8 +77,8 @@ def attention_mass(q, k, *, scale=None, causal=False, q_pos=None, kv_pos=None, k
     fn = "kv.attention_mass"
     cuda._require()
     st = cuda.stream_of(q, stream)
-    qv = cuda.View.of(q, "q", fn, stream=st)
-    kv = cuda.View.of(k, "k", fn, stream=st)
+    qv = _view(q, "q", fn, st)
+    kv = _view(k, "k", fn, st)
     cuda.same_float_dtype(fn, q=qv, k=kv)
     dtype = qv.dtype
     dev = cuda.same_device(fn, q=qv, k=kv)
@@ -162,7 +171,7 @@ def compact(x, idx, *, stream=None):
     fn = "kv.compact"
     cuda._require()
     st = cuda.stream_of(x, stream)
-    xv = cuda.View.of(x, "x", fn, stream=st)  # rows (the feature axis) contiguous
+    xv = _view(x, "x", fn, st)  # rows (the feature axis) contiguous
     itemsize = _itemsize(fn, xv.dtype)
     idx_v, idx_c, idx_h = _index(x, idx, "idx", fn, st, xv.device)
     if idx_c is None:

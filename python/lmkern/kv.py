@@ -218,6 +218,16 @@ def attention_mass(q, k, *, scale=None, causal=False, q_pos=None, kv_pos=None, k
     Decision: computed in float32 (the result is float32 by the SPEC), also for float64 inputs.
 
     Scores for H2O (all queries, accumulated), SnapKV (the last W queries), LightTransfer and ScaleKV.
+
+    On the GPU (CUDA arrays in, float32 ``(B, M, H)`` of the same array type out; f32/f16/bf16 inputs,
+    float32 arithmetic, ``D <= 256``): the same two passes as three kernels (per-row split statistics,
+    their log-sum-exp combine, per-key mass), with key and query tiles in shared memory and the query
+    heads of a GQA group sharing every key tile.  Extra memory is ``B x Hq x N x (2 x splits + 1)``
+    floats; every output element is summed by one thread in a fixed order (no atomics), so results are
+    bitwise reproducible.  NVIDIA/kvpress instead materializes the attention weights (``N x M`` per
+    head, in the model's attention call or recomputed for the window) and reduces them with PyTorch.
+    Index arrays may be host arrays (checked, then uploaded) or device arrays (used in place; device
+    ``kv_lens`` values are clamped to ``[0, M]``).
     """
     fn = "kv.attention_mass"
     if _dispatch.route(fn, q=q, k=k) == "cuda":
@@ -237,7 +247,8 @@ def pool1d(scores, kernel_size, *, mode="avg"):
     """Pooling of ``scores (B, M, H)`` along M (SPEC 4.4): odd ``kernel_size``, padding
     ``kernel_size // 2``, output of the same shape and dtype.  ``"avg"`` counts the padding as zeros
     (PyTorch ``avg_pool1d`` default, ``count_include_pad=True``); ``"max"`` ignores it.  NaN propagates.
-    SnapKV smooths its votes with ``kernel_size=5`` (avg).  Vectorized NumPy (memory-bound)."""
+    SnapKV smooths its votes with ``kernel_size=5`` (avg).  Vectorized NumPy (memory-bound).
+    On the GPU: one thread per output, float32 sums, result in the input dtype (f32/f16/bf16)."""
     fn = "kv.pool1d"
     if _dispatch.route(fn, scores=scores) == "cuda":
         from . import _cuda_kv_select
@@ -259,7 +270,10 @@ def keep_topk(scores, budget, *, sink=0, recent=0):
     ``K = min(budget, M)``, ascending per head.  The first ``sink`` and last ``recent`` positions are
     always kept; the remaining slots go to the highest scores, ties to the lower position, NaN below
     every number.  ``sink + recent > budget`` is a ValueError.  Per-head budgets are real: pair with
-    :func:`compact` to free the evicted rows (kvpress masks them and keeps the memory)."""
+    :func:`compact` to free the evicted rows (kvpress masks them and keeps the memory).
+    On the GPU (f32/f16/bf16 scores, int64 ``idx`` of the same array type): one block per (b, h), a
+    radix select over order-preserving 32-bit keys then a stable compaction by position; the same
+    selection as the CPU path, bit for bit, without sorting or a host round trip."""
     fn = "kv.keep_topk"
     if _dispatch.route(fn, scores=scores) == "cuda":
         from . import _cuda_kv_select
@@ -274,7 +288,10 @@ def keep_topk(scores, budget, *, sink=0, recent=0):
 def compact(x, idx):
     """Per-head gather (SPEC 4.5): ``out[b, k, h] = x[b, idx[b, k, h], h]``, ``x (B, M, H, D)``,
     ``idx (B, K, H)`` -> ``(B, K, H, D)`` in x's dtype (any dtype: it copies rows).  Indices outside
-    ``[0, M)`` are a ValueError.  The result is a new, smaller array: evicted tokens free memory."""
+    ``[0, M)`` are a ValueError.  The result is a new, smaller array: evicted tokens free memory.
+    On the GPU: any dtype, vectorized row copies; a host ``idx`` is range-checked (ValueError) and
+    uploaded, a device ``idx`` is used in place and its values are clamped to ``[0, M - 1]`` (checking
+    them would synchronize with the host), so no index ever reads outside ``x``."""
     fn = "kv.compact"
     if _dispatch.route(fn, x=x) == "cuda":  # idx may be a host array (uploaded) or a device array
         from . import _cuda_kv_select
