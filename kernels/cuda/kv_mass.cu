@@ -202,11 +202,19 @@ __global__ void __launch_bounds__(THREADS) mass_stats_kernel(const lk_kv_mass_cu
     }
 }
 
-/* One warp per row: lse (natural log) of the row from its split partials. */
+/* One warp per row: lse (natural log) of the row from its split partials.  A NaN score (NaN in q or
+ * k) makes its split's l NaN; the row's lse is then NaN (combine_row would give -inf: its sum test
+ * fails for NaN), so every mass the row contributes to is NaN, as IEEE arithmetic says. */
 __global__ void mass_combine_kernel(int64_t rows, int num_splits, const float *part, float *lse) {
     const int64_t row = (int64_t)blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5);
     if (row >= rows) return;  // whole warps leave together
-    combine_row<float>(part + row * num_splits * 2, num_splits, 0, (float *)nullptr, lse + row);
+    const float *pr = part + row * num_splits * 2;
+    combine_row<float>(pr, num_splits, 0, (float *)nullptr, lse + row);
+    if ((threadIdx.x & 31) == 0) {
+        bool nan = false;
+        for (int s = 0; s < num_splits; s++) nan |= pr[2 * s + 1] != pr[2 * s + 1];
+        if (nan) lse[row] = __int_as_float(0x7fc00000);
+    }
 }
 
 /* ---- pass 2: per-key mass --------------------------------------------------------------------- */
