@@ -218,10 +218,22 @@ def attention_mass(q, k, *, scale=None, causal=False, q_pos=None, kv_pos=None, k
     Decision: computed in float32 (the result is float32 by the SPEC), also for float64 inputs.
 
     Scores for H2O (all queries, accumulated), SnapKV (the last W queries), LightTransfer and ScaleKV.
+
+    On the GPU (CUDA arrays in, float32 ``(B, M, H)`` of the same array type out; f32/f16/bf16 inputs,
+    float32 arithmetic, ``D <= 256``): the same two passes as three kernels (per-row split statistics,
+    their log-sum-exp combine, per-key mass), with key and query tiles in shared memory and the query
+    heads of a GQA group sharing every key tile.  Extra memory is ``B x Hq x N x (2 x splits + 1)``
+    floats; every output element is summed by one thread in a fixed order (no atomics), so results are
+    bitwise reproducible.  NVIDIA/kvpress instead materializes the attention weights (``N x M`` per
+    head, in the model's attention call or recomputed for the window) and reduces them with PyTorch.
+    Index arrays may be host arrays (checked, then uploaded) or device arrays (used in place; device
+    ``kv_lens`` values are clamped to ``[0, M]``).
     """
     fn = "kv.attention_mass"
     if _dispatch.route(fn, q=q, k=k) == "cuda":
-        return _cuda_unavailable("attention_mass")
+        from . import _cuda_kv_select
+        return _cuda_kv_select.attention_mass(q, k, scale=scale, causal=causal, q_pos=q_pos, kv_pos=kv_pos,
+                                              kv_lens=kv_lens, normalize=normalize, group_reduce=group_reduce)
     q, k, qp, kp, lens, scale, sh = check_mass_args(fn, q, k, scale, q_pos, kv_pos, kv_lens, group_reduce)
     B, M = sh["B"], sh["M"]
     out = np.zeros((B, M, sh["Hq"] if group_reduce == "none" else sh["Hkv"]), np.float32)
@@ -235,10 +247,12 @@ def pool1d(scores, kernel_size, *, mode="avg"):
     """Pooling of ``scores (B, M, H)`` along M (SPEC 4.4): odd ``kernel_size``, padding
     ``kernel_size // 2``, output of the same shape and dtype.  ``"avg"`` counts the padding as zeros
     (PyTorch ``avg_pool1d`` default, ``count_include_pad=True``); ``"max"`` ignores it.  NaN propagates.
-    SnapKV smooths its votes with ``kernel_size=5`` (avg).  Vectorized NumPy (memory-bound)."""
+    SnapKV smooths its votes with ``kernel_size=5`` (avg).  Vectorized NumPy (memory-bound).
+    On the GPU: one thread per output, float32 sums, result in the input dtype (f32/f16/bf16)."""
     fn = "kv.pool1d"
     if _dispatch.route(fn, scores=scores) == "cuda":
-        return _cuda_unavailable("pool1d")
+        from . import _cuda_kv_select
+        return _cuda_kv_select.pool1d(scores, kernel_size, mode=mode)
     s, ks = check_pool_args(fn, scores, kernel_size, mode)
     r = ks // 2
     if s.shape[1] == 0:
@@ -256,10 +270,14 @@ def keep_topk(scores, budget, *, sink=0, recent=0):
     ``K = min(budget, M)``, ascending per head.  The first ``sink`` and last ``recent`` positions are
     always kept; the remaining slots go to the highest scores, ties to the lower position, NaN below
     every number.  ``sink + recent > budget`` is a ValueError.  Per-head budgets are real: pair with
-    :func:`compact` to free the evicted rows (kvpress masks them and keeps the memory)."""
+    :func:`compact` to free the evicted rows (kvpress masks them and keeps the memory).
+    On the GPU (f32/f16/bf16 scores, int64 ``idx`` of the same array type): one block per (b, h), a
+    radix select over order-preserving 32-bit keys then a stable compaction by position; the same
+    selection as the CPU path, bit for bit, without sorting or a host round trip."""
     fn = "kv.keep_topk"
     if _dispatch.route(fn, scores=scores) == "cuda":
-        return _cuda_unavailable("keep_topk")
+        from . import _cuda_kv_select
+        return _cuda_kv_select.keep_topk(scores, budget, sink=sink, recent=recent)
     s, budget, sink, recent = check_topk_args(fn, scores, budget, sink, recent)
     B, M, H = s.shape
     idx = np.empty((B, min(budget, M), H), np.int64)
@@ -270,10 +288,15 @@ def keep_topk(scores, budget, *, sink=0, recent=0):
 def compact(x, idx):
     """Per-head gather (SPEC 4.5): ``out[b, k, h] = x[b, idx[b, k, h], h]``, ``x (B, M, H, D)``,
     ``idx (B, K, H)`` -> ``(B, K, H, D)`` in x's dtype (any dtype: it copies rows).  Indices outside
-    ``[0, M)`` are a ValueError.  The result is a new, smaller array: evicted tokens free memory."""
+    ``[0, M)`` are a ValueError.  The result is a new, smaller array: evicted tokens free memory.
+    On the GPU: any dtype, vectorized row copies; a host ``idx`` is range-checked (ValueError) and
+    uploaded, a device ``idx`` is used in place and its values are clamped to ``[0, M - 1]`` (checking
+    them would synchronize with the host), so no index ever reads outside ``x``."""
     fn = "kv.compact"
-    if _dispatch.route(fn, x=x, idx=idx) == "cuda":
-        return _cuda_unavailable("compact")
+    if _dispatch.route(fn, x=x) == "cuda":  # idx may be a host array (uploaded) or a device array
+        from . import _cuda_kv_select
+        return _cuda_kv_select.compact(x, idx)
+    _dispatch.route(fn, x=x, idx=idx)  # host x with a device idx: ValueError (different devices)
     x, idx = check_compact_args(fn, x, idx)
     out = np.empty(idx.shape + x.shape[3:], x.dtype)
     _core.kv_compact(np.ascontiguousarray(x), np.ascontiguousarray(idx), out)

@@ -102,6 +102,67 @@ lk_status lk_kv_compact_cpu(const lk_kv_compact_params *p);
 
 /* ---- CUDA launchers: scoring and eviction (kernels/cuda/kv_mass.cu, kv_select.cu) ---- */
 
+/* attention_mass on the GPU (SPEC 4.3).  q (B, N, Hq, D), k (B, M, Hkv, D) in `dtype` (LK_F32, LK_F16,
+ * LK_BF16), element strides for (batch, token, head), feature axis contiguous; out (B, M, Hout) float32
+ * contiguous (Hout = Hkv, or Hq for LK_REDUCE_NONE).  Index arrays are int64 device arrays or NULL:
+ * q_pos[b * q_pos_bstride + i] (NULL: kv_lens[b] - N + i), kv_pos[b * kv_pos_bstride + j] (NULL: j),
+ * kv_lens (NULL: M; values clamped to [0, M] on the device).  D <= LK_CUDA_ATTN_MAX_HEAD_DIM. */
+typedef struct {
+    lk_dtype dtype;
+    int64_t B, N, M, Hq, Hkv, D;
+    const void *q, *k;
+    int64_t q_stride[3], k_stride[3];
+    float *out;
+    const int64_t *q_pos, *kv_pos, *kv_lens;
+    int64_t q_pos_bstride, kv_pos_bstride;
+    int causal, normalize, reduce;  /* reduce: LK_REDUCE_* */
+    double scale;
+} lk_kv_mass_cuda_params;
+
+/* normalize: pass 1 splits the keys of every query row into num_splits chunks and needs `scratch` of
+ * lk_kv_mass_cuda_scratch_floats(p, num_splits) float32 (row statistics); normalize == 0 needs none. */
+lk_status lk_kv_mass_cuda(const lk_kv_mass_cuda_params *p, int num_splits, float *scratch, lk_stream stream);
+int lk_kv_mass_cuda_splits(const lk_kv_mass_cuda_params *p, int num_sms);
+int64_t lk_kv_mass_cuda_scratch_floats(const lk_kv_mass_cuda_params *p, int num_splits);
+
+/* pool1d on the GPU (SPEC 4.4): scores (B, M, H) in dtype with element strides s_stride; out (B, M, H)
+ * contiguous, same dtype.  max_mode: 0 avg (padding counted as zeros), 1 max (padding ignored). */
+typedef struct {
+    lk_dtype dtype;
+    int64_t B, M, H, kernel_size;
+    int max_mode;
+    const void *scores;
+    int64_t s_stride[3];
+    void *out;
+} lk_kv_pool_cuda_params;
+
+lk_status lk_kv_pool1d_cuda(const lk_kv_pool_cuda_params *p, lk_stream stream);
+
+/* keep_topk on the GPU (SPEC 4.5): scores (B, M, H) in dtype with element strides s_stride;
+ * idx (B, K, H) int64 contiguous, K = min(budget, M), sink + recent <= K when K < M. */
+typedef struct {
+    lk_dtype dtype;
+    int64_t B, M, H, K, sink, recent;
+    const void *scores;
+    int64_t s_stride[3];
+    int64_t *idx;
+} lk_kv_topk_cuda_params;
+
+lk_status lk_kv_keep_topk_cuda(const lk_kv_topk_cuda_params *p, lk_stream stream);
+
+/* compact on the GPU (SPEC 4.5): out[b,k,h,:] = x[b, idx[b,k,h], h, :], rows of row_bytes contiguous
+ * bytes (any dtype); x addressed with BYTE strides x_stride_bytes for (batch, token, head); idx (B, K, H)
+ * int64 contiguous, values clamped to [0, M - 1] on the device; out (B, K, H, row) contiguous. */
+typedef struct {
+    int64_t B, M, K, H, row_bytes;
+    const void *x;
+    int64_t x_stride_bytes[3];
+    const int64_t *idx;
+    void *out;
+} lk_kv_compact_cuda_params;
+
+lk_status lk_kv_compact_cuda(const lk_kv_compact_cuda_params *p, lk_stream stream);
+
 /* (end of scoring/eviction launchers) */
 
 #ifdef __cplusplus
