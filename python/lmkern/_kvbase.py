@@ -252,13 +252,25 @@ def check_pool_args(fn, scores, kernel_size, mode):
     return s, int(kernel_size)
 
 
+def check_count(fn, name, val):
+    """A non-negative integer argument: TypeError for another type (2.0, True), ValueError below 0."""
+    if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, np.integer)):
+        raise TypeError(f"{fn}: {name} must be a non-negative integer; got {type(val).__name__} {val!r}")
+    if int(val) < 0:
+        raise ValueError(f"{fn}: {name} must be a non-negative integer; got {val!r}")
+    return int(val)
+
+
+def check_budget(fn, budget):
+    return check_count(fn, "budget", budget)
+
+
 def check_topk_args(fn, scores, budget, sink, recent):
     dtype, a = _dispatch.float_arrays(fn, scores=scores)
     s = a["scores"]
     _dispatch.Shapes(fn).check("scores", s, "B,M,H")
     for name, val in (("budget", budget), ("sink", sink), ("recent", recent)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or int(val) < 0:
-            raise ValueError(f"{fn}: {name} must be a non-negative integer; got {val!r}")
+        check_count(fn, name, val)
     if int(sink) + int(recent) > int(budget):
         raise ValueError(f"{fn}: sink + recent = {int(sink) + int(recent)} exceeds budget = {int(budget)}")
     return s, int(budget), int(sink), int(recent)
@@ -281,8 +293,7 @@ def check_compact_args(fn, x, idx):
 def streaming_indices(length, *, sink=4, recent):
     fn = "kv.streaming_indices"
     for name, val in (("length", length), ("sink", sink), ("recent", recent)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or int(val) < 0:
-            raise ValueError(f"{fn}: {name} must be a non-negative integer; got {val!r}")
+        check_count(fn, name, val)
     length, sink, recent = int(length), int(sink), int(recent)
     head = np.arange(min(sink, length), dtype=np.int64)
     tail = np.arange(max(min(sink, length), length - recent), length, dtype=np.int64)
@@ -291,24 +302,33 @@ def streaming_indices(length, *, sink=4, recent):
 
 def snapkv_select(ops, q_window, k, budget, *, kernel_size=5, pool="avg"):
     fn = "kv.snapkv_select"
-    _, a = _dispatch.float_arrays(fn, q_window=q_window, k=k)
+    gpu = _dispatch.route(fn, q_window=q_window, k=k) == "cuda"
+    if gpu:   # the kernels below run on the GPU; the index bookkeeping (window, concatenation) on the host
+        from . import cuda
+        a = {"q_window": q_window, "k": k}
+    else:
+        _, a = _dispatch.float_arrays(fn, q_window=q_window, k=k)
     sh = _dispatch.Shapes(fn)
     sh.check("q_window", a["q_window"], "B,W,Hq,D")
     sh.check("k", a["k"], "B,M,Hkv,D")
     W, M = sh["W"], sh["M"]
-    budget = int(budget)
+    budget = check_budget(fn, budget)
     if W > M:
         raise ValueError(f"{fn}: the window (W = {W} queries) must not be longer than the keys (M = {M})")
     if budget < W:
         raise ValueError(f"{fn}: budget = {budget} must be at least the window length W = {W}")
     B, Hkv = sh["B"], sh["Hkv"]
     if budget >= M:
-        return np.ascontiguousarray(np.broadcast_to(np.arange(M, dtype=np.int64)[None, :, None], (B, M, Hkv)))
+        idx = np.ascontiguousarray(np.broadcast_to(np.arange(M, dtype=np.int64)[None, :, None], (B, M, Hkv)))
+        return cuda._from_host(k, idx, cuda.stream_of(k)) if gpu else idx
     # votes of the window queries (at the last W positions, causal) for every key, mean over the group
     mass = ops.attention_mass(a["q_window"], a["k"], causal=True, group_reduce="mean")
     votes = ops.pool1d(mass[:, :M - W], kernel_size, mode=pool)
     idx = ops.keep_topk(votes, budget - W)
     window = np.broadcast_to(np.arange(M - W, M, dtype=np.int64)[None, :, None], (B, W, Hkv))
+    if gpu:   # once per prompt and layer: a small host round trip for the (B, budget, Hkv) indices
+        out = np.ascontiguousarray(np.concatenate([cuda.to_host(idx), window], axis=1))
+        return cuda._from_host(k, out, cuda.stream_of(k))
     return np.ascontiguousarray(np.concatenate([idx, window], axis=1))
 
 
