@@ -222,7 +222,7 @@ kv_attend_kernel(const lk_kv_attend_cuda_params p, int num_splits, int64_t split
 
 #pragma unroll
     for (int r = 0; r < RT; r++) {
-        if (r >= nr) break;  // uniform
+        if (r >= nr) continue;  // uniform; acc[r] keeps compile-time indices (registers)
         const int64_t R = r0 + r, i = R / group, h = g * group + R % group;
         const int64_t orow = (b * p.N + i) * p.Hq + h;
         const float m = m_s[r], l = l_s[r];
