@@ -276,6 +276,10 @@ def test_glue_quantize_zero_sized(fake):
     qt = kv.quantize(FakeGpuArray(np.zeros((0, 8, 2, 16), np.float32)), bits=2, group_size=8, axis="token")
     assert qt.codes.shape == (0, 8, 2, 4)
     assert kv.dequantize(qt).shape == (0, 8, 2, 16)
+    qt = kv.quantize(cuda.DeviceArray.from_numpy(np.zeros((2, 0, 1, 16), np.float32)), bits=4, group_size=8,
+                     axis="channel")
+    assert qt.codes.shape == (2, 0, 1, 16) and qt.scale.shape == (2, 0, 1, 16)
+    assert kv.dequantize(qt).shape == (2, 0, 1, 16)
     assert not [c for c in fake.calls if c[0].startswith("kv_")]
 
 
@@ -327,6 +331,30 @@ def test_glue_cache_matches_cpu(fake, rng, bits, group, chunks, lengths):
         assert np.array_equal(q, q0)
     got = gpu.attend(_dev(q), causal=False, q_pos=np.arange(N), scale=0.3)
     assert_close(got.numpy(), cpu.attend(q, causal=False, q_pos=np.arange(N), scale=0.3), tol=1e-5)
+
+
+@pytest.mark.parametrize("bits,R,S", [(8, 0, 45), (2, 8, 13), (4, 24, 30)])
+def test_glue_cache_geometry_edges(fake, rng, bits, R, S):
+    """residual 0 (no value ring), max_len not a multiple of G, rings shorter than residual + G."""
+    B, Hkv, D, E, G = 2, 1, 8, 16, 8
+    gpu = kv.QuantizedKVCache(B, S, Hkv, D, E, bits=bits, group_size=G, residual=R, device="cuda")
+    cpu = kv.QuantizedKVCache(B, S, Hkv, D, E, bits=bits, group_size=G, residual=R)
+    _fill([gpu, cpu], rng, B, Hkv, D, E, [3, S // 2, S - 3 - S // 2], [3, S], to_dev=_dev)
+    assert gpu._gpu.v_res_cap == min(S, R) and gpu._gpu.k_res_cap == min(S, R + G)
+    assert np.array_equal(gpu.lengths, cpu.lengths) and gpu.nbytes == cpu.nbytes
+    q = randn(rng, (B, 2, 2, D))
+    out, lse = gpu.attend(_dev(q), return_lse=True)
+    want, want_lse = cpu.attend(q, return_lse=True)
+    assert_close(out.numpy(), want, tol=1e-5)
+    assert_close(lse.numpy(), want_lse, tol=1e-5)
+
+
+def test_glue_cache_empty(fake, rng):
+    c = kv.QuantizedKVCache(2, 0, 1, 8, bits=2, group_size=8, residual=8, device="cuda")
+    c.append(_dev(np.zeros((2, 0, 1, 8), np.float32)), _dev(np.zeros((2, 0, 1, 8), np.float32)))
+    out, lse = c.attend(_dev(randn(rng, (2, 1, 3, 8))), return_lse=True)
+    assert np.all(out.numpy() == 0) and np.all(np.isneginf(lse.numpy()))
+    assert c.attend(_dev(np.zeros((2, 0, 3, 8), np.float32))).shape == (2, 0, 3, 8)
 
 
 def test_glue_cache_split_plan(fake, rng):

@@ -30,6 +30,15 @@ from ._kvbase import QuantizedTensor, check_quantize_shape, check_quantized
 from ._kvcache import check_room, ragged_lengths
 
 
+def _full_view(x, name, fn, st):
+    """View of a C-contiguous x (copied when it is not); zero-sized arrays are taken as they are (they may
+    report any strides and are never read)."""
+    v = cuda.View.of(x, name, fn, contiguous=None, stream=st)
+    if v.size and not v.c_contiguous():
+        v = cuda.View.of(x, name, fn, contiguous="full", stream=st)
+    return v
+
+
 def _release_copy(view, st):
     """A contiguous copy made by View.of is dropped after the launch: keep it stream-safe."""
     if view is not None and view.obj is not view.src:
@@ -42,9 +51,7 @@ def quantize(x, bits, group_size, axis, fn="kv.quantize"):
     """GPU :func:`lmkern.kv.quantize` (same arguments and errors)."""
     cuda._require()
     st = cuda.stream_of(x)
-    xv = cuda.View.of(x, "x", fn, contiguous=None, stream=st)
-    if xv.size and not xv.c_contiguous():  # (zero-sized arrays may report any strides)
-        xv = cuda.View.of(x, "x", fn, contiguous="full", stream=st)
+    xv = _full_view(x, "x", fn, st)
     dtype = cuda.same_float_dtype(fn, x=xv)
     bits, G, axis = check_quantize_shape(fn, xv, bits, group_size, axis)
     B, T, H, D = xv.shape
@@ -75,9 +82,9 @@ def dequantize(qt, fn="kv.dequantize"):
     check_quantized(fn, qt, dtype_of=lambda a: cuda._dtype_name(a.dtype))
     ref = qt.codes
     st = cuda.stream_of(ref)
-    cv = cuda.View.of(qt.codes, "qt.codes", fn, contiguous="full", stream=st)
-    sv = cuda.View.of(qt.scale, "qt.scale", fn, contiguous="full", stream=st)
-    zv = cuda.View.of(qt.zero, "qt.zero", fn, contiguous="full", stream=st)
+    cv = _full_view(qt.codes, "qt.codes", fn, st)
+    sv = _full_view(qt.scale, "qt.scale", fn, st)
+    zv = _full_view(qt.zero, "qt.zero", fn, st)
     dev = cuda.same_device(fn, codes=cv, scale=sv, zero=zv)
     name = cuda._dtype_name(qt.dtype)
     dtype = name if name in cuda.GPU_FLOAT_DTYPES else "float32"
@@ -138,7 +145,8 @@ class QuantizedCacheStorage:
 
     def _ptrs(self, fn):
         names = ("k_codes", "k_scale", "k_zero", "k_res", "v_codes", "v_scale", "v_zero", "v_res")
-        return {n: cuda.View.of(getattr(self, n), n, fn, contiguous="full").ptr for n in names}
+        # our own C-contiguous buffers (no contiguity check: zero-sized ones may report odd strides)
+        return {n: cuda.View.of(getattr(self, n), n, fn, contiguous=None).ptr for n in names}
 
     def _geometry(self):
         c = self.cache
@@ -188,7 +196,7 @@ class QuantizedCacheStorage:
                                        max_new=max_new, **self._geometry(), **self._ptrs(fn))
             cuda.release_scratch(k, rv.obj, st)
         # the positions of the new tokens (slots past every row's old length: never read by queued work)
-        pv = cuda.View.of(self.pos, "positions", fn, contiguous="full")
+        pv = cuda.View.of(self.pos, "positions", fn, contiguous=None)
         for b in range(c.batch):
             n, s0 = int(lens[b]), int(start[b])
             if n:
@@ -229,7 +237,7 @@ class QuantizedCacheStorage:
             kw = dict(device=self.device, stream=st, dtype=dtype, B=B, N=N, Hq=Hq, Hkv=c.kv_heads, causal=bool(causal),
                       scale=float(scale), q=qv.ptr, q_stride=qv.strides[:3], out=ov.ptr, out_stride=ov.strides[:3],
                       lse=cuda.View.of(lse, "lse", fn).ptr if lse is not None else None, rows=rv.ptr, q_pos=pv.ptr,
-                      kv_pos=cuda.View.of(self.pos, "positions", fn, contiguous="full").ptr,
+                      kv_pos=cuda.View.of(self.pos, "positions", fn, contiguous=None).ptr,
                       max_len=int(c._len.max()), **self._geometry(), **self._ptrs(fn))
             splits, scratch_floats = cuda._cuda.kv_attend_plan(**kw)
             scratch = cuda.empty_like_caller(q, (scratch_floats,), "float32") if splits > 1 else None
