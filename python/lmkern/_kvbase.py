@@ -52,7 +52,7 @@ class QuantizedTensor:
         self.codes, self.scale, self.zero = codes, scale, zero
         self.bits, self.group_size, self.axis = int(bits), int(group_size), axis
         self.shape = tuple(int(s) for s in shape)
-        self.dtype = np.dtype(dtype)
+        self.dtype = _as_dtype(dtype)
 
     @property
     def nbytes(self):
@@ -63,10 +63,24 @@ class QuantizedTensor:
                 f"axis={self.axis!r}, nbytes={self.nbytes})")
 
 
+def _as_dtype(dtype):
+    """A NumPy dtype; GPU-only dtypes NumPy lacks (bfloat16) stay their name."""
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return str(dtype).rsplit(".", 1)[-1]
+
+
 def check_quantize_args(fn, x, bits, group_size, axis):
     """Returns (x as a float array, bits, group_size, axis); raises the SPEC's errors."""
     dtype, a = _dispatch.float_arrays(fn, x=x)
     x = a["x"]
+    bits, group_size, axis = check_quantize_shape(fn, x, bits, group_size, axis)
+    return x, bits, group_size, axis
+
+
+def check_quantize_shape(fn, x, bits, group_size, axis):
+    """The checks of quantize after the dtype (shared with the GPU path: x needs only .shape / .ndim)."""
     bits = check_bits(fn, bits)
     group_size = check_group_size(fn, group_size, bits)
     _dispatch.check_choice(fn, "axis", axis, ("token", "channel"))
@@ -76,10 +90,12 @@ def check_quantize_args(fn, x, bits, group_size, axis):
         raise ValueError(f"{fn}: axis='token' needs D % group_size == 0; got D = {D}, group_size = {group_size}")
     if axis == "channel" and T % group_size:
         raise ValueError(f"{fn}: axis='channel' needs T % group_size == 0; got T = {T}, group_size = {group_size}")
-    return x, bits, group_size, axis
+    return bits, group_size, axis
 
 
-def check_quantized(fn, qt):
+def check_quantized(fn, qt, dtype_of=None):
+    """Shapes and dtypes of qt's arrays; ``dtype_of(arr)`` gives a dtype name for GPU arrays (default:
+    NumPy's view of the array)."""
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"{fn}: qt must be a QuantizedTensor; got {type(qt).__name__}")
     B, T, H, D = qt.shape
@@ -90,10 +106,11 @@ def check_quantized(fn, qt):
         cshape, sshape = (B, T // per, H, D), (B, T // G, H, D)
     for name, arr, want, dt in (("codes", qt.codes, cshape, np.uint8), ("scale", qt.scale, sshape, np.float32),
                                 ("zero", qt.zero, sshape, np.float32)):
-        if np.shape(arr) != want:
-            raise ValueError(f"{fn}: qt.{name} has shape {np.shape(arr)}; expected {want}")
-        if np.asarray(arr).dtype != dt:
-            raise TypeError(f"{fn}: qt.{name} has dtype {np.asarray(arr).dtype}; expected {np.dtype(dt)}")
+        if tuple(np.shape(arr)) != want:
+            raise ValueError(f"{fn}: qt.{name} has shape {tuple(np.shape(arr))}; expected {want}")
+        got = np.asarray(arr).dtype if dtype_of is None else dtype_of(arr)
+        if str(got) != np.dtype(dt).name:
+            raise TypeError(f"{fn}: qt.{name} has dtype {got}; expected {np.dtype(dt)}")
 
 
 # ----------------------------------------------------------------------------- the KIVI cache
@@ -189,6 +206,13 @@ class QuantizedKVCacheBase(RaggedRows):
         fn = self.fn + ".attend"
         dtype, a = _dispatch.float_arrays(fn, q=q)
         q = a["q"]
+        q_pos, scale = self.check_attend_shapes(q, q_pos, scale)
+        return dtype, q, q_pos, scale
+
+    def check_attend_shapes(self, q, q_pos, scale):
+        """The checks of attend after q's dtype (shared with the GPU path: q needs only .shape / .ndim;
+        q_pos is a host array or None) -> (q_pos (B, N) int64, scale)."""
+        fn = self.fn + ".attend"
         sh = _dispatch.Shapes(fn, B=self.batch, D=self.head_dim)
         sh.check("q", q, "B,N,Hq,D")
         Hq = sh["Hq"]
@@ -202,7 +226,7 @@ class QuantizedKVCacheBase(RaggedRows):
             sh.check_one_of("q_pos", q_pos, "N", "B,N")
             q_pos = np.ascontiguousarray(np.broadcast_to(q_pos, (self.batch, N)))
         scale = _dispatch.as_scale(fn, scale, self.head_dim ** -0.5 if self.head_dim else 1.0)
-        return dtype, q, q_pos, scale
+        return q_pos, scale
 
 
 # ----------------------------------------------------------------------------- argument checks (SPEC 4.3-4.5)

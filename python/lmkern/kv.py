@@ -71,7 +71,14 @@ def quantize(x, *, bits, group_size, axis):
     Decisions where the SPEC is silent: ``group_size`` must be a multiple of the codes per byte
     (``8 // bits``) so no byte straddles two groups (ValueError naming group_size otherwise); a group
     holding NaN gets NaN scale and zero and codes 0; float16 input is recorded as float32.
-    Better than KIVI: a constant group stores ``scale = 0``, codes 0 and reconstructs exactly (KIVI: NaN).
+    Better than KIVI: a constant group stores ``scale = 0``, codes 0 and reconstructs exactly (KIVI's
+    PyTorch code and CUDA kernels divide by ``max - min`` and give NaN).
+
+    CUDA arrays (float32, float16, bfloat16) run on the GPU (kernels/cuda/kv_quant.cu): ``codes``,
+    ``scale``, ``zero`` are device arrays of the caller's framework with the layout above, computed with
+    the same double-precision formula, so for float32 input they equal the CPU's bit for bit (float16 /
+    bfloat16: the CPU's result for the exactly widened values); ``qt.dtype`` is x's dtype
+    (``"bfloat16"`` as a name) and :func:`dequantize` returns that dtype on the GPU.
 
     Example::
 
@@ -80,7 +87,8 @@ def quantize(x, *, bits, group_size, axis):
     """
     fn = "kv.quantize"
     if _dispatch.route(fn, x=x) == "cuda":
-        return _cuda_unavailable("quantize")
+        from . import _cuda_kv
+        return _cuda_kv.quantize(x, bits, group_size, axis, fn=fn)
     x, bits, G, axis = check_quantize_args(fn, x, bits, group_size, axis)
     codes, scale, zero = _quantize_cpu(np.ascontiguousarray(x), bits, G, axis)
     return QuantizedTensor(codes, scale, zero, bits=bits, group_size=G, axis=axis, shape=x.shape, dtype=x.dtype)
@@ -88,10 +96,13 @@ def quantize(x, *, bits, group_size, axis):
 
 def dequantize(qt):
     """``x_hat = code * scale + zero`` of a :class:`QuantizedTensor`, computed in float64 and rounded
-    once to ``qt.dtype`` (float32 or float64), shape ``qt.shape``."""
+    once to ``qt.dtype`` (float32 or float64), shape ``qt.shape``.  A tensor whose arrays live on a GPU
+    is dequantized there into ``qt.dtype`` (float32, float16, bfloat16; float32 otherwise), bitwise the
+    CPU's result for float32."""
     fn = "kv.dequantize"
     if _dispatch.route(fn, codes=getattr(qt, "codes", None)) == "cuda":
-        return _cuda_unavailable("dequantize")
+        from . import _cuda_kv
+        return _cuda_kv.dequantize(qt, fn=fn)
     check_quantized(fn, qt)
     out = np.empty(qt.shape, qt.dtype if qt.dtype == np.float64 else np.float32)
     _core.kv_dequantize(np.ascontiguousarray(qt.codes), np.ascontiguousarray(qt.scale), np.ascontiguousarray(qt.zero),
@@ -102,7 +113,8 @@ def dequantize(qt):
 # --------------------------------------------------------------------------------- KIVI cache
 
 class QuantizedKVCache(_kvbase.QuantizedKVCacheBase):
-    """QuantizedKVCache(batch, max_len, kv_heads, head_dim, v_head_dim=None, *, bits=2, group_size=32, residual=128)
+    """QuantizedKVCache(batch, max_len, kv_heads, head_dim, v_head_dim=None, *, bits=2, group_size=32, residual=128,
+    device=None)
 
     KIVI's cache (SPEC 4.2).  After every ``append(k, v)`` a row holding ``L`` tokens stores the first
     ``Qk = G * floor(max(0, L - residual) / G)`` keys quantized per channel (groups of G tokens aligned to
@@ -128,6 +140,19 @@ class QuantizedKVCache(_kvbase.QuantizedKVCacheBase):
 
     ``.lengths``, ``.nbytes`` (codes + scales + zeros + float32 residual), ``.reset()``.
 
+    ``device="cuda"`` (``"cuda:N"``, an int, a ``torch.device``): every buffer lives on the GPU (torch
+    tensors when torch sees a GPU, else :class:`lmkern.cuda.DeviceArray`); ``append`` takes CUDA k, v
+    (float32/float16/bfloat16, stored as float32) and quantizes on the GPU (codes bitwise the CPU's);
+    ``attend`` takes a CUDA q and returns q's array type and dtype (``lse`` float32), computed by
+    kernels/cuda/kv_attend.cu: one block per (batch row, KV head, tile of up to 16 query rows = queries x
+    GQA heads, split of the keys); each thread dequantizes its key (code * scale + zero, in registers)
+    feature by feature and scores every row of the tile with it, then dequantizes its value features
+    once per key and FMAs them into every row's accumulator; splits merge float32 partials
+    [m, l, acc] with the shared softmax combine.  Nothing is ever dequantized to memory.  The
+    full-precision tokens live in rings (token j at slot ``j % capacity``) so no token moves; lengths and
+    positions are host bookkeeping (as :class:`lmkern.KVCache`).  Append and attend are ordered by the
+    stream of each call: use one stream per cache, or synchronize.
+
     Storage, per (b, KV head), head-major so each head's cache streams contiguously
     (``per = 8 // bits``; documented for the kernel, not a public API):
     keys ``(ceil(max_len / G), D, G / per)`` bytes (byte ``[grp, d, t // per]`` holds token
@@ -136,9 +161,19 @@ class QuantizedKVCache(_kvbase.QuantizedKVCacheBase):
     ``(max_len, E / G)``, residual ``(min(max_len, residual), E)``.
     """
 
-    def __init__(self, batch, max_len, kv_heads, head_dim, v_head_dim=None, *, bits=2, group_size=32, residual=128):
+    _gpu = None  # lmkern._cuda_kv.QuantizedCacheStorage of a GPU cache
+
+    def __init__(self, batch, max_len, kv_heads, head_dim, v_head_dim=None, *, bits=2, group_size=32, residual=128,
+                 device=None):
         super().__init__(batch, max_len, kv_heads, head_dim, v_head_dim, bits=bits, group_size=group_size,
                          residual=residual)
+        if device not in (None, "cpu"):
+            from . import _cuda_kv, cuda
+            gpu = cuda.parse_device(device)
+            if gpu is None:
+                raise ValueError(f"{self.fn}: device must be None, 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+            self._gpu = _cuda_kv.QuantizedCacheStorage(self, gpu)
+            return
         B, S, H, D, E, G = self.batch, self.max_len, self.kv_heads, self.head_dim, self.v_head_dim, self.group_size
         per = 8 // self.bits
         KG = -(-S // G)
@@ -177,10 +212,18 @@ class QuantizedKVCache(_kvbase.QuantizedKVCacheBase):
         rest = vfull[nq:]
         self._vr[b, :, :rest.shape[0]] = rest.transpose(1, 0, 2)
 
+    def append(self, k, v, *, positions=None, lengths=None):
+        if self._gpu is not None:
+            return self._gpu.append(k, v, positions, lengths)
+        return super().append(k, v, positions=positions, lengths=lengths)
+
     def attend(self, q, *, causal=True, q_pos=None, scale=None, return_lse=False):
         fn = self.fn + ".attend"
+        if self._gpu is not None:
+            return self._gpu.attend(q, causal=causal, q_pos=q_pos, scale=scale, return_lse=return_lse)
         if _dispatch.route(fn, q=q) == "cuda":
-            return _cuda_unavailable("QuantizedKVCache.attend")
+            raise ValueError(f"{fn}: arrays are on different devices: q is a CUDA array, the cache is on the CPU "
+                             "(create it with device='cuda')")
         dtype, q, q_pos, scale = self.check_attend(q, q_pos, scale)
         B, N, Hq, _ = q.shape
         out = np.zeros((B, N, Hq, self.v_head_dim), np.float32)

@@ -90,6 +90,72 @@ typedef struct {
 lk_status lk_kv_compact_cpu(const lk_kv_compact_params *p);
 
 /* ---- CUDA launchers: quantization and the quantized cache (kernels/cuda/kv_quant.cu, kv_attend.cu) ---- */
+
+/* quantize / dequantize on the GPU (SPEC 4.1): lk_kv_quant_params with dtype LK_F32, LK_F16 or LK_BF16
+ * (x: the input of quantize, the output of dequantize); every pointer a DEVICE pointer, every array
+ * C-contiguous, the layout of the CPU kernel.  Codes are computed with the CPU kernel's double-precision
+ * formula, so they equal the CPU's bit for bit for the same (float32-converted) input. */
+lk_status lk_kv_quantize_cuda(const lk_kv_quant_params *p, lk_stream stream);
+lk_status lk_kv_dequantize_cuda(const lk_kv_quant_params *p, lk_stream stream);
+
+/* The GPU KIVI cache (lmkern.kv.QuantizedKVCache(..., device="cuda")).  Per (b, kv head g), head-major
+ * (bh = b * H + g), S = max_len:
+ *   k_codes (B, H, k_groups, D, G/per)   byte [grp][d][t/per] holds token grp*G + t of channel d
+ *   k_scale, k_zero (B, H, k_groups, D)  float32
+ *   k_res   (B, H, k_res_cap, D)         float32; full-precision key j lives in slot j % k_res_cap (a ring)
+ *   v_codes (B, H, S, E/per)             token-major, features packed LSB-first
+ *   v_scale, v_zero (B, H, S, E/G)       float32
+ *   v_res   (B, H, v_res_cap, E)         float32; full-precision value j lives in slot j % v_res_cap
+ *   kv_pos  (B, S)                       int64 positions of the stored tokens
+ * k_res_cap = min(S, residual + G) and v_res_cap = min(S, residual) hold every full-precision token
+ * (SPEC 4.2: at most residual + G - 1 keys and residual values), so a token never moves once written. */
+
+/* append: rows (B, 6) int64 on the device, per row [start, n, qk0, qk1, qv0, qv1]: the row holds `start`
+ * tokens, n new ones arrive (k, v (B, T, H, D|E) of dtype, strided by token/head/batch, feature axis
+ * contiguous), keys [qk0, qk1) (whole groups) and values [qv0, qv1) cross into the quantized part.
+ * Three launches on `stream`: quantize the crossing key groups and value tokens (reading the ring or
+ * the input), then write the new full-precision tokens into the rings.  max_* bound the grid (host
+ * maxima over the rows); rows values are clamped on the device so no value reads or writes out of
+ * bounds. */
+typedef struct {
+    lk_dtype dtype;                       /* of k and v */
+    int64_t B, T, H, D, E, G, S, k_groups, k_res_cap, v_res_cap;
+    int bits;
+    const void *k, *v;
+    int64_t k_stride[3], v_stride[3];     /* elements, for the B, T, H axes */
+    const int64_t *rows;                  /* (B, 6) */
+    int64_t max_kgroups, max_vtokens, max_new;
+    uint8_t *k_codes, *v_codes;
+    float *k_scale, *k_zero, *k_res, *v_scale, *v_zero, *v_res;
+} lk_kv_cache_append_params;
+
+lk_status lk_kv_cache_append_cuda(const lk_kv_cache_append_params *p, lk_stream stream);
+
+/* attend (SPEC 4.2) over the cache above: q (B, N, Hq, D) and out (B, N, Hq, E) of dtype (strided, feature
+ * axis contiguous), lse (B, N, Hq) float32 or NULL, rows (B, 3) int64 [len, qk, qv] per row, q_pos (B, N)
+ * int64, kv_pos (B, S).  Key j < len is admissible iff !causal || kv_pos[b, j] <= q_pos[b, i].
+ * num_splits > 1 splits the keys; float32 partials [m, l, acc[E]] go to scratch
+ * (lk_kv_attend_cuda_scratch_floats floats) and are merged by softmax.cuh's combine_row.
+ * D, E <= LK_CUDA_ATTN_MAX_HEAD_DIM. */
+typedef struct {
+    lk_dtype dtype;                       /* of q and out */
+    int64_t B, N, Hq, Hkv, D, E, G, S, k_groups, k_res_cap, v_res_cap;
+    int bits, causal;
+    double scale;
+    const void *q;
+    int64_t q_stride[3];
+    void *out;
+    int64_t out_stride[3];
+    float *lse;
+    const uint8_t *k_codes, *v_codes;
+    const float *k_scale, *k_zero, *k_res, *v_scale, *v_zero, *v_res;
+    const int64_t *rows, *q_pos, *kv_pos;
+    int64_t max_len;                      /* max over rows of len (host bookkeeping): sizes the splits */
+} lk_kv_attend_cuda_params;
+
+lk_status lk_kv_attend_cuda(const lk_kv_attend_cuda_params *p, int num_splits, float *scratch, lk_stream stream);
+int lk_kv_attend_cuda_splits(const lk_kv_attend_cuda_params *p, int num_sms);
+int64_t lk_kv_attend_cuda_scratch_floats(const lk_kv_attend_cuda_params *p, int num_splits);
 /* (end of quantization launchers) */
 
 
