@@ -400,13 +400,6 @@ def test_snapkv_keeps_planted_tokens(rng):
 
 
 @requires_gpu
-def test_cuda_route_not_implemented():
-    torch = pytest.importorskip("torch")
-    x = torch.zeros((1, 8, 1, 8), device="cuda")
-    with pytest.raises(NotImplementedError, match="kv.quantize"):
-        kv.quantize(x, bits=2, group_size=8, axis="token")
-
-
 def test_reproducible_and_thread_counts(rng):
     c = kv.QuantizedKVCache(1, 1200, 2, 32, bits=2, group_size=32, residual=64)
     _fill([c], rng, 2, 32, 32, [1100])

@@ -35,9 +35,6 @@ __all__ = [
 ]
 
 
-def _cuda_unavailable(name):
-    raise NotImplementedError(f"kv.{name}: the CUDA kernel is not implemented yet; pass NumPy arrays to run on the CPU")
-
 
 # --------------------------------------------------------------------------------- quantization
 
