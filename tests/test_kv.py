@@ -415,3 +415,15 @@ def test_reproducible_and_thread_counts(rng):
         assert_close(kv.attention_mass(q, k, causal=True), m1, np.float32)
     finally:
         lmkern.set_num_threads(was)
+
+
+def test_quantized_cache_default_q_pos_is_attention_default(rng):
+    """q_pos=None means L_b - N + i (SPEC 1.3's rule, shared with lmkern.KVCache), even after custom positions."""
+    c = kv.QuantizedKVCache(2, 64, 1, 32, bits=4, group_size=32, residual=32)
+    k = randn(rng, (2, 40, 1, 32))
+    pos = np.stack([np.arange(40) * 3, np.arange(40) + 7])
+    c.append(k, k, positions=pos, lengths=[40, 33])
+    q = randn(rng, (2, 3, 2, 32))
+    want_pos = c.lengths[:, None] - 3 + np.arange(3)
+    np.testing.assert_array_equal(c.attend(q), c.attend(q, q_pos=want_pos))
+    assert not np.allclose(c.attend(q), c.attend(q, q_pos=pos[:, 30:33]))

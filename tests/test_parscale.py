@@ -658,3 +658,21 @@ def test_bindings_do_not_leak_references(rng):
             lmkern._core.parscale_mix(h.reshape(P * B * T, Hd), np.zeros((P, 1), np.float32), None,
                                       np.empty((B * T, Hd), np.float32), None, P, 0.1)
     assert [sys.getrefcount(o) for o in objs] == before
+
+
+def test_aggregate_result_has_h_dtype_and_p1_returns_h_itself():
+    """SPEC 5.3: y in h's dtype (float64 weights do not widen a float32 h); P = 1 returns h unchanged."""
+    rng = np.random.default_rng(3)
+    P, B, T, Hd, Hh = 2, 2, 3, 8, 5
+    h = rng.standard_normal((P * B, T, Hd)).astype(np.float32)
+    ws = (rng.standard_normal((Hh, P * Hd)), rng.standard_normal(Hh), rng.standard_normal((P, Hh)),
+          rng.standard_normal(P))                                     # float64 weights
+    y = ps.aggregate(h, *ws, P=P)
+    assert y.dtype == np.float32
+    want = ref.aggregate(h.astype(np.float64), *ws, P=P)     # computed wide, rounded once
+    np.testing.assert_allclose(y, want.astype(np.float32), rtol=1e-6, atol=1e-6)
+    assert ref.aggregate(h, *ws, P=P).dtype == np.float32
+    h1 = h[:B]
+    w1 = (ws[0][:, :Hd], ws[1], ws[2][:1], ws[3][:1])
+    assert ps.aggregate(h1, *w1, P=1) is h1
+    assert ref.aggregate(h1, *w1, P=1) is h1

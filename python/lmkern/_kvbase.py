@@ -194,13 +194,9 @@ class QuantizedKVCacheBase(RaggedRows):
         return self
 
     def default_q_pos(self, N):
-        """Queries sit at the stored positions of the row's last N tokens (bottom-right alignment for
-        running positions); rows holding fewer than N tokens use ``L_b - N + i``."""
-        idx = self._len[:, None] - N + np.arange(N)
-        if not self.max_len:
-            return idx
-        stored = np.take_along_axis(self._pos, np.clip(idx, 0, self.max_len - 1), axis=1)
-        return np.where(idx >= 0, stored, idx)
+        """attention's default query positions ``L_b - N + i`` (as :class:`lmkern.KVCache`, SPEC 1.3): the
+        default counts the row's tokens; after appending custom positions, pass ``q_pos``."""
+        return self._len[:, None] - N + np.arange(N)
 
     def check_attend(self, q, q_pos, scale):
         fn = self.fn + ".attend"

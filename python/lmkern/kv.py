@@ -131,7 +131,8 @@ class QuantizedKVCache(_kvbase.QuantizedKVCacheBase):
     query row.  All query heads of a GQA group (and all N queries) share every decoded byte; long caches
     are split over threads and merged with the one log-sum-exp combine.
     No dequantized copy is made (KIVI and kvpress dequantize the whole cache per call).
-    Default ``q_pos``: the stored positions of each row's last N tokens (as :class:`lmkern.KVCache`).
+    Default ``q_pos``: attention's ``L_b - N + i`` (as :class:`lmkern.KVCache`, SPEC 1.3); after appending
+    custom ``positions``, pass the queries' positions.
     Decision: the computation is float32 (the cache holds float32 data); a float64 ``q`` gives a
     float64 result of float32 accuracy.
 

@@ -193,12 +193,14 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
     if _dispatch.route(fn, h=h, w1=w1, b1=b1, w2=w2, b2=b2, out=out) == "cuda":
         return _cuda_aggregate(h, w1, b1, w2, b2, P=P, smoothing=smoothing, layout=layout,
                                return_weights=return_weights, out=out)
-    dtype, a = _dispatch.float_arrays(fn, h=h, w1=w1, b1=b1, w2=w2, b2=b2)
+    # y has h's dtype (SPEC 5.3); the computation runs in the promoted dtype of all the inputs
+    hdtype, ha = _dispatch.float_arrays(fn, h=h)
+    dtype, a = _dispatch.float_arrays(fn, h=ha["h"], w1=w1, b1=b1, w2=w2, b2=b2)
     P, B, T, Hd, Hh = check_aggregate_args(fn, a["h"], a["w1"], a["b1"], a["w2"], a["b2"], P, smoothing, layout)
     if P == 1:
-        y = a["h"]
+        y = ha["h"]
         if out is not None:
-            buf = _dispatch.prepare_out(fn, out, (B, T, Hd), dtype)
+            buf = _dispatch.prepare_out(fn, out, (B, T, Hd), hdtype)
             np.copyto(buf, y)
             y = _dispatch.finish_out(buf, out)
         return (y, np.ones((B, T, 1), np.float32)) if return_weights else y
@@ -210,10 +212,13 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
     del u
     _core.parscale_bias_silu_(x, np.ascontiguousarray(a["b1"]), _AGG_THREADS)
     z = a["w2"] @ x                                              # (P, R), BLAS
-    buf = _dispatch.prepare_out(fn, out, (B, T, Hd), dtype)
+    buf = _dispatch.prepare_out(fn, out, (B, T, Hd), hdtype)
+    mixed = buf if dtype == hdtype else np.empty((B, T, Hd), dtype)   # wider weights: round once at the end
     wts = np.empty((B, T, P), np.float32) if return_weights else None
-    _core.parscale_mix(hc, z, np.ascontiguousarray(a["b2"]), buf.reshape(R, Hd),
+    _core.parscale_mix(hc, z, np.ascontiguousarray(a["b2"]), mixed.reshape(R, Hd),
                        None if wts is None else wts.reshape(R, P), P, float(smoothing), _AGG_THREADS)
+    if mixed is not buf:
+        np.copyto(buf, mixed, casting="same_kind")
     y = _dispatch.finish_out(buf, out)
     return (y, wts) if return_weights else y
 

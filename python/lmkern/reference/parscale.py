@@ -43,11 +43,12 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
     are in float32 (float64 for float64 inputs); ``w`` is returned as float32.
     """
     fn = "parscale.aggregate"
-    dtype, a = _dispatch.float_arrays(fn, h=h, w1=w1, b1=b1, w2=w2, b2=b2)
+    hdtype, ha = _dispatch.float_arrays(fn, h=h)                   # y has h's dtype
+    dtype, a = _dispatch.float_arrays(fn, h=ha["h"], w1=w1, b1=b1, w2=w2, b2=b2)
     P, B, T, Hd, Hh = check_aggregate_args(fn, a["h"], a["w1"], a["b1"], a["w2"], a["b2"], P, smoothing, layout)
     acc = np.float64 if dtype == np.float64 else np.float32
     if P == 1:                                                     # softmax over one stream is 1
-        y = a["h"]
+        y = ha["h"]
         if out is not None:
             out[...] = y
             y = out
@@ -63,7 +64,7 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
     e = np.exp(z)
     w = e / e.sum(axis=-1, keepdims=True)
     w = w * (1 - smoothing) + smoothing / P
-    y = np.einsum("pbtj,btp->btj", hs.astype(acc), w).astype(dtype)
+    y = np.einsum("pbtj,btp->btj", hs.astype(acc), w).astype(hdtype)
     if out is not None:
         out[...] = y
         y = out
