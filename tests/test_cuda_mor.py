@@ -609,3 +609,21 @@ def test_bindings_parse_and_check_sizes():
         m.mor_gather(B=0, h_stride=(1, 2, 3))
     with pytest.raises(TypeError, match="float64"):
         m.mor_topk(dtype="float64")
+
+
+def test_glue_losses_reduce_on_the_host(fake, rng):
+    """The losses return a Python float: CUDA inputs come to the host and give the CPU path's value."""
+    B, T, C = 2, 7, 3
+    probs = rng.random((B, T, C)).astype(np.float32)
+    depth = rng.integers(1, C + 1, (B, T))
+    logits = rng.standard_normal((B, T)).astype(np.float32)
+    sel = rng.random((B, T)) < 0.5
+    elig = rng.random((B, T)) < 0.8
+    D = cuda.DeviceArray.from_numpy
+    assert mor.balance_loss(D(probs), D(depth)) == mor.balance_loss(probs, depth)
+    assert mor.z_loss(D(logits)) == mor.z_loss(logits)
+    assert mor.z_loss(D(probs)) == mor.z_loss(probs)
+    assert mor.router_bce(D(logits), D(sel.astype(np.float32)), eligible=D(elig.astype(np.int64))) == \
+        mor.router_bce(logits, sel.astype(np.float32), eligible=elig)
+    with pytest.raises(ValueError, match="depth"):
+        mor.balance_loss(D(probs), D(depth + C))

@@ -451,13 +451,8 @@ def test_router_bce_hand(rng):
 
 # --------------------------------------------------------------------------------------- CUDA route
 
-def test_cuda_route_losses_not_implemented():
-    # the kernels route to lmkern._cuda_mor (tests/test_cuda_mor.py); the losses have no GPU path yet
-    with pytest.raises(NotImplementedError, match="mor.z_loss"):
-        mor.z_loss(FakeCudaArray((2, 5)))
-    with pytest.raises(NotImplementedError, match="mor.balance_loss"):
-        mor.balance_loss(FakeCudaArray((1, 2, 3)), FakeCudaArray((1, 2)))
-    # host data with a device index array is a device mismatch (host index arrays with device data are uploaded)
+def test_cuda_route_device_mismatch():
+    # the kernels route to lmkern._cuda_mor (tests/test_cuda_mor.py, the losses too); host data with a device index array is a device mismatch (host index arrays with device data are uploaded)
     with pytest.raises(ValueError, match="different devices"):
         mor.gather(np.zeros((1, 2, 3), np.float32), FakeCudaArray((1, 1)))
     with pytest.raises(ValueError, match="different devices"):

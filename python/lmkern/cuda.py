@@ -827,6 +827,9 @@ def to_host(x):
     if kind == "devicearray":
         return x.numpy()
     if kind == "torch":
+        import torch
+        if x.dtype == torch.bfloat16:   # NumPy has no bfloat16: widen (exactly) to float32
+            x = x.float()
         return x.detach().cpu().numpy()
     if kind == "cupy":
         return x.get()

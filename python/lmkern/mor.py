@@ -60,7 +60,9 @@ GPU (float32/float16/bfloat16, float32 arithmetic; kernels and GPU decisions in
 same results bit for bit as the CPU), the scatter accumulates repeated indices in ascending ``j``
 without atomics.  Index arrays may be host arrays (checked, then uploaded) or device int64 arrays
 (not read back: an out-of-range device ``idx`` gathers zeros and is skipped by the scatter).
-The router losses have no GPU path yet (NotImplementedError).
+The router losses return a Python float, which needs the values on the host anyway: for CUDA inputs
+the (small) arrays are copied to the host and reduced by the CPU kernel, so the value is the CPU
+path's (float64 arithmetic) for the same numbers.
 
 Decisions where the SPEC is silent (also in each docstring)
 -----------------------------------------------------------
@@ -98,9 +100,11 @@ def _route(fn, floats, indices):
     return where
 
 
-def _cuda_unavailable(name):
-    raise NotImplementedError(f"mor.{name}: the CUDA path of lmkern.mor is not implemented yet; "
-                              f"pass NumPy arrays to run it on the CPU")
+def _on_host(*arrays):
+    """Host copies of the losses' CUDA arguments (the losses return a Python float: the values come to
+    the host anyway, and the CPU kernel reduces them in float64, the same value as the CPU path)."""
+    from . import cuda
+    return tuple(None if a is None else cuda.to_host(a) for a in arrays)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +463,7 @@ def balance_loss(probs, depth):
     same value for every thread count); no tokens gives NaN.
     """
     if _dispatch.route("balance_loss", probs=probs, depth=depth) == "cuda":
-        _cuda_unavailable("balance_loss")
+        probs, depth = _on_host(probs, depth)
     p, depth = _check_balance(probs, depth)
     B, T, C = p.shape
     return _core.mor_loss(_LOSS_BALANCE, p.reshape(B * T, C), depth.reshape(B * T), None, None)
@@ -471,7 +475,7 @@ def z_loss(logits):
     Returns a float (float64 arithmetic, max-stabilized logsumexp, so logits of 1000 are fine);
     no tokens gives NaN."""
     if _dispatch.route("z_loss", logits=logits) == "cuda":
-        _cuda_unavailable("z_loss")
+        (logits,) = _on_host(logits)
     x = _check_z_loss(logits)
     x2 = x.reshape(-1, 1) if x.ndim == 2 else x.reshape(-1, x.shape[-1])
     if x.ndim == 3 and x.shape[-1] == 0:
@@ -491,7 +495,7 @@ def router_bce(logits, selected, *, eligible=None):
     ``sigmoid > 0.5`` exactly for the tokens top-k would choose.  No eligible token gives NaN.
     """
     if _dispatch.route("router_bce", logits=logits, selected=selected, eligible=eligible) == "cuda":
-        _cuda_unavailable("router_bce")
+        logits, selected, eligible = _on_host(logits, selected, eligible)
     x, y, e = _check_router_bce(logits, selected, eligible)
     n = x.size
     return _core.mor_loss(_LOSS_BCE, x.reshape(n, 1), None, np.ascontiguousarray(y, np.float64).reshape(n),
