@@ -188,9 +188,41 @@ def test_glue_decode_errors(fake, rng):
     assert not _calls(fake, "tpa_decode")
 
 
-def test_glue_kvcache_decode_on_gpu_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="CUDA factor cache"):
-        tpa.KVCache(1, 4, 2, 1, 1, 4, device="cuda")
+def test_glue_kvcache_on_device(fake, rng, monkeypatch):
+    """tpa.KVCache(device="cuda"): ragged appends are device copies, decode runs the kernel over the
+    buffers in place, and everything agrees with the CPU cache (DeviceArray storage: torch hidden)."""
+    import sys
+    monkeypatch.setitem(sys.modules, "torch", None)
+    B, S, H, Rk, Rv, D, E = 2, 16, 3, 2, 1, 8, 6
+    Dv = cuda.DeviceArray.from_numpy
+    c = tpa.KVCache(B, S, H, Rk, Rv, D, E, device="cuda")
+    cpu = tpa.KVCache(B, S, H, Rk, Rv, D, E)
+    assert c.dtype == "float32"
+    for T, lens in ((5, [5, 3]), (2, None), (1, [1, 0])):
+        f = [randn(rng, (B, T) + s) for s in ((H, Rk), (Rk, D), (H, Rv), (Rv, E))]
+        c.append(*[Dv(x) for x in f], lengths=lens)
+        cpu.append(*f, lengths=lens)
+    assert np.array_equal(c.lengths, cpu.lengths)
+    assert c.nbytes == cpu.nbytes and c.mha_nbytes == cpu.mha_nbytes
+    for name in ("ak", "bk", "av", "bv"):
+        got, want = getattr(c, name).numpy(), getattr(cpu, name)
+        for b in range(B):
+            n = int(cpu.lengths[b])
+            assert np.array_equal(got[b, :n], want[b, :n])
+    aq, bq = randn(rng, (B, H, 4)), randn(rng, (B, 4, D))
+    out, lse = c.decode(Dv(aq), Dv(bq), return_lse=True)
+    want, want_lse = cpu.decode(aq, bq, return_lse=True)
+    assert_close(out.numpy(), want)
+    assert_close(lse.numpy(), want_lse)
+    with pytest.raises(ValueError, match="max_len"):
+        c.append(*[Dv(randn(rng, (B, 10) + s)) for s in ((H, Rk), (Rk, D), (H, Rv), (Rv, E))])
+    with pytest.raises(ValueError, match="bk has shape"):
+        c.append(*[Dv(randn(rng, (B, 1) + s)) for s in ((H, Rk), (Rk + 1, D), (H, Rv), (Rv, E))])
+    with pytest.raises(ValueError, match="different devices"):
+        c.append(*[randn(rng, (B, 1) + s) for s in ((H, Rk), (Rk, D), (H, Rv), (Rv, E))])
+    with pytest.raises(TypeError, match="dtype"):
+        tpa.KVCache(1, 4, 2, 1, 1, 4, dtype=np.float64, device="cuda")
+    assert np.array_equal(c.lengths, cpu.lengths)   # failed appends wrote nothing
 
 
 @pytest.mark.parametrize("lead,H,R,D", [((2, 3), 5, 1, 7), ((4,), 34, 6, 64), ((), 3, 2, 5)])

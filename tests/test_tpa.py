@@ -445,8 +445,8 @@ def test_cuda_route_mixed_devices_and_gpu_cache(rng):
     aq, bq, ak, bk, av, bv = factors(rng, 1, 1, 4, 2, 1, 1, 1, 4, 4)
     with pytest.raises(ValueError, match="different devices"):
         tpa.decode(FakeCudaArray(), bq[:, 0], ak, bk, av, bv)
-    with pytest.raises(NotImplementedError):
-        tpa.KVCache(1, 4, 2, 1, 1, 4, device="cuda")
+    with pytest.raises(ValueError, match="device"):
+        ref.KVCache(1, 4, 2, 1, 1, 4, device="cuda")       # the twin stays on the host
 
 
 def test_no_reference_leaks_and_concurrent_calls(rng):

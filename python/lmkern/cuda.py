@@ -1084,98 +1084,123 @@ def parse_device(device):
     raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
 
 
-class KVCacheStorage:
-    """The GPU half of ``lmkern.KVCache(..., device="cuda")``: the k/v buffers live on the GPU (torch
-    tensors when torch is installed, else :class:`DeviceArray`); lengths and positions are bookkeeping
-    kept on the host, with a device mirror of the positions for the kernel.  ``append`` copies the
-    new tokens with device-to-device copies on the inputs' stream; ``attend`` is
-    :func:`attention` with ``kv_lens``/``kv_pos`` of the cache."""
+class RowStorage:
+    """Preallocated token-major GPU buffers ``(batch, max_len, *tail)`` of one float dtype, filled row by
+    row: the GPU half of the caches (``lmkern.KVCache``, ``lmkern.tpa.KVCache`` with ``device="cuda"``).
+    Buffers are torch tensors when torch sees the GPU, else :class:`DeviceArray`; lengths (and positions)
+    stay host bookkeeping in the cache.  ``write`` copies new tokens device to device on the inputs'
+    stream, only into slots past every row's previous length, so kernels still reading the old contents
+    are never disturbed."""
 
-    def __init__(self, cache, device, dtype):
+    def __init__(self, fn, batch, max_len, tails, device, dtype):
         _require()
         if device >= device_count():
-            raise ValueError(f"KVCache: device cuda:{device} is not visible ({device_count()} GPUs)")
-        self.cache, self.device = cache, device
+            raise ValueError(f"{fn}: device cuda:{device} is not visible ({device_count()} GPUs)")
+        self.fn, self.device, self.batch, self.max_len = fn, device, int(batch), int(max_len)
         self.dtype = _dtype_name(dtype) if dtype is not None else "float32"
         if self.dtype not in GPU_FLOAT_DTYPES:
-            raise TypeError(f"KVCache: dtype must be float32, float16 or bfloat16 on the GPU; got {self.dtype}")
-        c = cache
-        kshape = (c.batch, c.max_len, c.kv_heads, c.head_dim)
-        vshape = (c.batch, c.max_len, c.kv_heads, c.v_head_dim)
+            raise TypeError(f"{fn}: dtype must be float32, float16 or bfloat16 on the GPU; got {self.dtype}")
+        self.buf = {name: self._zeros((self.batch, self.max_len) + tuple(tail), self.dtype)
+                    for name, tail in tails.items()}
+
+    def _zeros(self, shape, dtype):
         try:
             import torch
             if not torch.cuda.is_available():
                 raise ImportError
         except ImportError:
-            self.k = DeviceArray(kshape, self.dtype, device)
-            self.v = DeviceArray(vshape, self.dtype, device)
-            self.pos = DeviceArray((c.batch, c.max_len), "int64", device)
-        else:
-            dev = torch.device("cuda", device)
-            self.k = torch.zeros(kshape, dtype=getattr(torch, self.dtype), device=dev)
-            self.v = torch.zeros(vshape, dtype=getattr(torch, self.dtype), device=dev)
-            self.pos = torch.zeros((c.batch, c.max_len), dtype=torch.int64, device=dev)
+            return DeviceArray(shape, dtype, self.device)
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=torch.device("cuda", self.device))
 
     @property
     def itemsize(self):
         return _ITEMSIZE[self.dtype]
 
+    def check_new(self, fn, arrays, specs, **bound):
+        """C-contiguous views of the new tokens ``arrays`` (name -> CUDA array, shapes ``specs`` with
+        letters B, T and ``bound``) after device / dtype / shape checks; returns (T, views)."""
+        if not all(_dispatch.is_cuda(a) for a in arrays.values()):
+            raise ValueError(f"{fn}: arrays are on different devices: the cache is on cuda:{self.device}, "
+                             f"{', '.join(arrays)} must be CUDA arrays too")
+        views = {name: View.of(a, name, fn, contiguous="full") for name, a in arrays.items()}
+        dtype = same_float_dtype(fn, **views)
+        if dtype != self.dtype:
+            raise TypeError(f"{fn}: {next(iter(arrays))} has dtype {dtype}; the cache holds {self.dtype}")
+        dev = same_device(fn, **views)
+        if dev != self.device:
+            raise ValueError(f"{fn}: arrays are on different devices: {next(iter(arrays))} on cuda:{dev}, "
+                             f"the cache on cuda:{self.device}")
+        sh = _dispatch.Shapes(fn, B=self.batch, **bound)
+        for name, v in views.items():
+            sh.check(name, v, specs[name])
+        return sh["T"], views
+
+    def write(self, views, lens, starts, st):
+        """Row b's first lens[b] new tokens of every buffer to slots [starts[b], starts[b] + lens[b])."""
+        for name, src in views.items():
+            dst = View.of(self.buf[name], name, self.fn, contiguous="full")
+            row = int(np.prod(src.shape[2:], dtype=np.int64)) * self.itemsize
+            T = src.shape[1]
+            for b in range(self.batch):
+                n, start = int(lens[b]), int(starts[b])
+                if n and row:
+                    _cuda.memcpy_dtod(dst.ptr + (b * self.max_len + start) * row, src.ptr + b * T * row,
+                                      n * row, self.device, st)
+
+    def finish(self, src, st):
+        """After the copies: the caller may drop its inputs now (their allocator is ordered on the
+        framework's current stream; another stream is synchronized)."""
+        if st != _current_stream(src):
+            _cuda.synchronize(self.device, st)
+
+    def filled(self, name, n):
+        """buffer[:, :n]: a view for torch, a copy for DeviceArray."""
+        a = self.buf[name]
+        return _slice_tokens(a, n) if isinstance(a, DeviceArray) else a[:, :n]
+
+
+class KVCacheStorage(RowStorage):
+    """The GPU half of ``lmkern.KVCache(..., device="cuda")``: k/v buffers (:class:`RowStorage`) and a
+    device mirror of the host positions for the kernel; ``attend`` is :func:`attention` with
+    ``kv_lens``/``kv_pos`` of the cache."""
+
+    def __init__(self, cache, device, dtype):
+        c = self.cache = cache
+        super().__init__("KVCache", c.batch, c.max_len, {"k": (c.kv_heads, c.head_dim),
+                                                          "v": (c.kv_heads, c.v_head_dim)}, device, dtype)
+        self.k, self.v = self.buf["k"], self.buf["v"]
+        if isinstance(self.k, DeviceArray):
+            self.pos = DeviceArray((c.batch, c.max_len), "int64", device)
+        else:
+            import torch
+            self.pos = torch.zeros((c.batch, c.max_len), dtype=torch.int64, device=self.k.device)
+
     def check_append(self, k, v):
         """Views of the new k (B,T,Hkv,D) and v (B,T,Hkv,E) after dtype / device / shape checks; (T, views)."""
-        fn = "KVCache.append"
         c = self.cache
-        if not (_dispatch.is_cuda(k) and _dispatch.is_cuda(v)):
-            raise ValueError(f"{fn}: arrays are on different devices: the cache is on cuda:{self.device}, "
-                             "k and v must be CUDA arrays too")
-        kv_ = View.of(k, "k", fn, contiguous="full")
-        vv_ = View.of(v, "v", fn, contiguous="full")
-        dtype = same_float_dtype(fn, k=kv_, v=vv_)
-        if dtype != self.dtype:
-            raise TypeError(f"{fn}: k has dtype {dtype}; the cache holds {self.dtype}")
-        same_device(fn, k=kv_, v=vv_)
-        if kv_.device != self.device:
-            raise ValueError(f"{fn}: arrays are on different devices: k on cuda:{kv_.device}, the cache on cuda:{self.device}")
-        sh = _dispatch.Shapes(fn, B=c.batch, Hkv=c.kv_heads, D=c.head_dim, E=c.v_head_dim)
-        sh.check("k", kv_, "B,T,Hkv,D")
-        sh.check("v", vv_, "B,T,Hkv,E")
-        return sh["T"], (kv_, vv_)
+        T, views = self.check_new("KVCache.append", {"k": k, "v": v}, {"k": "B,T,Hkv,D", "v": "B,T,Hkv,E"},
+                                  Hkv=c.kv_heads, D=c.head_dim, E=c.v_head_dim)
+        return T, (views["k"], views["v"])
 
     def commit(self, views, lens, starts, host_pos, stream=None):
         """Copies row b's first lens[b] tokens to [starts[b], starts[b] + lens[b]) (device to device, on the
-        inputs' stream) and the positions of those tokens (host_pos, already updated) to the device mirror.
-        Only slots past every row's previous length are written, so attention kernels still running on
-        the old contents are never disturbed."""
+        inputs' stream) and the positions of those tokens (host_pos, already updated) to the device mirror
+        (ordered on the same stream)."""
         c = self.cache
         kv_, vv_ = views
         st = stream_of(kv_.src, stream)
-        kdst = View.of(self.k, "k", "KVCache.append", contiguous="full")
-        vdst = View.of(self.v, "v", "KVCache.append", contiguous="full")
+        self.write({"k": kv_, "v": vv_}, lens, starts, st)
         pdst = View.of(self.pos, "positions", "KVCache.append", contiguous="full")
-        item = self.itemsize
-        T = kv_.shape[1]
-        krow, vrow = c.kv_heads * c.head_dim * item, c.kv_heads * c.v_head_dim * item
         for b in range(c.batch):
             n, start = int(lens[b]), int(starts[b])
-            if n == 0:
-                continue
-            if krow:
-                _cuda.memcpy_dtod(kdst.ptr + (b * c.max_len + start) * krow, kv_.ptr + b * T * krow, n * krow,
-                                  self.device, st)
-            if vrow:
-                _cuda.memcpy_dtod(vdst.ptr + (b * c.max_len + start) * vrow, vv_.ptr + b * T * vrow, n * vrow,
-                                  self.device, st)
-            row = np.ascontiguousarray(host_pos[b, start:start + n], dtype=np.int64)
-            _cuda.memcpy_htod(pdst.ptr + (b * c.max_len + start) * 8, row, self.device, st)  # ordered on st
-        # the caller may drop k / v now: their framework's allocator is ordered on st (the current
-        # stream) unless stream= says otherwise
-        if st != _current_stream(kv_.src):
-            _cuda.synchronize(self.device, st)
+            if n:
+                row = np.ascontiguousarray(host_pos[b, start:start + n], dtype=np.int64)
+                _cuda.memcpy_htod(pdst.ptr + (b * c.max_len + start) * 8, row, self.device, st)
+        self.finish(kv_.src, st)
 
     def filled(self, n):
         """k, v views over the first n tokens (torch: views; DeviceArray: copies)."""
-        if isinstance(self.k, DeviceArray):
-            return _slice_tokens(self.k, n), _slice_tokens(self.v, n)
-        return self.k[:, :n], self.v[:, :n]
+        return super().filled("k", n), super().filled("v", n)
 
 
 def _slice_tokens(a, n):

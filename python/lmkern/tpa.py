@@ -54,8 +54,9 @@ Decisions where the SPEC is silent:
   and ``_splits`` a split count; tests use them to check that every path agrees.
 * Inadmissible keys contribute nothing, even when their factors hold inf or NaN; NaN in an admissible
   key's factors propagates to the queries that see it.
-* ``KVCache(..., device="cuda")`` is not implemented (NotImplementedError); keep the factor cache in
-  torch / CuPy tensors and call :func:`decode` on views of it (``ak[:, :M]`` is read in place).
+* ``KVCache(..., device="cuda")`` keeps the factors on the GPU (appends are device copies, ``decode``
+  runs the CUDA kernel over the buffers in place); :func:`decode` also takes views of your own factor
+  tensors (``ak[:, :M]`` is read in place).
 
 On the GPU (CUDA arrays route there by themselves; float32, float16, bfloat16; see lmkern.cuda for
 streams, outputs and scratch; kernels in kernels/cuda/tpa.cu):
@@ -240,3 +241,4 @@ def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False
 class KVCache(TPACacheBase):
     __doc__ = TPACacheBase.__doc__
     _decode = staticmethod(decode)
+    _gpu_ok = True
