@@ -206,7 +206,8 @@ class KiviCache:
     """KIVI 2-bit: full-precision prefill attention, then a quantized cache for decoding."""
 
     def __init__(self, max_len, bits=2):
-        self.caches = [lmkern.kv.QuantizedKVCache(1, max_len, HEADS, HEAD_DIM, bits=bits, group_size=32, residual=128)
+        self.caches = [lmkern.kv.QuantizedKVCache(1, max_len, HEADS, HEAD_DIM, bits=bits, group_size=32, residual=128,
+                                                  device=BACKEND.cache_device)
                        for _ in range(LAYERS)]
 
     def prefill(self, l, q, k, v):
