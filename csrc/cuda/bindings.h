@@ -8,14 +8,7 @@
  *     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|iO&s...", kwlist, &device, lk_cu_ptr_arg, &stream, ...))
  *         return NULL;
  *     ...size checks -> ValueError...
- *     lk_cu_device_guard g; cudaError_t err; lk_status st = LK_OK;
- *     Py_BEGIN_ALLOW_THREADS
- *     err = lk_cu_guard_enter(&g, device);
- *     if (err == cudaSuccess) st = lk_<op>_cuda(&p, (lk_stream)stream);
- *     lk_cu_guard_exit(&g);
- *     Py_END_ALLOW_THREADS
- *     if (err != cudaSuccess) return lk_cu_raise_cuda(fn, err);
- *     if (lk_cu_raise_status(st, fn) < 0) return NULL;
+ *     LK_CU_LAUNCH(fn, device, lk_<op>_cuda(&p, (lk_stream)stream));   (GIL released, device restored)
  *
  * Each family fills its method table in csrc/cuda/<family>.c; module.c adds every table. */
 #ifndef LMKERN_CSRC_CUDA_BINDINGS_H
@@ -37,6 +30,10 @@ int lk_cu_parse_dtype(const char *fn, const char *name, lk_dtype *out);
 int lk_cu_ptr_arg(PyObject *o, void *addr);
 int lk_cu_strides3(PyObject *o, void *addr);
 
+/* `given` when > 0 (tests pin it), else the multiprocessor count of `device` (1 if it cannot be read):
+ * what the split planners (attention, tpa.decode, attention_mass, ...) size their grids for. */
+int lk_cu_num_sms(int device, int given);
+
 /* Makes `device` current for a launch and restores the caller's device after (call without the GIL). */
 typedef struct {
     int prev;
@@ -44,6 +41,23 @@ typedef struct {
 } lk_cu_device_guard;
 cudaError_t lk_cu_guard_enter(lk_cu_device_guard *g, int device);
 void lk_cu_guard_exit(lk_cu_device_guard *g);
+
+/* The launch of every kernel binding: runs CALL (an lk_status expression) on `DEVICE` without the GIL,
+ * restores the caller's device, and returns NULL from the binding with the mapped exception on a CUDA
+ * error or a failing status.  Use inside a function returning PyObject *. */
+#define LK_CU_LAUNCH(FN, DEVICE, CALL)                                  \
+    do {                                                                \
+        lk_cu_device_guard g_;                                          \
+        cudaError_t err_;                                               \
+        lk_status st_ = LK_OK;                                          \
+        Py_BEGIN_ALLOW_THREADS                                          \
+        err_ = lk_cu_guard_enter(&g_, (DEVICE));                        \
+        if (err_ == cudaSuccess) st_ = (CALL);                          \
+        lk_cu_guard_exit(&g_);                                          \
+        Py_END_ALLOW_THREADS                                            \
+        if (err_ != cudaSuccess) return lk_cu_raise_cuda((FN), err_);   \
+        if (lk_cu_raise_status(st_, (FN)) < 0) return NULL;             \
+    } while (0)
 
 /* Method tables: core (module.c) and one per family (csrc/cuda/<family>.c). */
 extern PyMethodDef lk_cuda_tpa_methods[];

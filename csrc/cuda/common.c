@@ -87,3 +87,13 @@ void lk_cu_guard_exit(lk_cu_device_guard *g) {
     if (g->switched) cudaSetDevice(g->prev);
 }
 
+
+int lk_cu_num_sms(int device, int given) {
+    if (given > 0) return given;
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 1) {
+        (void)cudaGetLastError();
+        sms = 1;
+    }
+    return sms;
+}

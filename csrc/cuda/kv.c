@@ -5,20 +5,6 @@
 
 #include "lmkern/kv.h"
 
-#define LK_KV_LAUNCH(FN, DEVICE, CALL)                        \
-    do {                                                      \
-        lk_cu_device_guard g_;                                \
-        cudaError_t err_;                                     \
-        lk_status st_ = LK_OK;                                \
-        Py_BEGIN_ALLOW_THREADS                                \
-        err_ = lk_cu_guard_enter(&g_, (DEVICE));              \
-        if (err_ == cudaSuccess) st_ = (CALL);                \
-        lk_cu_guard_exit(&g_);                                \
-        Py_END_ALLOW_THREADS                                  \
-        if (err_ != cudaSuccess) return lk_cu_raise_cuda((FN), err_); \
-        if (lk_cu_raise_status(st_, (FN)) < 0) return NULL;   \
-    } while (0)
-
 static int bad_bits_or_group(const char *fn, int bits, long long G) {
     if (bits != 2 && bits != 4 && bits != 8) {
         PyErr_Format(PyExc_ValueError, "%s: bits must be one of 2, 4, 8; got %d", fn, bits);
@@ -64,8 +50,8 @@ static PyObject *quant_common(PyObject *args, PyObject *kwargs, int dequant) {
     }
     p.B = B; p.T = T; p.H = H; p.D = D; p.G = G; p.bits = bits; p.channel = channel;
     p.x = x; p.codes = (uint8_t *)codes; p.scale = (float *)scale; p.zero = (float *)zero;
-    if (dequant) LK_KV_LAUNCH(fn, device, lk_kv_dequantize_cuda(&p, (lk_stream)stream));
-    else LK_KV_LAUNCH(fn, device, lk_kv_quantize_cuda(&p, (lk_stream)stream));
+    if (dequant) LK_CU_LAUNCH(fn, device, lk_kv_dequantize_cuda(&p, (lk_stream)stream));
+    else LK_CU_LAUNCH(fn, device, lk_kv_quantize_cuda(&p, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 
@@ -134,7 +120,7 @@ static PyObject *py_kv_cache_append(PyObject *self, PyObject *args, PyObject *kw
     p.max_kgroups = mkg; p.max_vtokens = mvt; p.max_new = mnew;
     p.k_codes = (uint8_t *)kc; p.k_scale = (float *)ks; p.k_zero = (float *)kz; p.k_res = (float *)kr;
     p.v_codes = (uint8_t *)vc; p.v_scale = (float *)vs; p.v_zero = (float *)vz; p.v_res = (float *)vr;
-    LK_KV_LAUNCH(fn, device, lk_kv_cache_append_cuda(&p, (lk_stream)stream));
+    LK_CU_LAUNCH(fn, device, lk_kv_cache_append_cuda(&p, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 
@@ -201,12 +187,7 @@ static PyObject *py_kv_attend_plan(PyObject *self, PyObject *args, PyObject *kwa
     int device = 0, splits, sms = 0;
     void *stream, *scratch;
     if (fill_attend("cuda.kv_attend_plan", args, kwargs, &p, &device, &stream, &splits, &scratch, &sms) < 0) return NULL;
-    if (sms <= 0) {
-        if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-            cudaGetLastError();
-            sms = 1;
-        }
-    }
+    sms = lk_cu_num_sms(device, sms);
     splits = lk_kv_attend_cuda_splits(&p, sms);
     return Py_BuildValue("(iL)", splits, (long long)lk_kv_attend_cuda_scratch_floats(&p, splits));
 }
@@ -221,7 +202,7 @@ static PyObject *py_kv_attend(PyObject *self, PyObject *args, PyObject *kwargs) 
         PyErr_Format(PyExc_ValueError, "%s: num_splits > 1 needs scratch", fn);
         return NULL;
     }
-    LK_KV_LAUNCH(fn, device, lk_kv_attend_cuda(&p, splits, (float *)scratch, (lk_stream)stream));
+    LK_CU_LAUNCH(fn, device, lk_kv_attend_cuda(&p, splits, (float *)scratch, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 

@@ -72,12 +72,7 @@ static PyObject *py_mass_plan(PyObject *self, PyObject *args, PyObject *kwargs) 
     int device = 0, splits, sms = 0;
     void *stream, *scratch;
     if (fill_mass(args, kwargs, &p, &device, &stream, &splits, &scratch, &sms) < 0) return NULL;
-    if (sms <= 0) {
-        if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-            cudaGetLastError();
-            sms = 1;
-        }
-    }
+    sms = lk_cu_num_sms(device, sms);
     splits = lk_kv_mass_cuda_splits(&p, sms);
     return Py_BuildValue("(iL)", splits, (long long)lk_kv_mass_cuda_scratch_floats(&p, splits));
 }
@@ -91,16 +86,7 @@ static PyObject *py_mass(PyObject *self, PyObject *args, PyObject *kwargs) {
         PyErr_Format(PyExc_ValueError, "%s: normalize needs scratch", FN_MASS);
         return NULL;
     }
-    lk_cu_device_guard g;
-    cudaError_t err;
-    lk_status st = LK_OK;
-    Py_BEGIN_ALLOW_THREADS
-    err = lk_cu_guard_enter(&g, device);
-    if (err == cudaSuccess) st = lk_kv_mass_cuda(&p, splits, (float *)scratch, (lk_stream)stream);
-    lk_cu_guard_exit(&g);
-    Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return lk_cu_raise_cuda(FN_MASS, err);
-    if (lk_cu_raise_status(st, FN_MASS) < 0) return NULL;
+    LK_CU_LAUNCH(FN_MASS, device, lk_kv_mass_cuda(&p, splits, (float *)scratch, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 
@@ -130,16 +116,7 @@ static PyObject *py_pool1d(PyObject *self, PyObject *args, PyObject *kwargs) {
         return NULL;
     }
     p.B = B; p.M = M; p.H = H; p.kernel_size = ks; p.max_mode = max_mode; p.scores = scores; p.out = out;
-    lk_cu_device_guard g;
-    cudaError_t err;
-    lk_status st = LK_OK;
-    Py_BEGIN_ALLOW_THREADS
-    err = lk_cu_guard_enter(&g, device);
-    if (err == cudaSuccess) st = lk_kv_pool1d_cuda(&p, (lk_stream)stream);
-    lk_cu_guard_exit(&g);
-    Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return lk_cu_raise_cuda(fn, err);
-    if (lk_cu_raise_status(st, fn) < 0) return NULL;
+    LK_CU_LAUNCH(fn, device, lk_kv_pool1d_cuda(&p, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 
@@ -169,16 +146,7 @@ static PyObject *py_keep_topk(PyObject *self, PyObject *args, PyObject *kwargs) 
         return NULL;
     }
     p.B = B; p.M = M; p.H = H; p.K = K; p.sink = sink; p.recent = recent; p.scores = scores; p.idx = (int64_t *)idx;
-    lk_cu_device_guard g;
-    cudaError_t err;
-    lk_status st = LK_OK;
-    Py_BEGIN_ALLOW_THREADS
-    err = lk_cu_guard_enter(&g, device);
-    if (err == cudaSuccess) st = lk_kv_keep_topk_cuda(&p, (lk_stream)stream);
-    lk_cu_guard_exit(&g);
-    Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return lk_cu_raise_cuda(fn, err);
-    if (lk_cu_raise_status(st, fn) < 0) return NULL;
+    LK_CU_LAUNCH(fn, device, lk_kv_keep_topk_cuda(&p, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 
@@ -210,16 +178,7 @@ static PyObject *py_compact(PyObject *self, PyObject *args, PyObject *kwargs) {
         return NULL;
     }
     p.B = B; p.M = M; p.K = K; p.H = H; p.row_bytes = rb; p.x = x; p.idx = (const int64_t *)idx; p.out = out;
-    lk_cu_device_guard g;
-    cudaError_t err;
-    lk_status st = LK_OK;
-    Py_BEGIN_ALLOW_THREADS
-    err = lk_cu_guard_enter(&g, device);
-    if (err == cudaSuccess) st = lk_kv_compact_cuda(&p, (lk_stream)stream);
-    lk_cu_guard_exit(&g);
-    Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return lk_cu_raise_cuda(fn, err);
-    if (lk_cu_raise_status(st, fn) < 0) return NULL;
+    LK_CU_LAUNCH(fn, device, lk_kv_compact_cuda(&p, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 

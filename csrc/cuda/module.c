@@ -286,12 +286,7 @@ static PyObject *py_attention_plan(PyObject *self, PyObject *args, PyObject *kwa
     int device = 0, splits, sms = 0;
     void *stream, *scratch;
     if (fill_attention(args, kwargs, &p, &device, &stream, &splits, &scratch, &sms) < 0) return NULL;
-    if (sms <= 0) {
-        if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-            cudaGetLastError();
-            sms = 1;
-        }
-    }
+    sms = lk_cu_num_sms(device, sms);
     splits = lk_attention_cuda_splits(&p, sms);
     return Py_BuildValue("(iL)", splits, (long long)lk_attention_cuda_scratch_floats(&p, splits));
 }
@@ -305,16 +300,7 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwargs) 
         PyErr_Format(PyExc_ValueError, "%s: num_splits > 1 needs scratch", FN_ATTN);
         return NULL;
     }
-    lk_cu_device_guard g;
-    cudaError_t err;
-    lk_status st = LK_OK;
-    Py_BEGIN_ALLOW_THREADS
-    err = lk_cu_guard_enter(&g, device);
-    if (err == cudaSuccess) st = lk_attention_cuda(&p, splits, (float *)scratch, (lk_stream)stream);
-    lk_cu_guard_exit(&g);
-    Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return lk_cu_raise_cuda(FN_ATTN, err);
-    if (lk_cu_raise_status(st, FN_ATTN) < 0) return NULL;
+    LK_CU_LAUNCH(FN_ATTN, device, lk_attention_cuda(&p, splits, (float *)scratch, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 
@@ -351,16 +337,7 @@ static PyObject *py_rope(PyObject *self, PyObject *args, PyObject *kwargs) {
     }
     p.B = B; p.T = T; p.G = G; p.D = D; p.x = x; p.positions = pos; p.pos_bstride = pb;
     p.rotary_dim = r; p.base = base; p.interleaved = interleaved; p.inverse = inverse;
-    lk_cu_device_guard g;
-    cudaError_t err;
-    lk_status st = LK_OK;
-    Py_BEGIN_ALLOW_THREADS
-    err = lk_cu_guard_enter(&g, device);
-    if (err == cudaSuccess) st = lk_rope_cuda(&p, xs, (lk_stream)stream);
-    lk_cu_guard_exit(&g);
-    Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return lk_cu_raise_cuda(fn, err);
-    if (lk_cu_raise_status(st, fn) < 0) return NULL;
+    LK_CU_LAUNCH(fn, device, lk_rope_cuda(&p, xs, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 

@@ -34,21 +34,6 @@ static int bad(const char *fn, const char *what) {
     return -1;
 }
 
-/* Runs CALL on `device` without the GIL and maps its status; returns NULL on error. */
-#define LK_MOR_LAUNCH(FN, DEVICE, CALL)                                                           \
-    do {                                                                                          \
-        lk_cu_device_guard g_;                                                                    \
-        cudaError_t err_;                                                                         \
-        lk_status st_ = LK_OK;                                                                    \
-        Py_BEGIN_ALLOW_THREADS                                                                    \
-        err_ = lk_cu_guard_enter(&g_, (DEVICE));                                                  \
-        if (err_ == cudaSuccess) st_ = (CALL);                                                    \
-        lk_cu_guard_exit(&g_);                                                                    \
-        Py_END_ALLOW_THREADS                                                                      \
-        if (err_ != cudaSuccess) return lk_cu_raise_cuda((FN), err_);                             \
-        if (lk_cu_raise_status(st_, (FN)) < 0) return NULL;                                       \
-    } while (0)
-
 /* ---- expert_choice ------------------------------------------------------------------------------ */
 
 static PyObject *py_mor_topk(PyObject *self, PyObject *args, PyObject *kwargs) {
@@ -71,7 +56,7 @@ static PyObject *py_mor_topk(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (B * k > 0 && (!scores || !idx || !gate)) return bad(fn, "null device pointer"), NULL;
     p.B = B; p.n = n; p.k = k; p.scores = scores; p.candidates = (const int64_t *)cand;
     p.idx = (int64_t *)idx; p.gate = gate;
-    LK_MOR_LAUNCH(fn, device, lk_mor_topk_cuda(&p, ss, (lk_stream)stream));
+    LK_CU_LAUNCH(fn, device, lk_mor_topk_cuda(&p, ss, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 
@@ -105,7 +90,7 @@ static PyObject *py_mor_router(PyObject *self, PyObject *args, PyObject *kwargs)
     if (B * T * C > 0 && (!z || (Dm > 0 && (!h || !w)))) return bad(fn, "null device pointer"), NULL;
     p.rows = B * T; p.C = C; p.Dm = Dm; p.h = h; p.wt = w; p.z = z; p.activation = act; p.alpha = alpha;
     p.temperature = temperature;
-    LK_MOR_LAUNCH(fn, device, lk_mor_router_cuda(&p, T, hs, ws, (lk_stream)stream));
+    LK_CU_LAUNCH(fn, device, lk_mor_router_cuda(&p, T, hs, ws, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 
@@ -130,7 +115,7 @@ static PyObject *py_mor_token_choice(PyObject *self, PyObject *args, PyObject *k
     if (B < 0 || T < 0 || C < 0 || (B * T > 0 && C == 0)) return bad(fn, "bad sizes (need C >= 1)"), NULL;
     if (B * T > 0 && (!probs || !depth || !gate)) return bad(fn, "null device pointer"), NULL;
     p.rows = B * T; p.C = C; p.probs = probs; p.bias = bias; p.depth = (int64_t *)depth; p.gate = gate;
-    LK_MOR_LAUNCH(fn, device, lk_mor_token_choice_cuda(&p, T, ps, (lk_stream)stream));
+    LK_CU_LAUNCH(fn, device, lk_mor_token_choice_cuda(&p, T, ps, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 
@@ -155,7 +140,7 @@ static PyObject *py_mor_gather(PyObject *self, PyObject *args, PyObject *kwargs)
     if (B < 0 || T < 0 || k < 0 || Dm < 0) return bad(fn, "bad sizes"), NULL;
     if (B * k * Dm > 0 && (!idx || !out || (T > 0 && !h))) return bad(fn, "null device pointer"), NULL;
     p.B = B; p.T = T; p.k = k; p.Dm = Dm; p.h = h; p.idx = (const int64_t *)idx; p.out = out;
-    LK_MOR_LAUNCH(fn, device, lk_mor_gather_cuda(&p, hs, os, (lk_stream)stream));
+    LK_CU_LAUNCH(fn, device, lk_mor_gather_cuda(&p, hs, os, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 
@@ -181,7 +166,7 @@ static PyObject *py_mor_scatter(PyObject *self, PyObject *args, PyObject *kwargs
     if (B * k * Dm > 0 && (!idx || !y)) return bad(fn, "null device pointer"), NULL;
     if (h && h == out) return bad(fn, "h and out must differ (pass h=None for in place)"), NULL;
     p.B = B; p.T = T; p.k = k; p.Dm = Dm; p.h = h; p.idx = (const int64_t *)idx; p.y = y; p.gate = gate; p.out = out;
-    LK_MOR_LAUNCH(fn, device, lk_mor_scatter_cuda(&p, hs, ys, os, (lk_stream)stream));
+    LK_CU_LAUNCH(fn, device, lk_mor_scatter_cuda(&p, hs, ys, os, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 

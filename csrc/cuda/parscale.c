@@ -35,16 +35,7 @@ static PyObject *py_parscale_bias_silu(PyObject *self, PyObject *args, PyObject 
         return NULL;
     }
     p.Hh = Hh; p.R = R; p.x = x; p.bias = bias;
-    lk_cu_device_guard g;
-    cudaError_t err;
-    lk_status st = LK_OK;
-    Py_BEGIN_ALLOW_THREADS
-    err = lk_cu_guard_enter(&g, device);
-    if (err == cudaSuccess) st = lk_parscale_bias_silu_cuda(&p, (float *)out, (lk_stream)stream);
-    lk_cu_guard_exit(&g);
-    Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return lk_cu_raise_cuda(fn, err);
-    if (lk_cu_raise_status(st, fn) < 0) return NULL;
+    LK_CU_LAUNCH(fn, device, lk_parscale_bias_silu_cuda(&p, (float *)out, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 
@@ -92,16 +83,7 @@ static PyObject *py_parscale_mix(PyObject *self, PyObject *args, PyObject *kwarg
     l.y_stride[0] = ys[0]; l.y_stride[1] = ys[1];
     p.P = P; p.R = B * T; p.Hd = Hd; p.h = h; p.z = z; p.b2 = b2; p.smoothing = smoothing; p.y = y;
     p.weights = (float *)weights;
-    lk_cu_device_guard g;
-    cudaError_t err;
-    lk_status st = LK_OK;
-    Py_BEGIN_ALLOW_THREADS
-    err = lk_cu_guard_enter(&g, device);
-    if (err == cudaSuccess) st = lk_parscale_mix_cuda(&p, &l, (lk_stream)stream);
-    lk_cu_guard_exit(&g);
-    Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return lk_cu_raise_cuda(fn, err);
-    if (lk_cu_raise_status(st, fn) < 0) return NULL;
+    LK_CU_LAUNCH(fn, device, lk_parscale_mix_cuda(&p, &l, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 

@@ -87,12 +87,7 @@ static PyObject *py_tpa_decode_plan(PyObject *self, PyObject *args, PyObject *kw
     int device = 0, splits, sms = 0;
     void *stream, *scratch;
     if (fill_decode(args, kwargs, &p, &s, &device, &stream, &splits, &scratch, &sms) < 0) return NULL;
-    if (sms <= 0) {
-        if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-            cudaGetLastError();
-            sms = 1;
-        }
-    }
+    sms = lk_cu_num_sms(device, sms);
     splits = lk_tpa_decode_cuda_splits(&p, sms);
     return Py_BuildValue("(iL)", splits, (long long)lk_tpa_decode_cuda_scratch_floats(&p, splits));
 }
@@ -107,16 +102,7 @@ static PyObject *py_tpa_decode(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "%s: num_splits > 1 needs scratch", FN_DECODE);
         return NULL;
     }
-    lk_cu_device_guard g;
-    cudaError_t err;
-    lk_status st = LK_OK;
-    Py_BEGIN_ALLOW_THREADS
-    err = lk_cu_guard_enter(&g, device);
-    if (err == cudaSuccess) st = lk_tpa_decode_cuda(&p, &s, splits, (float *)scratch, (lk_stream)stream);
-    lk_cu_guard_exit(&g);
-    Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return lk_cu_raise_cuda(FN_DECODE, err);
-    if (lk_cu_raise_status(st, FN_DECODE) < 0) return NULL;
+    LK_CU_LAUNCH(FN_DECODE, device, lk_tpa_decode_cuda(&p, &s, splits, (float *)scratch, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 
@@ -144,16 +130,7 @@ static PyObject *py_tpa_materialize(PyObject *self, PyObject *args, PyObject *kw
         return NULL;
     }
     p.rows = rows; p.H = H; p.R = R; p.D = D; p.a = a; p.b = b; p.out = out; p.scale = scale;
-    lk_cu_device_guard g;
-    cudaError_t err;
-    lk_status st = LK_OK;
-    Py_BEGIN_ALLOW_THREADS
-    err = lk_cu_guard_enter(&g, device);
-    if (err == cudaSuccess) st = lk_tpa_materialize_cuda(&p, (lk_stream)stream);
-    lk_cu_guard_exit(&g);
-    Py_END_ALLOW_THREADS
-    if (err != cudaSuccess) return lk_cu_raise_cuda(fn, err);
-    if (lk_cu_raise_status(st, fn) < 0) return NULL;
+    LK_CU_LAUNCH(fn, device, lk_tpa_materialize_cuda(&p, (lk_stream)stream));
     Py_RETURN_NONE;
 }
 

@@ -155,15 +155,6 @@ def keep_topk(scores, budget, *, sink=0, recent=0, stream=None):
     return cuda.wrap_result(scores, idx, st)
 
 
-def _itemsize(fn, dtype):
-    size = cuda._ITEMSIZE.get(dtype)
-    if size is None:
-        try:
-            size = np.dtype(dtype).itemsize
-        except TypeError:
-            raise TypeError(f"{fn}: x has dtype {dtype}, which lmkern cannot copy on the GPU") from None
-    return size
-
 
 def compact(x, idx, *, stream=None):
     """GPU compact (SPEC 4.5): ``out[b, k, h] = x[b, idx[b, k, h], h]`` as x's array type and dtype.
@@ -172,7 +163,7 @@ def compact(x, idx, *, stream=None):
     cuda._require()
     st = cuda.stream_of(x, stream)
     xv = _view(x, "x", fn, st)  # rows (the feature axis) contiguous
-    itemsize = _itemsize(fn, xv.dtype)
+    itemsize = cuda.itemsize_of(fn, xv.dtype)
     idx_v, idx_c, idx_h = _index(x, idx, "idx", fn, st, xv.device)
     if idx_c is None:
         raise TypeError(f"{fn}: idx must be an integer array; got None")

@@ -156,20 +156,6 @@ def gather(h, idx, *, stream=None):
     return cuda.wrap_result(h, out, st)
 
 
-def _out_view(fn, out, hv, shape, dtype):
-    """View of a caller's ``out`` (any strides): same framework, shape, dtype and device as h."""
-    if cuda._kind(out) != hv.kind:
-        raise TypeError(f"{fn}: out is a {type(out).__name__}; expected the inputs' array type")
-    if hv.kind == "jax":
-        raise TypeError(f"{fn}: JAX arrays are immutable; use mor.scatter_residual without out=")
-    ov = cuda.View.of(out, "out", fn, contiguous=None)
-    if ov.shape != tuple(shape):
-        _dispatch.Shapes(fn).fail("out", ov.shape, [str(s) for s in shape])
-    if ov.dtype != dtype:
-        raise TypeError(f"{fn}: out has dtype {ov.dtype}; expected {dtype}")
-    if ov.device != hv.device:
-        raise ValueError(f"{fn}: arrays are on different devices: h on cuda:{hv.device}, out on cuda:{ov.device}")
-    return ov
 
 
 def scatter_residual(h, idx, y, gate=None, *, out=None, stream=None, fn="mor.scatter_residual"):
@@ -188,7 +174,7 @@ def scatter_residual(h, idx, y, gate=None, *, out=None, stream=None, fn="mor.sca
     in_place = out is h
     if in_place and hv.kind == "jax":
         raise TypeError(f"{fn}: JAX arrays are immutable; use mor.scatter_residual (not scatter_residual_)")
-    ov = None if out is None else (hv if in_place else _out_view(fn, out, hv, (B, T, Dm), dtype))
+    ov = None if out is None else (hv if in_place else cuda.check_out(fn, out, hv, (B, T, Dm), dtype, ref_name="h"))
     if ov is not None and (ov.obj is not ov.src or not ov.inner_contiguous()):
         ov = None  # strided feature axis: compute into a temporary, then copy it into the caller's array
     if ov is not None and ov.ptr == hv.ptr and ov.strides == hv.strides:

@@ -51,15 +51,6 @@ MAX_P = 8192  # LK_PARSCALE_CUDA_MAX_P
 # ------------------------------------------------------------------------------------------------
 # expand
 
-def _itemsize(fn, dtype):
-    size = cuda._ITEMSIZE.get(dtype)
-    if size is None:
-        try:
-            size = np.dtype(dtype).itemsize
-        except TypeError:
-            raise TypeError(f"{fn}: x has dtype {dtype}, which lmkern cannot copy on the GPU") from None
-    return size
-
 
 def expand(x, P, *, stream=None):
     """``(B, ...) -> (P·B, ...)`` on the GPU, stream-major (row ``p·B + b`` is ``x[b]``): P
@@ -74,7 +65,7 @@ def expand(x, P, *, stream=None):
     shape = (P * xv.shape[0],) + tuple(xv.shape[1:])
     out = cuda.empty_like_caller(x, shape, xv.dtype)
     ov = cuda.View.of(out, "out", fn, contiguous="full")
-    nbytes = xv.size * _itemsize(fn, xv.dtype)
+    nbytes = xv.size * cuda.itemsize_of(fn, xv.dtype)
     if nbytes:
         for p in range(P):   # out[p·B : (p+1)·B] = x
             cuda._cuda.memcpy_dtod(ov.ptr + p * nbytes, xv.ptr, nbytes, xv.device, st)
@@ -170,18 +161,6 @@ def _ops_for(h, stream):
     return cls(h, stream)
 
 
-def _check_out(fn, out, hv, shape, dtype):
-    if cuda._kind(out) != hv.kind:
-        raise TypeError(f"{fn}: out is a {type(out).__name__}; expected the inputs' array type "
-                        f"({type(hv.src).__name__})")
-    ov = cuda.View.of(out, "out", fn, contiguous=None)
-    if ov.shape != tuple(shape):
-        _dispatch.Shapes(fn).fail("out", ov.shape, [str(s) for s in shape])
-    if ov.dtype != dtype:
-        raise TypeError(f"{fn}: out has dtype {ov.dtype}; expected {dtype}")
-    if ov.device != hv.device:
-        raise ValueError(f"{fn}: arrays are on different devices: h on cuda:{hv.device}, out on cuda:{ov.device}")
-    return ov
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,7 +190,7 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
     if P > MAX_P:
         raise ValueError(f"{fn}: P = {P} exceeds {MAX_P}, the most streams the CUDA kernel supports")
     smoothing = float(smoothing)
-    ov = _check_out(fn, out, hv, (B, T, Hd), dtype) if out is not None else None
+    ov = cuda.check_out(fn, out, hv, (B, T, Hd), dtype, ref_name="h") if out is not None else None
     R = B * T
 
     if P == 1:   # a softmax over one stream is 1: y = h, as on the CPU

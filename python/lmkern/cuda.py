@@ -849,19 +849,39 @@ class _ShapeOnly:
 # ------------------------------------------------------------------------------------------------
 # attention
 
-def _check_out(fn, out, ref_view, shape, dtype, name="out"):
+def check_out(fn, out, ref_view, shape, dtype, name="out", ref_name="q"):
+    """View of a caller's ``out=`` (any strides; None for None): the array type of the inputs (JAX arrays
+    are immutable: TypeError), ``shape``, ``dtype`` and the device of ``ref_view`` (argument ``ref_name``)."""
     if out is None:
         return None
     if _kind(out) != ref_view.kind:
-        raise TypeError(f"{fn}: {name} is a {type(out).__name__}; expected the inputs' array type")
+        raise TypeError(f"{fn}: {name} is a {type(out).__name__}; expected the inputs' array type "
+                        f"({type(ref_view.src).__name__})")
+    if ref_view.kind == "jax":
+        raise TypeError(f"{fn}: JAX arrays are immutable; call without {name}=")
     ov = View.of(out, name, fn, contiguous=None)
     if ov.shape != tuple(shape):
         _dispatch.Shapes(fn).fail(name, ov.shape, [str(s) for s in shape])
     if ov.dtype != dtype:
         raise TypeError(f"{fn}: {name} has dtype {ov.dtype}; expected {dtype}")
     if ov.device != ref_view.device:
-        raise ValueError(f"{fn}: arrays are on different devices: q on cuda:{ref_view.device}, {name} on cuda:{ov.device}")
+        raise ValueError(f"{fn}: arrays are on different devices: {ref_name} on cuda:{ref_view.device}, "
+                         f"{name} on cuda:{ov.device}")
     return ov
+
+
+_check_out = check_out
+
+
+def itemsize_of(fn, dtype, name="x"):
+    """Bytes per element of a GPU array's dtype (any NumPy dtype: copies need no arithmetic)."""
+    size = _ITEMSIZE.get(dtype)
+    if size is None:
+        try:
+            size = np.dtype(dtype).itemsize
+        except TypeError:
+            raise TypeError(f"{fn}: {name} has dtype {dtype}, which lmkern cannot copy on the GPU") from None
+    return size
 
 
 def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_lens=None, return_lse=False,
