@@ -80,17 +80,6 @@ __device__ __forceinline__ void tile_fma(const float *qrow, int qs, const float 
     }
 }
 
-/* Max over the 16 lanes of a half warp (all 32 lanes call it). */
-__device__ __forceinline__ float half_max(float x) {
-    for (int o = 8; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    return x;
-}
-
-__device__ __forceinline__ float half_sum(float x) {
-    for (int o = 8; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
-
 /* ---- pass 1: per-row softmax statistics ------------------------------------------------------- */
 
 /* grid (B * Hkv * row_tiles, num_splits); dynamic shared memory: qpos[TR], kpos[TJ] (int64), q tile
@@ -181,10 +170,10 @@ __global__ void __launch_bounds__(THREADS) mass_stats_kernel(const lk_kv_mass_cu
                 const bool ok = r0 + rr < R && j0 + jj < k1 && (!p.causal || kpos_s[jj] <= qp);
                 s[c] = ok ? acc[u][c] * scale_log2 : -INFINITY;
             }
-            const float m_new = fmaxf(m[u], half_max(fmaxf(s[0], s[1])));
+            const float m_new = fmaxf(m[u], warp_max<16>(fmaxf(s[0], s[1])));
             const float e0 = s[0] == -INFINITY ? 0.f : exp2f(s[0] - m_new);
             const float e1 = s[1] == -INFINITY ? 0.f : exp2f(s[1] - m_new);
-            const float sum = half_sum(e0 + e1);
+            const float sum = warp_sum<16>(e0 + e1);
             l[u] = (m[u] == -INFINITY ? 0.f : l[u] * exp2f(m[u] - m_new)) + sum;
             m[u] = m_new;
         }
@@ -414,13 +403,7 @@ extern "C" int lk_kv_mass_cuda_splits(const lk_kv_mass_cuda_params *p, int num_s
     if (!p->normalize || p->Hkv <= 0 || p->Hq <= 0 || p->N <= 0) return 1;
     const int64_t R = p->Hq / p->Hkv * p->N;
     const int64_t blocks = p->B * p->Hkv * ((R + TR - 1) / TR);
-    if (blocks <= 0) return 1;
-    const int64_t target = (int64_t)(num_sms > 0 ? num_sms : 1) * 8;  // blocks to keep every SM busy
-    int64_t splits = (target + blocks - 1) / blocks;
-    const int64_t most = (p->M + 255) / 256;  // at least 256 keys per split
-    if (splits > most) splits = most;
-    if (splits > 64) splits = 64;
-    return splits < 1 ? 1 : (int)splits;
+    return split_count(blocks, num_sms, p->M, 256, 64);   // at least 256 keys per split
 }
 
 extern "C" int64_t lk_kv_mass_cuda_scratch_floats(const lk_kv_mass_cuda_params *p, int num_splits) {

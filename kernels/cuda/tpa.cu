@@ -443,13 +443,7 @@ extern "C" int lk_tpa_decode_cuda_supported(const lk_tpa_attention_params *p) {
 extern "C" int lk_tpa_decode_cuda_splits(const lk_tpa_attention_params *p, int num_sms) {
     DecodeCfg c;
     if (!decode_config(p, &c) || p->B <= 0 || p->M <= 256) return 1;
-    const int64_t per_split = p->B * c.groups;                 // blocks per split index
-    const int64_t target = (int64_t)(num_sms > 0 ? num_sms : 1) * 8;  // blocks to keep every SM busy
-    int64_t splits = (target + per_split - 1) / per_split;
-    const int64_t most = (p->M + 127) / 128;                   // at least 128 tokens per split
-    if (splits > most) splits = most;
-    if (splits > 512) splits = 512;
-    return splits < 1 ? 1 : (int)splits;
+    return split_count(p->B * c.groups, num_sms, p->M, 128, 512);   // at least 128 tokens per split
 }
 
 extern "C" int64_t lk_tpa_decode_cuda_scratch_floats(const lk_tpa_attention_params *p, int num_splits) {
