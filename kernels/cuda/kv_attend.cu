@@ -227,14 +227,14 @@ kv_attend_kernel(const lk_kv_attend_cuda_params p, int num_splits, int64_t split
         const int64_t orow = (b * p.N + i) * p.Hq + h;
         const float m = m_s[r], l = l_s[r];
         if (num_splits == 1) {
-            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const float inv = l == 0.f ? 0.f : 1.f / l;
             T *o = (T *)p.out + b * p.out_stride[0] + i * p.out_stride[1] + h * p.out_stride[2];
 #pragma unroll
             for (int u = 0; u < EPT; u++) {
                 const int64_t e = tid + (int64_t)u * ATT_THREADS;
                 if (e < E) o[e] = from_f<T>(acc[r][u] * inv);
             }
-            if (p.lse && tid == 0) p.lse[orow] = l > 0.f ? (m + log2f(l)) * LN2_F : -INFINITY;
+            if (p.lse && tid == 0) p.lse[orow] = l == 0.f ? -INFINITY : (m + log2f(l)) * LN2_F;
         } else {
             float *part = scratch + (orow * num_splits + split) * (E + 2);
             if (tid == 0) {

@@ -298,12 +298,12 @@ tpa_decode_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides s
         const int64_t hh = h0 + h;
         const float m = m_s[h], l = l_s[h];
         if (num_splits == 1) {
-            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const float inv = l == 0.f ? 0.f : 1.f / l;
             T *o = (T *)p.out + b * st.out[0] + hh * st.out[1];
 #pragma unroll
             for (int u = 0; u < 4; u++)
                 if (e0 + u < E) o[e0 + u] = from_f<T>(acc[k][u] * inv);
-            if (te == 0 && p.lse) ((float *)p.lse)[b * p.H + hh] = l > 0.f ? (m + log2f(l)) * LN2_F : -INFINITY;
+            if (te == 0 && p.lse) ((float *)p.lse)[b * p.H + hh] = l == 0.f ? -INFINITY : (m + log2f(l)) * LN2_F;
         } else {
             float *part = scratch + ((b * p.H + hh) * num_splits + split) * (int64_t)(E + 2);
             if (te == 0) {
