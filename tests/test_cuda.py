@@ -236,6 +236,19 @@ class FakeCuda:
                           style="interleaved" if kw["interleaved"] else "half", inverse=kw["inverse"])
 
 
+def assert_stream_ordered(fake, kernel, stream, *, released=True):
+    """The last ``kernel`` launch of a call made on ``stream`` (other than the caller's stream 0): the
+    stream first waited for stream 0 (where outputs and scratch were allocated), and, when ``released``,
+    was synchronized after the launch (what release_scratch does for arrays without record_stream)."""
+    names = [c[0] for c in fake.calls]
+    assert kernel in names, f"{kernel} was not launched"
+    at = len(names) - 1 - names[::-1].index(kernel)
+    assert fake.calls[at][1]["stream"] == stream
+    assert ("stream_wait", stream, 0) in fake.calls[:at], f"{kernel}: stream {stream} never waited for stream 0"
+    if released:
+        assert ("synchronize", stream) in fake.calls[at + 1:], f"{kernel}: outputs not released on stream {stream}"
+
+
 class FakeGpuArray:
     """A host array dressed as a CUDA array through __cuda_array_interface__ / __dlpack_device__."""
 
@@ -364,7 +377,13 @@ def test_glue_attention_out_and_stream(fake, rng):
     assert kw["stream"] == 1234 and kw["out"] == out.ctypes.data
     with cuda.use_stream(99):
         lmkern.attention(FakeGpuArray(q), FakeGpuArray(k), FakeGpuArray(v))
-    assert [c for c in fake.calls if c[0] == "attention"][-1][1]["stream"] == 99
+    assert_stream_ordered(fake, "attention", 99)
+    # DeviceArray inputs and an uploaded kv_lens: the same ordering
+    fake.calls.clear()
+    with cuda.use_stream(99):
+        lmkern.attention(cuda.DeviceArray.from_numpy(q), cuda.DeviceArray.from_numpy(k),
+                         cuda.DeviceArray.from_numpy(v), kv_lens=np.array([3]))
+    assert_stream_ordered(fake, "attention", 99)
 
 
 def test_glue_device_array_round_trip_and_attention(fake, rng):

@@ -13,7 +13,7 @@ from lmkern.reference import core as ref_core
 from lmkern.reference import kv as ref_kv
 
 from conftest import GPU_TOL, assert_close, randn, requires_gpu, torch_cuda
-from test_cuda import FakeCuda, FakeGpuArray, _arr_at
+from test_cuda import FakeCuda, FakeGpuArray, _arr_at, assert_stream_ordered
 
 
 # ------------------------------------------------------------------------------------------------
@@ -570,3 +570,21 @@ def test_gpu_cache_long_decode_split(rng):
     want, want_lse = twin.attend(q, return_lse=True)
     assert_close(_host(out), want, tol=GPU_TOL["float32"])
     assert_close(_host(lse), want_lse, tol=GPU_TOL["float32"])
+
+
+def test_glue_stream_ordering(fake, rng):
+    # quantize / dequantize / the cache on a stream other than the framework's: outputs allocated on
+    # stream 0 are waited for before each launch and released after it
+    x = randn(rng, (1, 16, 2, 16))
+    with cuda.use_stream(88):
+        qt = kv.quantize(FakeGpuArray(x), bits=2, group_size=8, axis="token")
+        assert_stream_ordered(fake, "kv_quantize", 88)
+        back = kv.dequantize(qt)
+        assert_stream_ordered(fake, "kv_dequantize", 88)
+    assert np.array_equal(back.numpy(), kv.dequantize(kv.quantize(x, bits=2, group_size=8, axis="token")))
+    gpu = kv.QuantizedKVCache(1, 40, 2, 16, 16, bits=2, group_size=8, residual=8, device="cuda")
+    with cuda.use_stream(88):
+        gpu.append(FakeGpuArray(x), FakeGpuArray(x))
+        assert_stream_ordered(fake, "kv_cache_append", 88)
+        gpu.attend(FakeGpuArray(randn(rng, (1, 1, 4, 16))))
+        assert_stream_ordered(fake, "kv_attend", 88)

@@ -11,7 +11,7 @@ from lmkern import kv as lkv
 from lmkern.reference import kv as rkv
 
 from conftest import GPU_TOL, assert_close, randn, requires_gpu, torch_cuda
-from test_cuda import FakeCuda, FakeGpuArray, _arr_at
+from test_cuda import FakeCuda, FakeGpuArray, _arr_at, assert_stream_ordered
 
 _REDUCE_NAMES = {0: "mean", 1: "sum", 2: "max", 3: "none"}
 
@@ -225,8 +225,18 @@ def test_glue_attention_mass_errors_match_cpu(kvfake, rng):
 def test_glue_attention_mass_stream(kvfake, rng):
     q, k = randn(rng, (1, 2, 2, 8)), randn(rng, (1, 5, 1, 8))
     with cuda.use_stream(77):
-        lkv.attention_mass(FakeGpuArray(q), FakeGpuArray(k))
-    assert _last(kvfake, "kv_attention_mass")["stream"] == 77
+        lkv.attention_mass(FakeGpuArray(q), FakeGpuArray(k), kv_lens=[4])
+    assert_stream_ordered(kvfake, "kv_attention_mass", 77)
+    s = randn(rng, (1, 9, 2))
+    x = randn(rng, (1, 9, 2, 4))
+    with cuda.use_stream(77):
+        lkv.pool1d(FakeGpuArray(s), 3)
+        assert_stream_ordered(kvfake, "kv_pool1d", 77)
+        idx = lkv.keep_topk(FakeGpuArray(s), 4)
+        assert_stream_ordered(kvfake, "kv_keep_topk", 77)
+        kvfake.calls.clear()
+        lkv.compact(FakeGpuArray(x), idx.numpy().astype(np.int32))   # a host idx, uploaded
+        assert_stream_ordered(kvfake, "kv_compact", 77)
 
 
 def test_glue_snapkv_pipeline_on_device_ops(kvfake, rng):

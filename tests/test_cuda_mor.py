@@ -8,7 +8,7 @@ from lmkern import cuda, mor
 from lmkern.reference import mor as ref
 
 from conftest import GPU_TOL, assert_close, randn, requires_gpu, torch_cuda
-from test_cuda import FakeCuda, FakeGpuArray, _arr_at
+from test_cuda import FakeCuda, FakeGpuArray, _arr_at, assert_stream_ordered
 
 # ------------------------------------------------------------------------------------------------
 # a fake lmkern._cuda with the mor methods, computing with the twins
@@ -159,8 +159,7 @@ def test_glue_expert_choice_candidates_strided_and_stream(fake, rng):
     assert kw["scores"] == s.ctypes.data and kw["scores_stride"] == 12 and kw["candidates"]
     with cuda.use_stream(99):
         mor.expert_choice(FakeGpuArray(s), 2, candidates=cuda.DeviceArray.from_numpy(cand))
-    kw = _last(fake, "mor_topk")
-    assert kw["stream"] == 99
+    assert_stream_ordered(fake, "mor_topk", 99)
     from lmkern import _cuda_mor
     _cuda_mor.expert_choice(FakeGpuArray(s), 2, stream=1234)
     assert _last(fake, "mor_topk")["stream"] == 1234
@@ -627,3 +626,20 @@ def test_glue_losses_reduce_on_the_host(fake, rng):
         mor.router_bce(logits, sel.astype(np.float32), eligible=elig)
     with pytest.raises(ValueError, match="depth"):
         mor.balance_loss(D(probs), D(depth + C))
+
+
+def test_glue_stream_ordering(fake, rng):
+    # on a stream other than the framework's: outputs (allocated on stream 0) are waited for before the
+    # launch and released after it, uploaded index arrays too
+    h, w = randn(rng, (2, 5, 8)), randn(rng, (8, 3))
+    idx = np.array([[0, 4], [3, 1]])
+    with cuda.use_stream(66):
+        mor.router_scores(FakeGpuArray(h), FakeGpuArray(w), activation="softmax")
+        assert_stream_ordered(fake, "mor_router", 66)
+        mor.token_choice(FakeGpuArray(randn(rng, (2, 5, 3))))
+        assert_stream_ordered(fake, "mor_token_choice", 66)
+        out = mor.gather(FakeGpuArray(h), idx)
+        assert_stream_ordered(fake, "mor_gather", 66)
+        res = mor.scatter_residual(FakeGpuArray(h), idx, FakeGpuArray(out.numpy()))
+        assert_stream_ordered(fake, "mor_scatter", 66)
+    assert_close(res.numpy(), ref.scatter_residual(h, idx, out.numpy()), tol=0)

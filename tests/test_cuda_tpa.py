@@ -8,7 +8,7 @@ from lmkern import cuda, tpa
 from lmkern.reference import tpa as ref
 
 from conftest import GPU_TOL, assert_close, randn, requires_gpu, torch_cuda
-from test_cuda import FakeCuda, FakeGpuArray, _arr_at
+from test_cuda import FakeCuda, FakeGpuArray, _arr_at, assert_stream_ordered
 
 
 def factors(rng, B, N, M, H, Rq, Rk, Rv, D, E, dtype=np.float32):
@@ -155,8 +155,10 @@ def test_glue_decode_out_stream_and_device_kv_lens(fake, rng):
     assert_close(out, ref.decode(aq, bq, ak, bk, av, bv, kv_lens=[5, 9]))
     assert _calls(fake, "tpa_decode")[-1]["out"] == out.ctypes.data
     with cuda.use_stream(77):
-        tpa.decode(*(G(x) for x in (aq, bq, ak, bk, av, bv)))
-    assert _calls(fake, "tpa_decode")[-1]["stream"] == 77
+        tpa.decode(*(G(x) for x in (aq, bq, ak, bk, av, bv)), kv_lens=[4, 9])
+        assert_stream_ordered(fake, "tpa_decode", 77)
+        tpa.materialize(G(ak), G(bk))
+        assert_stream_ordered(fake, "tpa_materialize", 77)
     D = cuda.DeviceArray.from_numpy
     lens = D(np.array([3, 7], np.int64))
     res = tpa.decode(*(D(x) for x in (aq, bq, ak, bk, av, bv)), kv_lens=lens)

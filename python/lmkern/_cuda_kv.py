@@ -64,9 +64,12 @@ def quantize(x, bits, group_size, axis, fn="kv.quantize"):
     scale = cuda.empty_like_caller(x, sshape, "float32")
     zero = cuda.empty_like_caller(x, sshape, "float32")
     if xv.size:
+        cuda.enter_stream(x, st, xv.device)   # codes / scale / zero come from the framework's current stream
         cuda._cuda.kv_quantize(device=xv.device, stream=st, dtype=dtype, B=B, T=T, H=H, D=D, G=G, bits=bits,
                                channel=axis == "channel", x=xv.ptr, codes=cuda.View.of(codes, "codes", fn).ptr,
                                scale=cuda.View.of(scale, "scale", fn).ptr, zero=cuda.View.of(zero, "zero", fn).ptr)
+    for buf in (codes, scale, zero):
+        cuda.release_scratch(x, buf, st)
     _release_copy(xv, st)
     return QuantizedTensor(cuda.wrap_result(x, codes, st), cuda.wrap_result(x, scale, st),
                            cuda.wrap_result(x, zero, st), bits=bits, group_size=G, axis=axis, shape=xv.shape,
@@ -91,27 +94,17 @@ def dequantize(qt, fn="kv.dequantize"):
     B, T, H, D = qt.shape
     out = cuda.empty_like_caller(ref, qt.shape, dtype)
     if B * T * H * D:
+        cuda.enter_stream(ref, st, dev)
         cuda._cuda.kv_dequantize(device=dev, stream=st, dtype=dtype, B=B, T=T, H=H, D=D, G=qt.group_size,
                                  bits=qt.bits, channel=qt.axis == "channel", x=cuda.View.of(out, "out", fn).ptr,
                                  codes=cv.ptr, scale=sv.ptr, zero=zv.ptr)
+    cuda.release_scratch(ref, out, st)
     for v in (cv, sv, zv):
         _release_copy(v, st)
     return cuda.wrap_result(ref, out, st)
 
 
 # ------------------------------------------------------------------------------------------------ 4.2
-
-def _zeros(shape, dtype, device):
-    """A zero-filled device buffer: torch when it sees a GPU, else an (uninitialized) DeviceArray; the
-    kernels never read a slot that was not written."""
-    try:
-        import torch
-        if not torch.cuda.is_available():
-            raise ImportError
-    except ImportError:
-        return cuda.DeviceArray(shape, dtype, device)
-    return torch.zeros(shape, dtype=getattr(torch, dtype), device=torch.device("cuda", device))
-
 
 class QuantizedCacheStorage:
     """The GPU half of ``lmkern.kv.QuantizedKVCache(..., device="cuda")`` (layout in lmkern/kv.h)."""
@@ -132,7 +125,7 @@ class QuantizedCacheStorage:
         self.k_groups = -(-S // G)
         self.k_res_cap = min(S, c.residual + G)
         self.v_res_cap = min(S, c.residual)
-        z = lambda shape, dt="float32": _zeros(shape, dt, self.device)  # noqa: E731
+        z = lambda shape, dt="float32": cuda.cache_buffer(shape, dt, self.device)  # noqa: E731
         self.k_codes = z((B, H, self.k_groups, D, G // per), "uint8")
         self.k_scale = z((B, H, self.k_groups, D))
         self.k_zero = z((B, H, self.k_groups, D))
@@ -190,18 +183,19 @@ class QuantizedCacheStorage:
         if c.batch and c.kv_heads and c.max_len and (max_kgroups or max_vtokens or max_new):
             rows = np.ascontiguousarray(np.stack([start, lens, c._qk, new_qk, c._qv, new_qv], axis=1), np.int64)
             rv, _ = cuda.index_view(k, rows, "rows", fn, st)
+            cuda.enter_stream(k, st, self.device)
             cuda._cuda.kv_cache_append(device=self.device, stream=st, dtype=dtype, B=c.batch, T=T, H=c.kv_heads,
                                        k=kv_.ptr, k_stride=kv_.strides[:3], v=vv_.ptr, v_stride=vv_.strides[:3],
                                        rows=rv.ptr, max_kgroups=max_kgroups, max_vtokens=max_vtokens,
                                        max_new=max_new, **self._geometry(), **self._ptrs(fn))
-            cuda.release_scratch(k, rv.obj, st)
+            cuda.release_temps(k, st, rv)
         # the positions of the new tokens (slots past every row's old length: never read by queued work)
         pv = cuda.View.of(self.pos, "positions", fn, contiguous=None)
         for b in range(c.batch):
             n, s0 = int(lens[b]), int(start[b])
             if n:
                 row = np.ascontiguousarray(c._pos[b, s0:s0 + n], dtype=np.int64)
-                cuda._cuda.memcpy_htod(pv.ptr + (b * c.max_len + s0) * 8, row, self.device)  # synchronous
+                cuda._cuda.memcpy_htod(pv.ptr + (b * c.max_len + s0) * 8, row, self.device, st)
         c._len[:], c._qk[:], c._qv[:] = new_len, new_qk, new_qv
         _release_copy(kv_, st)
         _release_copy(vv_, st)
@@ -241,11 +235,12 @@ class QuantizedCacheStorage:
                       max_len=int(c._len.max()), **self._geometry(), **self._ptrs(fn))
             splits, scratch_floats = cuda._cuda.kv_attend_plan(**kw)
             scratch = cuda.empty_like_caller(q, (scratch_floats,), "float32") if splits > 1 else None
+            cuda.enter_stream(q, st, self.device)   # out / lse / scratch: the framework's current stream
             cuda._cuda.kv_attend(**kw, num_splits=splits,
                                  scratch=cuda.View.of(scratch, "scratch", fn).ptr if scratch is not None else None)
-            for buf in (scratch, rv.obj, pv.obj):
+            for buf in (scratch, out, lse):
                 cuda.release_scratch(q, buf, st)
-            _release_copy(qv, st)
+            cuda.release_temps(q, st, qv, rv, pv)
         res = cuda.wrap_result(q, out, st)
         if return_lse:
             return res, cuda.wrap_result(q, lse, st)

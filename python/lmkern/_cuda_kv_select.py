@@ -92,16 +92,12 @@ def attention_mass(q, k, *, scale=None, causal=False, q_pos=None, kv_pos=None, k
     maxd = cuda._cuda.max_head_dim
     if D > maxd:
         raise ValueError(f"{fn}: head dimension D = {D} exceeds {maxd}, the largest the CUDA kernels support")
-    uploaded = []
     if qpos_h is not None:
         qpos_v = _upload(q, qpos_h, "q_pos", fn, st)
-        uploaded.append(qpos_v.obj)
     if kvpos_h is not None:
         kvpos_v = _upload(q, kvpos_h, "kv_pos", fn, st)
-        uploaded.append(kvpos_v.obj)
     if lens_h is not None:
         lens_v = _upload(q, lens_h, "kv_lens", fn, st)
-        uploaded.append(lens_v.obj)
     out = cuda.empty_like_caller(q, (B, M, Hq if group_reduce == "none" else Hkv), "float32")
     ov = cuda.View.of(out, "out", fn)
     kw = dict(device=dev, stream=st, dtype=dtype, B=B, N=N, M=M, Hq=Hq, Hkv=Hkv, D=D,
@@ -115,9 +111,11 @@ def attention_mass(q, k, *, scale=None, causal=False, q_pos=None, kv_pos=None, k
     splits, floats = cuda._cuda.kv_attention_mass_plan(**kw)
     scratch = cuda.empty_like_caller(q, (floats,), "float32") if floats > 0 else None
     sv = cuda.View.of(scratch, "scratch", fn) if scratch is not None else None
+    cuda.enter_stream(q, st, dev)   # out / scratch come from the framework's current stream
     cuda._cuda.kv_attention_mass(**kw, num_splits=splits, scratch=sv.ptr if sv is not None else None)
-    for buf in uploaded + [scratch]:
+    for buf in (out, scratch):
         cuda.release_scratch(q, buf, st)
+    cuda.release_temps(q, st, qv, kv, qpos_v, kvpos_v, lens_v)
     return cuda.wrap_result(q, out, st)
 
 
@@ -132,8 +130,10 @@ def pool1d(scores, kernel_size, *, mode="avg", stream=None):
     B, M, H = sv.shape
     out = cuda.empty_like_caller(scores, (B, M, H), dtype)
     ov = cuda.View.of(out, "out", fn)
+    cuda.enter_stream(scores, st, sv.device)
     cuda._cuda.kv_pool1d(device=sv.device, stream=st, dtype=dtype, B=B, M=M, H=H, kernel_size=ks,
                          max_mode=mode == "max", scores=sv.ptr, s_stride=sv.strides[:3], out=ov.ptr)
+    cuda.release_scratch(scores, out, st)
     return cuda.wrap_result(scores, out, st)
 
 
@@ -150,8 +150,10 @@ def keep_topk(scores, budget, *, sink=0, recent=0, stream=None):
     K = min(budget, M)
     idx = cuda.empty_like_caller(scores, (B, K, H), "int64")
     iv = cuda.View.of(idx, "idx", fn)
+    cuda.enter_stream(scores, st, sv.device)
     cuda._cuda.kv_keep_topk(device=sv.device, stream=st, dtype=dtype, B=B, M=M, H=H, K=K, sink=sink, recent=recent,
                             scores=sv.ptr, s_stride=sv.strides[:3], idx=iv.ptr)
+    cuda.release_scratch(scores, idx, st)
     return cuda.wrap_result(scores, idx, st)
 
 
@@ -174,8 +176,9 @@ def compact(x, idx, *, stream=None):
         idx_v = _upload(x, idx_h, "idx", fn, st)
     out = cuda.empty_like_caller(x, (B, K, H, D), xv.dtype)
     ov = cuda.View.of(out, "out", fn)
+    cuda.enter_stream(x, st, xv.device)
     cuda._cuda.kv_compact(device=xv.device, stream=st, B=B, M=M, K=K, H=H, row_bytes=D * itemsize, x=xv.ptr,
                           x_stride_bytes=tuple(s * itemsize for s in xv.strides[:3]), idx=idx_v.ptr, out=ov.ptr)
-    if idx_h is not None:
-        cuda.release_scratch(x, idx_v.obj, st)
+    cuda.release_scratch(x, out, st)
+    cuda.release_temps(x, st, xv, idx_v)
     return cuda.wrap_result(x, out, st)

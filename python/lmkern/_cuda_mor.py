@@ -65,9 +65,12 @@ class _Empty:
         self.ndim = len(self.shape)
 
 
-def _release_index(ref, view, host, stream):
-    if view is not None and view.obj is not None and host is not None:  # an upload of ours, dropped when the call returns
-        cuda.release_scratch(ref, view.obj, stream)
+def _release(ref, st, outputs, *views):
+    """After a launch on st: outputs allocated on the framework's current stream, and the copies and
+    uploads behind ``views``, are safe to drop (see lmkern.cuda.release_scratch)."""
+    for buf in outputs:
+        cuda.release_scratch(ref, buf, st)
+    cuda.release_temps(ref, st, *views)
 
 
 def _same_kind(fn, ref_name, ref_view, **views):
@@ -91,10 +94,11 @@ def expert_choice(scores, k, *, candidates=None, stream=None):
     idx = cuda.empty_like_caller(scores, (B, k), "int64")
     gate = cuda.empty_like_caller(scores, (B, k), dtype)
     iv, gv = cuda.View.of(idx, "idx", fn), cuda.View.of(gate, "gate", fn)
+    cuda.enter_stream(scores, st, sv.device)   # outputs come from the framework's current stream
     cuda._cuda.mor_topk(device=sv.device, stream=st, dtype=dtype, B=B, n=n, k=k, scores=sv.ptr,
                         scores_stride=sv.strides[0], candidates=cv.ptr if cv is not None else None,
                         idx=iv.ptr, gate=gv.ptr)
-    _release_index(scores, cv, chost, st)
+    _release(scores, st, (idx, gate), sv, cv)
     return cuda.wrap_result(scores, idx, st), cuda.wrap_result(scores, gate, st)
 
 
@@ -113,10 +117,12 @@ def router_scores(h, w, *, activation="sigmoid", alpha=1.0, temperature=1.0, str
     w_stride = (wv.strides[0], 0) if vector else wv.strides[:2]
     z = cuda.empty_like_caller(h, (B, T) if vector else (B, T, C), dtype)
     zv = cuda.View.of(z, "z", fn)
+    cuda.enter_stream(h, st, dev)
     cuda._cuda.mor_router(device=dev, stream=st, dtype=dtype, B=B, T=T, Dm=Dm, C=C, h=hv.ptr,
                           h_stride=hv.strides[:2], w=wv.ptr, w_stride=w_stride, z=zv.ptr,
                           activation=_mor._ACTIVATIONS[activation], alpha=float(alpha),
                           temperature=float(temperature))
+    _release(h, st, (z,), hv, wv)
     return cuda.wrap_result(h, z, st)
 
 
@@ -133,9 +139,11 @@ def token_choice(probs, *, bias=None, stream=None):
     depth = cuda.empty_like_caller(probs, (B, T), "int64")
     gate = cuda.empty_like_caller(probs, (B, T), dtype)
     dv, gv = cuda.View.of(depth, "depth", fn), cuda.View.of(gate, "gate", fn)
+    cuda.enter_stream(probs, st, dev)
     cuda._cuda.mor_token_choice(device=dev, stream=st, dtype=dtype, B=B, T=T, C=C, probs=pv.ptr,
                                 probs_stride=pv.strides[:2], bias=bv.ptr if bv is not None else None,
                                 depth=dv.ptr, gate=gv.ptr)
+    _release(probs, st, (depth, gate), pv, bv)
     return cuda.wrap_result(probs, depth, st), cuda.wrap_result(probs, gate, st)
 
 
@@ -150,9 +158,10 @@ def gather(h, idx, *, stream=None):
     B, T, k, Dm = sh["B"], sh["T"], sh["k"], sh["Dm"]
     out = cuda.empty_like_caller(h, (B, k, Dm), dtype)
     ov = cuda.View.of(out, "out", fn)
+    cuda.enter_stream(h, st, hv.device)
     cuda._cuda.mor_gather(device=hv.device, stream=st, dtype=dtype, B=B, T=T, k=k, Dm=Dm, h=hv.ptr,
                           h_stride=hv.strides[:2], idx=iv.ptr, out=ov.ptr, out_stride=ov.strides[:2])
-    _release_index(h, iv, ihost, st)
+    _release(h, st, (out,), hv, iv)
     return cuda.wrap_result(h, out, st)
 
 
@@ -186,10 +195,11 @@ def scatter_residual(h, idx, y, gate=None, *, out=None, stream=None, fn="mor.sca
     else:
         target, tv = ov.obj, ov
         src = None if in_place else hv.ptr
+    cuda.enter_stream(h, st, dev)
     cuda._cuda.mor_scatter(device=dev, stream=st, dtype=dtype, B=B, T=T, k=k, Dm=Dm, h=src,
                            h_stride=hv.strides[:2], idx=iv.ptr, y=yv.ptr, y_stride=yv.strides[:2],
                            gate=gv.ptr if gv is not None else None, out=tv.ptr, out_stride=tv.strides[:2])
-    _release_index(h, iv, ihost, st)
+    _release(h, st, (target,) if ov is None else (), hv, yv, gv, iv)
     if out is not None and target is not out:
         cuda._copy_into(out, target, st)
         target = out

@@ -66,11 +66,12 @@ def expand(x, P, *, stream=None):
     out = cuda.empty_like_caller(x, shape, xv.dtype)
     ov = cuda.View.of(out, "out", fn, contiguous="full")
     nbytes = xv.size * cuda.itemsize_of(fn, xv.dtype)
+    cuda.enter_stream(x, st, xv.device)
     if nbytes:
         for p in range(P):   # out[p·B : (p+1)·B] = x
             cuda._cuda.memcpy_dtod(ov.ptr + p * nbytes, xv.ptr, nbytes, xv.device, st)
-    if xv.obj is not x:
-        cuda.release_scratch(x, xv.obj, st)
+    cuda.release_scratch(x, out, st)
+    cuda.release_temps(x, st, xv)
     return cuda.wrap_result(x, out, st)
 
 
@@ -205,6 +206,8 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
     y = cuda.empty_like_caller(h, (B, T, Hd), dtype) if out is None else out
     wts = cuda.empty_like_caller(h, (B, T, P), "float32") if return_weights else None
     if R > 0:
+        cuda.enter_stream(h, st, dev)   # y / wts come from the framework's current stream
+        handed_back = (y if out is None else None, wts)
         with ops.on_stream():
             # framework temporaries below are allocated on st: freeing them is ordered after our kernels
             if out is not None and not ov.inner_contiguous():
@@ -233,6 +236,8 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
             if y is not out and out is not None:
                 ops.copy_(out, y)
                 y = out
+        for buf in handed_back:   # after the launches: stream-safe for the caller to drop
+            cuda.release_scratch(h, buf, st)
     y = cuda.wrap_result(h, y, st)
     if return_weights:
         return y, cuda.wrap_result(h, wts, st)

@@ -55,13 +55,6 @@ def _index(ref, idx, name, fn, st, dev):
     return view, host
 
 
-def _release_uploaded(ref, pairs, st):
-    """Index arrays uploaded from the host are dropped when the call returns: keep them stream-safe."""
-    for idx, view in pairs:
-        if view is not None and not _dispatch.is_cuda(idx):
-            cuda.release_scratch(ref, view.obj, st)
-
-
 def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False, out=None, splits=0, stream=None):
     """GPU ``tpa.decode`` (SPEC 2.4); ``splits > 0`` forces the cache split count (tests)."""
     from .tpa import check_factors
@@ -110,9 +103,11 @@ def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False
     scratch = cuda.empty_like_caller(aq, (scratch_floats,), "float32") if num_splits > 1 else None
     kw["num_splits"] = num_splits
     kw["scratch"] = cuda.View.of(scratch, "scratch", fn).ptr if scratch is not None else None
+    cuda.enter_stream(aq, st, dev)   # res / lse / scratch come from the framework's current stream
     cuda._cuda.tpa_decode(**kw)
-    cuda.release_scratch(aq, scratch, st)
-    _release_uploaded(aq, ((kv_lens, lens_v),), st)
+    for buf in (scratch, lse, res if res is not out else None):
+        cuda.release_scratch(aq, buf, st)
+    cuda.release_temps(aq, st, *views.values(), lens_v)
     if out is not None and res is not out:
         cuda._copy_into(out, res, st)
         res = out
@@ -127,7 +122,7 @@ def materialize(a, b, *, scale=None, out=None, stream=None):
     fn = "tpa.materialize"
     cuda._require()
     st = cuda.stream_of(a, stream)
-    res, av = _materialize(a, b, scale, st, fn, out)
+    res = _materialize(a, b, scale, st, fn, out)
     if out is not None and res is not out:
         cuda._copy_into(out, res, st)
         res = out
@@ -135,8 +130,8 @@ def materialize(a, b, *, scale=None, out=None, stream=None):
 
 
 def _materialize(a, b, scale, st, fn, out=None):
-    """Enqueues ``scale * a @ b``; returns (the array written: ``out`` when it is C-contiguous, else a new
-    array of the caller's framework (DeviceArray for callers without one), the View of ``a``)."""
+    """Enqueues ``scale * a @ b``; returns the array written: ``out`` when it is C-contiguous, else a new
+    array of the caller's framework (DeviceArray for callers without one), stream-safe to drop."""
     from .tpa import check_materialize
     av = _view(a, "a", fn, st, "full")
     bv = _view(b, "b", fn, st, "full")
@@ -151,9 +146,13 @@ def _materialize(a, b, scale, st, fn, out=None):
     else:
         res = cuda.empty_like_caller(a, shape, dtype)
         resv = cuda.View.of(res, "out", fn)
+    cuda.enter_stream(a, st, dev)
     cuda._cuda.tpa_materialize(device=dev, stream=st, dtype=dtype, rows=rows, H=sh["H"], R=sh["R"], D=sh["D"],
                                a=av.ptr, b=bv.ptr, out=resv.ptr, scale=scale)
-    return res, av
+    if res is not out:
+        cuda.release_scratch(a, res, st)
+    cuda.release_temps(a, st, av, bv)
+    return res
 
 
 def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_lens=None,
@@ -184,13 +183,11 @@ def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, k
         ov = cuda._check_out(fn, out, views["aq"], (B, N, H, E), dtype)
         if not ov.inner_contiguous():
             raise ValueError(f"{fn}: out must have a contiguous last axis for this array type")
-    q = _materialize(aq, bq, None, st, fn)[0]
-    k = _materialize(ak, bk, None, st, fn)[0]
-    v = _materialize(av, bv, None, st, fn)[0]
+    q = _materialize(aq, bq, None, st, fn)
+    k = _materialize(ak, bk, None, st, fn)
+    v = _materialize(av, bv, None, st, fn)
     res = cuda.attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, kv_pos=kv_pos, kv_lens=kv_lens,
                          return_lse=return_lse, out=out if own else None, stream=st, fn=fn)
-    for tmp in (q, k, v):
-        cuda.release_scratch(aq, tmp, st)
     if own:
         return res
     o, lse = res if return_lse else (res, None)

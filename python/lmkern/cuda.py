@@ -89,8 +89,7 @@ How to add a CUDA op (recipe for the family engineers)
        ov = cuda.View.of(out, "out", fn)
        cuda._cuda.<op>(device=dev, stream=st, dtype=dtype, ..., x=xv.ptr, x_stride=xv.strides[:3],
                        idx=iv.ptr, out=ov.ptr)
-       if ihost is not None:
-           cuda.release_scratch(x, iv.obj, st)             # an uploaded temporary dropped after launch
+       cuda.release_temps(x, st, xv, wv, iv)              # copies / uploads dropped after the launch
        return cuda.wrap_result(x, out, st)                 # caller's array type (JAX: via DLPack)
 
    Scratch: ``buf = cuda.empty_like_caller(x, (n,), "float32")``, pass ``cuda.View.of(buf, ...).ptr``,
@@ -121,7 +120,7 @@ else:
 __all__ = [
     "available", "device_count", "config", "DeviceArray", "View", "attention", "rope", "use_stream",
     "synchronize", "stream_of", "empty_like_caller", "wrap_result", "index_view", "same_float_dtype",
-    "same_device", "release_scratch",
+    "same_device", "release_scratch", "release_temps",
 ]
 
 GPU_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
@@ -732,7 +731,7 @@ def index_view(ref, idx, name, fn, stream=None):
     if idx is None:
         return None, None
     if _dispatch.is_cuda(idx):
-        v = View.of(idx, name, fn, contiguous="full")
+        v = View.of(idx, name, fn, contiguous="full", stream=stream)
         if v.dtype != "int64":
             if not v.dtype.startswith(("int", "uint")):
                 raise TypeError(f"{fn}: {name} has dtype {v.dtype}; expected an integer dtype")
@@ -745,11 +744,15 @@ def index_view(ref, idx, name, fn, stream=None):
             else:
                 raise TypeError(f"{fn}: {name} on the GPU must be int64 for a {type(idx).__name__}")
             v = View.of(conv, name, fn, contiguous="full")
+            if stream is not None:   # the conversion ran on the framework's current stream
+                enter_stream(conv, stream, v.device)
+            v.src = idx
         return v, None
     host = _dispatch.index_array(fn, name, idx)
     host = np.ascontiguousarray(host)
     dev = _from_host(ref, host, stream)
     v = View.of(dev, name, fn, contiguous="full")
+    v.src = idx
     return v, host
 
 
@@ -789,6 +792,15 @@ def enter_stream(ref, stream, device):
     cur = _current_stream(ref)
     if int(stream) != cur and not (int(stream) in (0, 1) and cur in (0, 1)):
         _cuda.stream_wait(int(stream), cur, device)
+
+
+def release_temps(ref, stream, *views):
+    """:func:`release_scratch` on every temporary behind ``views`` (None skipped): a contiguous copy made
+    by :meth:`View.of`, an index array uploaded or converted by :func:`index_view` (``view.obj`` is not
+    the caller's ``view.src``).  Call after the launches that read them."""
+    for v in views:
+        if v is not None and getattr(v, "obj", None) is not None and v.obj is not v.src:
+            release_scratch(ref, v.obj, stream)
 
 
 def release_scratch(ref, buf, stream):
@@ -970,10 +982,8 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
     _cuda.attention(**kw)
     for buf in (scratch, lse, res if res is not out else None):
         release_scratch(q, buf, st)
-    # index arrays uploaded from the host are dropped when this call returns: keep them stream-safe too
-    for idx, view in ((q_pos, qpos_v), (kv_pos, kvpos_v), (kv_lens, lens_v)):
-        if view is not None and not _dispatch.is_cuda(idx):
-            release_scratch(q, view.obj, st)
+    # copies of the inputs and uploaded index arrays are dropped when this call returns: stream-safe too
+    release_temps(q, st, qv, kv, vv, pkv, pvv, qpos_v, kvpos_v, lens_v)
     if res is not out and out is not None:
         _copy_into(out, res, st)
         res = out
@@ -1008,11 +1018,12 @@ def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=F
     from ._attention import check_rope_args
     r = check_rope_args(fn, xv, pos_host if pos_host is not None else _ShapeOnly(pos_v.shape), rotary_dim, style)
     B, T, G, D = xv.shape
+    # x copied to a contiguous feature axis when it is not (on the framework's stream; View.of makes st wait)
+    src = xv if xv.inner_contiguous() else View.of(x, "x", fn, stream=st)
     enter_stream(x, st, xv.device)   # the copies below and the kernel write on st
     if out is None:
         target = empty_like_caller(x, xv.shape, dtype)
         tv = View.of(target, "out", fn)
-        src = xv if xv.inner_contiguous() else View.of(x, "x", fn)
         _copy_rows(src, tv, st, fn)
         res = target
     else:
@@ -1020,18 +1031,16 @@ def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=F
         if ov.inner_contiguous():
             target, tv = out, ov
             if ov.ptr != xv.ptr or ov.strides != xv.strides:
-                src = xv if xv.inner_contiguous() else View.of(x, "x", fn)
                 _copy_rows(src, tv, st, fn)
         else:
             target = empty_like_caller(x, xv.shape, dtype)
             tv = View.of(target, "out", fn)
-            _copy_rows(View.of(x, "x", fn), tv, st, fn)
+            _copy_rows(src, tv, st, fn)
         res = target
     _cuda.rope(device=xv.device, stream=st, dtype=dtype, B=B, T=T, G=G, D=D, x=tv.ptr, x_stride=tv.strides[:3],
                positions=pos_v.ptr, pos_bstride=T if pos_v.ndim == 2 else 0, rotary_dim=r, base=float(base),
                interleaved=style == "interleaved", inverse=bool(inverse))
-    if pos_host is not None:
-        release_scratch(x, pos_v.obj, st)
+    release_temps(x, st, src, pos_v)
     if res is not out and res is not x:
         release_scratch(x, res, st)
     if out is not None and res is not out:
@@ -1104,6 +1113,21 @@ def parse_device(device):
     raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
 
 
+def cache_buffer(shape, dtype, device):
+    """A device buffer for a cache that lives across calls and streams: a zero-filled torch tensor when
+    torch sees the GPU (the fill is waited for here, so work on any stream finds it done), else an
+    uninitialized :class:`DeviceArray` (the kernels never read a slot that was not written)."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            raise ImportError
+    except ImportError:
+        return DeviceArray(shape, dtype, device)
+    t = torch.zeros(shape, dtype=getattr(torch, dtype), device=torch.device("cuda", device))
+    torch.cuda.current_stream(t.device).synchronize()
+    return t
+
+
 class RowStorage:
     """Preallocated token-major GPU buffers ``(batch, max_len, *tail)`` of one float dtype, filled row by
     row: the GPU half of the caches (``lmkern.KVCache``, ``lmkern.tpa.KVCache`` with ``device="cuda"``).
@@ -1120,17 +1144,8 @@ class RowStorage:
         self.dtype = _dtype_name(dtype) if dtype is not None else "float32"
         if self.dtype not in GPU_FLOAT_DTYPES:
             raise TypeError(f"{fn}: dtype must be float32, float16 or bfloat16 on the GPU; got {self.dtype}")
-        self.buf = {name: self._zeros((self.batch, self.max_len) + tuple(tail), self.dtype)
+        self.buf = {name: cache_buffer((self.batch, self.max_len) + tuple(tail), self.dtype, device)
                     for name, tail in tails.items()}
-
-    def _zeros(self, shape, dtype):
-        try:
-            import torch
-            if not torch.cuda.is_available():
-                raise ImportError
-        except ImportError:
-            return DeviceArray(shape, dtype, self.device)
-        return torch.zeros(shape, dtype=getattr(torch, dtype), device=torch.device("cuda", self.device))
 
     @property
     def itemsize(self):
@@ -1157,6 +1172,8 @@ class RowStorage:
 
     def write(self, views, lens, starts, st):
         """Row b's first lens[b] new tokens of every buffer to slots [starts[b], starts[b] + lens[b])."""
+        if views:   # contiguous copies of the inputs were made on the framework's current stream
+            enter_stream(next(iter(views.values())).src, st, self.device)
         for name, src in views.items():
             dst = View.of(self.buf[name], name, self.fn, contiguous="full")
             row = int(np.prod(src.shape[2:], dtype=np.int64)) * self.itemsize
@@ -1189,11 +1206,7 @@ class KVCacheStorage(RowStorage):
         super().__init__("KVCache", c.batch, c.max_len, {"k": (c.kv_heads, c.head_dim),
                                                           "v": (c.kv_heads, c.v_head_dim)}, device, dtype)
         self.k, self.v = self.buf["k"], self.buf["v"]
-        if isinstance(self.k, DeviceArray):
-            self.pos = DeviceArray((c.batch, c.max_len), "int64", device)
-        else:
-            import torch
-            self.pos = torch.zeros((c.batch, c.max_len), dtype=torch.int64, device=self.k.device)
+        self.pos = cache_buffer((c.batch, c.max_len), "int64", device)
 
     def check_append(self, k, v):
         """Views of the new k (B,T,Hkv,D) and v (B,T,Hkv,E) after dtype / device / shape checks; (T, views)."""
