@@ -402,3 +402,13 @@ def test_gpu_attention(rng, dtype, B, N, M, H, Rq, Rk, Rv, D, E, causal, lens):
     want = lmkern.reference.core.attention(rq, rk, rv, causal=causal, scale=D ** -0.5, kv_lens=kv_lens)
     out = tpa.attention(*ts, causal=causal, kv_lens=kv_lens)
     assert_close(out.float().cpu().numpy(), want, tol=GPU_TOL[dtype])
+
+
+def test_glue_decode_reversed_cache_view_is_copied_not_read_backwards(fake, rng):
+    aq, bq, ak, bk, av, bv = factors(rng, 1, 1, 6, 2, 2, 1, 1, 8, 8)
+    aq, bq = aq[:, 0], bq[:, 0]
+    # a reversed token axis (CuPy's x[:, ::-1]) goes through the framework's copy, never to the kernel
+    # with a negative stride; this stand-in framework cannot copy, so the error names the argument
+    with pytest.raises(ValueError, match="ak is not contiguous and lmkern cannot copy"):
+        tpa.decode(G(aq), G(bq), G(ak[:, ::-1]), G(bk), G(av), G(bv))
+    assert not _calls(fake, "tpa_decode")

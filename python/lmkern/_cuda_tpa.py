@@ -40,7 +40,7 @@ def _view(x, name, fn, st, contiguous):
         return v
     ok = {"inner": v.inner_contiguous, "full": v.c_contiguous,
           "block": lambda: v.inner_contiguous() and (v.ndim < 2 or _block_contiguous(v))}[contiguous]
-    if ok():
+    if ok() and min(_normalized(v), default=0) >= 0:   # reversed views (CuPy x[::-1]) are copied too
         return v
     return cuda.View.of(x, name, fn, contiguous="full", stream=st)
 
