@@ -36,6 +36,9 @@ class Shapes:
         self.dims[letter] = int(value)
 
     def _expected(self, letters, shape):
+        """The sizes the letters stand for: bound sizes, digits, and (when the rank matches) the sizes
+        given for free letters; a free letter of a wrong-rank argument stays a letter."""
+        rank_ok = len(shape) == len(letters)
         vals = []
         for i, letter in enumerate(letters):
             if letter.isdigit():
@@ -43,7 +46,7 @@ class Shapes:
             elif letter in self.dims:
                 vals.append(self.dims[letter])
             else:
-                vals.append(shape[i] if i < len(shape) else "?")
+                vals.append(shape[i] if rank_ok else letter)
         return vals
 
     def check(self, arg: str, x, spec: str) -> None:
@@ -64,12 +67,12 @@ class Shapes:
                 self.dims.setdefault(letter, size)
 
     def fail(self, arg, shape, letters):
-        want = self._expected(letters, shape)
-        lt = "(" + ", ".join(letters) + ("," if len(letters) == 1 else "") + ")"
-        wt = "(" + ", ".join(str(v) for v in want) + ("," if len(want) == 1 else "") + ")"
-        got = "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        def tup(vals):
+            return "(" + ", ".join(str(v) for v in vals) + ("," if len(vals) == 1 else "") + ")"
+        lt, wt, got = tup(letters), tup(self._expected(letters, shape)), tup(shape)
+        expect = lt if lt == wt else f"{lt} = {wt}"   # (1, 2) for sizes given as numbers, not "(1, 2) = (1, 2)"
         extra = "" if len(shape) == len(letters) else f" ({len(letters)} dimensions, got {len(shape)})"
-        raise ValueError(f"{self.fn}: {arg} has shape {got}; expected {lt} = {wt}{extra}")
+        raise ValueError(f"{self.fn}: {arg} has shape {got}; expected {expect}{extra}")
 
     def check_one_of(self, arg: str, x, *specs: str) -> str:
         """Checks x against the first spec with the same rank (e.g. ``"N"`` or ``"B,N"``); returns it."""
