@@ -264,6 +264,31 @@ def test_attention_mass_matches_twin(rng, simd, reduce, normalize):
         assert_close(tot, np.full_like(tot, N * (Hq // Hkv)), np.float32)
 
 
+@pytest.mark.parametrize("where", ["q", "k", "k_inf"])
+def test_attention_mass_nan_row_is_nan_on_its_admissible_keys(rng, simd, where):
+    # a NaN score (or a +inf one) makes its query row's softmax NaN, as torch.softmax: the row puts NaN
+    # on every key it may see and nothing on the keys it may not (the causal mask keeps them clean)
+    N, M, Hq, Hkv, D = 3, 150, 4, 2, 16
+    q, k = randn(rng, (1, N, Hq, D)), randn(rng, (1, M, Hkv, D))
+    if where == "q":
+        q[0, 0, 1, 3] = np.nan            # query row 0 (position M - N) of head 1
+    elif where == "k":
+        k[0, 40, 0, 5] = np.nan           # key 40 of KV head 0: every row of heads 0, 1 sees it
+    else:
+        k[0, 40, 0] = np.where(q[0, :, 0].sum(axis=0) >= 0, np.inf, -np.inf)   # a +inf score for head 0, row 0
+    for causal in (False, True):
+        for reduce in ("none", "mean", "max"):
+            got = kv.attention_mass(q, k, causal=causal, group_reduce=reduce)
+            want = ref.attention_mass(q, k, causal=causal, group_reduce=reduce)
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            assert_close(np.nan_to_num(got), np.nan_to_num(want), np.float32)
+            assert np.isnan(got).any()
+    got = kv.attention_mass(q, k, causal=True, group_reduce="none")
+    if where == "q":   # row 0 sees keys 0 .. M - N: NaN there, the other heads and the last keys clean
+        assert np.isnan(got[0, :M - N + 1, 1]).all() and not np.isnan(got[0, M - N + 1:, 1]).any()
+        assert not np.isnan(got[0, :, [0, 2, 3]]).any()
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 8), (1, 3, 2049, 8, 1, 16), (2, 2, 0, 2, 2, 8), (1, 0, 5, 4, 2, 8)])
 def test_attention_mass_shapes_positions_float64(rng, shape):
     B, N, M, Hq, Hkv, D = shape

@@ -169,6 +169,12 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
                                 for (int v = 1; v < 4; v++) mx = lk_vf_max(mx, lk_vf_load(sr + v * LK_VF));
                                 const float bm = lk_vf_hmax(mx);
                                 float *m = pm + r * nsplit + sp, *l = pl + r * nsplit + sp;
+                                /* a NaN score (or +inf beside a masked key) poisons the row: its lse is NaN
+                                 * (the max above may hide a NaN lane; a sum never does) */
+                                lk_vf chk = lk_vf_load(sr);
+                                for (int v = 1; v < 4; v++) chk = lk_vf_add(chk, lk_vf_load(sr + v * LK_VF));
+                                const float cs = lk_vf_sum(chk);
+                                if (cs != cs) { *m = NAN; *l = NAN; continue; }
                                 if (bm == -INFINITY) continue;
                                 if (bm > *m) { *l *= *m == -INFINITY ? 0.0f : expf(*m - bm); *m = bm; }
                                 const lk_vf mv = lk_vf_set1(*m);
@@ -182,6 +188,11 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
                                     /* p_ij = exp(s_ij - lse_i); -inf (masked) gives 0 */
                                     const float lr = ls[r];
                                     if (lr == -INFINITY) continue;
+                                    if (lr != lr) {   /* a NaN row: NaN on its admissible keys, 0 elsewhere */
+                                        for (int jj = 0; jj < LK_KC; jj++)
+                                            if (sr[jj] != -INFINITY) h[jj] = NAN;
+                                        continue;
+                                    }
                                     const lk_vf lv = lk_vf_set1(lr);
                                     for (int v = 0; v < 4; v++)
                                         lk_vf_store(h + v * LK_VF, lk_vf_add(lk_vf_load(h + v * LK_VF),

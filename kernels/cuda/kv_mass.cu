@@ -145,7 +145,8 @@ __global__ void __launch_bounds__(THREADS) mass_stats_kernel(const lk_kv_mass_cu
 
     for (int64_t j0 = k0; j0 < k1; j0 += TJ) {
         float acc[4][2] = {};
-        for (int64_t dc0 = 0; dc0 < D; dc0 += DC) {
+        // one pass even when D == 0: it writes kpos_s (read by the mask below) and zero scores
+        for (int64_t dc0 = 0; dc0 == 0 || dc0 < D; dc0 += DC) {
             const int nd = (int)(D - dc0 < DC ? D - dc0 : DC);
             __syncthreads();  // the previous chunk is consumed
             for (int e = t; e < TJ * DC; e += THREADS) {

@@ -129,10 +129,12 @@ def attention_mass(q, k, *, scale=None, causal=False, q_pos=None, kv_pos=None, k
             s = scale * (q[b, :, h].astype(np.float64) @ k[b, :, h // group].astype(np.float64).T)   # (N, M)
             if normalize:
                 s = np.where(adm, s, -np.inf)
-                m = s.max(axis=1, initial=-np.inf, keepdims=True)
+                m = s.max(axis=1, initial=-np.inf, keepdims=True)   # NaN when a NaN score is admissible
                 p = np.where(adm, np.exp(s - np.where(np.isfinite(m), m, 0)), 0.0)
                 l = p.sum(axis=1, keepdims=True)
-                p = p / np.where(l > 0, l, 1)
+                p = np.where(adm, p / np.where(l > 0, l, 1), 0.0)
+                # a row with a NaN or +inf admissible score is NaN on its admissible keys (as softmax)
+                p = np.where(adm & (np.isnan(m) | (m == np.inf)), np.nan, p)
                 per_head[b, :, h] = p.sum(axis=0)
             else:
                 per_head[b, :, h] = np.where(adm, s, 0.0).sum(axis=0)
