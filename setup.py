@@ -80,6 +80,10 @@ class BuildExt(build_ext):
             ext.extra_objects = list(ext.extra_objects or []) + self.nvcc_compile(cu_sources)
         super().build_extension(ext)
 
+    # kernels whose float32 results are promised equal to the CPU's (compares, residual updates): keep
+    # subnormals, which --use_fast_math would flush to zero (the attention kernels keep the fast setting)
+    KEEP_SUBNORMALS = {"mor_scatter.cu", "mor_token_choice.cu", "mor_router.cu", "parscale_aggregate.cu"}
+
     def nvcc_compile(self, sources):
         nvcc = find_nvcc()
         archs = [a.strip() for a in os.environ.get("LMKERN_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
@@ -99,6 +103,8 @@ class BuildExt(build_ext):
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
                    "-Xcompiler", "-fPIC", "-Ikernels/include", "-Ikernels/cuda",
                    "--expt-relaxed-constexpr", "-lineinfo"] + gencode
+            if os.path.basename(src) in self.KEEP_SUBNORMALS:
+                cmd.append("-ftz=false")
             print(" ".join(cmd), flush=True)
             subprocess.check_call(cmd, cwd=HERE)
             objects.append(obj)

@@ -336,6 +336,26 @@ def test_glue_scatter_out_and_in_place(fake, rng):
     assert_close(h2, want)
 
 
+def test_glue_scatter_out_overlapping_h_goes_through_a_temporary(fake, rng):
+    # out = buf[:, 1:] and h = buf[:, :T] share rows: the kernel (which copies h's rows into out from
+    # many threads at once) must not write where it still reads
+    T, Dm = 5, 4
+    buf = randn(rng, (1, T + 1, Dm))
+    h = buf[:, :T].copy()
+    idx = np.array([[0, 3]])
+    y = randn(rng, (1, 2, Dm))
+    want = ref.scatter_residual(h, idx, y)
+    res = mor.scatter_residual(FakeGpuArray(buf[:, :T]), idx, FakeGpuArray(y), out=FakeGpuArray(buf[:, 1:]))
+    assert_close(buf[:, 1:], want, tol=0)
+    assert res.a.ctypes.data == buf[:, 1:].ctypes.data
+    assert _last(fake, "mor_scatter")["out"] != buf[:, 1:].ctypes.data      # written to a temporary
+    # a disjoint out is written directly
+    out = np.zeros((1, T, Dm), np.float32)
+    mor.scatter_residual(FakeGpuArray(h), idx, FakeGpuArray(y), out=FakeGpuArray(out))
+    assert _last(fake, "mor_scatter")["out"] == out.ctypes.data
+    assert_close(out, want, tol=0)
+
+
 def test_glue_scatter_errors(fake, rng):
     h, y = FakeGpuArray(randn(rng, (1, 4, 3))), FakeGpuArray(randn(rng, (1, 2, 3)))
     idx = np.array([[0, 4]])

@@ -5,8 +5,10 @@
  * features (lane l takes d = l, l + 32, ...: coalesced reads of the h row) and accumulate up to
  * ROUTER_CC outputs at once in float32 registers; a butterfly warp sum (fixed order: deterministic)
  * gives the C logits, kept in shared memory (C <= LK_MOR_CUDA_MAX_C) for the activation, which
- * lanes apply over c.  Softmax is max-stabilized in float32; a NaN logit makes the row NaN (as the
- * CPU kernel).  The CPU evaluates the activation in double: results agree to float32 rounding. */
+ * lanes apply over c.  As on the CPU, 1/temperature and the activation are evaluated in double (the
+ * build's --use_fast_math would make tanhf/expf approximate to ~2^-11; double math is unaffected), so
+ * results agree with the CPU to float32 rounding of the dot product.  Softmax is max-stabilized; a NaN
+ * logit makes the row NaN (as the CPU kernel). */
 #include <math.h>
 
 #include "common.cuh"
@@ -31,7 +33,7 @@ router_kernel(const lk_mor_router_params p, int64_t T_len, int64_t hs0, int64_t 
     const int64_t C = p.C, Dm = p.Dm;
     float *zs = logits_s + (int64_t)warp * C;
     const T *w = (const T *)p.wt;
-    const float inv_temp = (float)(1.0 / p.temperature), alpha = (float)p.alpha;
+    const double inv_temp = 1.0 / p.temperature, alpha = p.alpha;
     for (int64_t r = (int64_t)blockIdx.x * ROUTER_WARPS + warp; r < p.rows; r += (int64_t)gridDim.x * ROUTER_WARPS) {
         const int64_t b = r / T_len, t = r - b * T_len;
         const T *h = (const T *)p.h + b * hs0 + t * hs1;
@@ -49,28 +51,30 @@ router_kernel(const lk_mor_router_params p, int64_t T_len, int64_t hs0, int64_t 
 #pragma unroll
             for (int u = 0; u < ROUTER_CC; u++) {
                 const float v = warp_sum(acc[u]);  // every lane holds the sum
-                if (lane == 0 && c0 + u < C) zs[c0 + u] = v * inv_temp;
+                if (lane == 0 && c0 + u < C) zs[c0 + u] = v;   // the raw dot product; scaled in double below
             }
         }
         __syncwarp();
-        float m = -INFINITY, sum = 0.f;
+        double m = -INFINITY, sum = 0.0;
         if (p.activation == LK_MOR_ACT_SOFTMAX) {
-            for (int64_t c = lane; c < C; c += 32) m = nan_max(m, zs[c]);
-            for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
-            for (int64_t c = lane; c < C; c += 32) sum += expf(zs[c] - m);
-            sum = warp_sum(sum);
+            float mf = -INFINITY;   // the max of the raw logits (1/temperature > 0 keeps the order)
+            for (int64_t c = lane; c < C; c += 32) mf = nan_max(mf, zs[c]);
+            for (int o = 16; o > 0; o >>= 1) mf = nan_max(mf, __shfl_xor_sync(0xffffffffu, mf, o));
+            m = (double)mf * inv_temp;
+            for (int64_t c = lane; c < C; c += 32) sum += exp((double)zs[c] * inv_temp - m);
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
         }
         T *out = (T *)p.z + r * C;
         for (int64_t c = lane; c < C; c += 32) {
-            const float z = zs[c];
-            float a;
+            const double z = (double)zs[c] * inv_temp;
+            double a;
             switch (p.activation) {
-            case LK_MOR_ACT_SIGMOID: a = 1.f / (1.f + expf(-z)); break;
-            case LK_MOR_ACT_TANH: a = tanhf(z); break;
-            case LK_MOR_ACT_SOFTMAX: a = expf(z - m) / sum; break;
+            case LK_MOR_ACT_SIGMOID: a = 1.0 / (1.0 + exp(-z)); break;
+            case LK_MOR_ACT_TANH: a = tanh(z); break;
+            case LK_MOR_ACT_SOFTMAX: a = exp(z - m) / sum; break;
             default: a = z; break;
             }
-            out[c] = from_f<T>(alpha * a);
+            out[c] = from_f<T>((float)(alpha * a));
         }
         __syncwarp();  // zs is rewritten for the next row
     }

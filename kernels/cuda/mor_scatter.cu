@@ -5,7 +5,10 @@
  * row of batch row b, and each thread owns PER consecutive features of them; the thread walks
  * j = 0 .. k-1 in order and updates its features of row idx[b, j].  A repeated index is therefore
  * accumulated by one thread, in ascending j, exactly as the CPU kernel does: every step is
- * out = round_T(fma(gate, y, out)) with float32 arithmetic (bitwise the CPU result for float32).
+ * out = round_T(fma(gate, y, out)) with float32 arithmetic (bitwise the CPU result for float32; this
+ * file is built without flush-to-zero).  For float16/bfloat16, a token named m times is therefore
+ * rounded m times, where the twin (float32, one rounding) is not: routing from expert_choice never
+ * repeats a token, and repeated indices in half precision carry that documented extra rounding.
  * Different features of a row belong to different threads, so nothing races.
  * The copy out = h (when h is given) is lk_mor_gather_cuda with identity rows, enqueued first.
  * Token indices from device memory are not trusted: one outside [0, T) is skipped.  Indexing 64-bit. */
@@ -24,25 +27,27 @@ struct alignas(sizeof(T) * PER) Pack {
 /* PER features per thread (PER * sizeof(T) == 16 when the vector path applies, else PER == 1). */
 template <typename T, int PER>
 __global__ void scatter_kernel(const int64_t *idx, const T *y, const T *gate,
-                               T *out, int64_t T_len, int64_t k, int64_t Dm, int64_t chunks,
+                               T *out, int64_t B, int64_t T_len, int64_t k, int64_t Dm, int64_t chunks,
                                int64_t ys0, int64_t ys1, int64_t os0, int64_t os1) {
-    const int64_t b = (int64_t)blockIdx.x / chunks, chunk = (int64_t)blockIdx.x - b * chunks;
-    const int64_t f = (chunk * blockDim.x + threadIdx.x) * PER;
-    if (f >= Dm) return;  // no barrier below: a thread past the row leaves alone
-    const int64_t *ib = idx + b * k;
-    const T *gb = gate ? gate + b * k : nullptr;
-    const T *yb = y + b * ys0 + f;
-    T *ob = out + b * os0 + f;
-    for (int64_t j = 0; j < k; j++) {
-        const int64_t t = ib[j];
-        if (t < 0 || t >= T_len) continue;
-        const float g = gb ? to_f<T>(gb[j]) : 1.0f;
-        Pack<T, PER> *op = reinterpret_cast<Pack<T, PER> *>(ob + t * os1);
-        const Pack<T, PER> yv = *reinterpret_cast<const Pack<T, PER> *>(yb + j * ys1);
-        Pack<T, PER> ov = *op;
+    for (int64_t blk = blockIdx.x; blk < B * chunks; blk += gridDim.x) {   // grid-stride over (b, chunk)
+        const int64_t b = blk / chunks, chunk = blk - b * chunks;
+        const int64_t f = (chunk * blockDim.x + threadIdx.x) * PER;
+        if (f >= Dm) continue;  // no barrier below: a thread past the row leaves alone
+        const int64_t *ib = idx + b * k;
+        const T *gb = gate ? gate + b * k : nullptr;
+        const T *yb = y + b * ys0 + f;
+        T *ob = out + b * os0 + f;
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t t = ib[j];
+            if (t < 0 || t >= T_len) continue;
+            const float g = gb ? to_f<T>(gb[j]) : 1.0f;
+            Pack<T, PER> *op = reinterpret_cast<Pack<T, PER> *>(ob + t * os1);
+            const Pack<T, PER> yv = *reinterpret_cast<const Pack<T, PER> *>(yb + j * ys1);
+            Pack<T, PER> ov = *op;
 #pragma unroll
-        for (int u = 0; u < PER; u++) ov.v[u] = from_f<T>(fmaf(g, to_f<T>(yv.v[u]), to_f<T>(ov.v[u])));
-        *op = ov;
+            for (int u = 0; u < PER; u++) ov.v[u] = from_f<T>(fmaf(g, to_f<T>(yv.v[u]), to_f<T>(ov.v[u])));
+            *op = ov;
+        }
     }
 }
 
@@ -51,10 +56,10 @@ lk_status launch(const lk_mor_scatter_params *p, const int64_t ys[2], const int6
     const int64_t packs = p->Dm / PER;  // Dm % PER == 0 (checked by the caller)
     const int threads = (int)lk_min_i64(128, lk_cdiv(packs, 32) * 32);
     const int64_t chunks = lk_cdiv(packs, threads);
-    const int64_t blocks = p->B * chunks;
-    if (blocks >= ((int64_t)1 << 31)) return LK_ERR_VALUE;
+    const int64_t blocks = lk_min_i64(p->B * chunks, (int64_t)1 << 20);   // the kernel grid-strides
     scatter_kernel<T, PER><<<(unsigned)blocks, threads, 0, stream>>>(
-        p->idx, (const T *)p->y, (const T *)p->gate, (T *)p->out, p->T, p->k, p->Dm, chunks, ys[0], ys[1], os[0], os[1]);
+        p->idx, (const T *)p->y, (const T *)p->gate, (T *)p->out, p->B, p->T, p->k, p->Dm, chunks, ys[0], ys[1],
+        os[0], os[1]);
     return check_launch();
 }
 

@@ -27,7 +27,8 @@ using namespace lk;
 
 constexpr int SILU_THREADS = 256;
 
-/* out[o, r] = silu(x[o, r] + bias[o]) = a / (1 + e^-a);  a -> -inf gives -0, a -> +inf gives a.
+/* out[o, r] = silu(x[o, r] + bias[o]) = a / (1 + e^-a);  large negative a gives -0, a -> +inf gives a,
+ * a = -inf exactly gives NaN (-inf / inf), as the twin.
  * out may be x (float32): each element is read and then written by the same thread. */
 template <typename T>
 __global__ void __launch_bounds__(SILU_THREADS) bias_silu_kernel(const T *x, const T *bias, float *out, int64_t Hh,

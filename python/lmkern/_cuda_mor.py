@@ -184,10 +184,13 @@ def scatter_residual(h, idx, y, gate=None, *, out=None, stream=None, fn="mor.sca
     if in_place and hv.kind == "jax":
         raise TypeError(f"{fn}: JAX arrays are immutable; use mor.scatter_residual (not scatter_residual_)")
     ov = None if out is None else (hv if in_place else cuda.check_out(fn, out, hv, (B, T, Dm), dtype, ref_name="h"))
+    out_v = ov   # the caller's out, for the copy back from a temporary
     if ov is not None and (ov.obj is not ov.src or not ov.inner_contiguous()):
         ov = None  # strided feature axis: compute into a temporary, then copy it into the caller's array
     if ov is not None and ov.ptr == hv.ptr and ov.strides == hv.strides:
         in_place = True
+    if ov is not None and not in_place and (ov.has_repeats() or any(ov.overlaps(v) for v in (hv, yv, gv))):
+        ov = None  # out shares memory with an input (or repeats elements): write a temporary, then copy
     if ov is None:
         target = cuda.empty_like_caller(h, (B, T, Dm), dtype)
         tv = cuda.View.of(target, "out", fn)
@@ -201,6 +204,10 @@ def scatter_residual(h, idx, y, gate=None, *, out=None, stream=None, fn="mor.sca
                            gate=gv.ptr if gv is not None else None, out=tv.ptr, out_stride=tv.strides[:2])
     _release(h, st, (target,) if ov is None else (), hv, yv, gv, iv)
     if out is not None and target is not out:
-        cuda._copy_into(out, target, st)
+        if (out_v.kind in ("torch", "cupy") or out_v.obj is not out_v.src or not out_v.inner_contiguous()
+                or out_v.has_repeats()):
+            cuda._copy_into(out, target, st)   # the framework's copy (others: a clear ValueError)
+        else:
+            cuda._copy_rows(cuda.View.of(target, "out", fn), out_v, st, fn)
         target = out
     return cuda.wrap_result(h, target, st)

@@ -547,6 +547,28 @@ class View:
             expect *= s
         return True
 
+    def span(self):
+        """[lo, hi) byte addresses this view touches (empty arrays: an empty range)."""
+        if self.size == 0:
+            return self.ptr, self.ptr
+        item = _ITEMSIZE.get(self.dtype, 1)
+        lo = sum(min(0, (n - 1) * s) for n, s in zip(self.shape, self.strides))
+        hi = sum(max(0, (n - 1) * s) for n, s in zip(self.shape, self.strides)) + 1
+        return self.ptr + lo * item, self.ptr + hi * item
+
+    def overlaps(self, other):
+        """True when the two views' byte ranges intersect (a conservative test: interleaved views that
+        share no element count too); None never overlaps."""
+        if other is None or self.device != other.device:
+            return False
+        a0, a1 = self.span()
+        b0, b1 = other.span()
+        return a0 < b1 and b0 < a1
+
+    def has_repeats(self):
+        """True when two indices reach one element (a zero stride over an axis longer than 1)."""
+        return any(n > 1 and s == 0 for n, s in zip(self.shape, self.strides))
+
     @classmethod
     def of(cls, x, name, fn, *, contiguous="inner", stream=None):
         """View of CUDA array ``x`` (argument ``name`` of ``fn``).  ``contiguous``: "inner" (feature axis
@@ -1050,8 +1072,8 @@ def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=F
 
 
 def _copy_rows(src, dst, stream, fn):
-    """dst[...] = src for two Views of one shape whose feature axes are contiguous (row by row when
-    strided; one copy when both are C-contiguous)."""
+    """dst[...] = src for two Views of one shape (any rank) whose last axes are contiguous (row by row
+    when strided; one copy when both are C-contiguous)."""
     if src.size == 0:
         return
     item = _ITEMSIZE[src.dtype]
@@ -1061,13 +1083,11 @@ def _copy_rows(src, dst, stream, fn):
     if src.kind == dst.kind and src.kind in ("torch", "cupy"):
         _copy_into(dst.obj, src.obj, stream)
         return
-    B, T, G, D = src.shape
-    for b in range(B):
-        for t in range(T):
-            for g in range(G):
-                so = (b * src.strides[0] + t * src.strides[1] + g * src.strides[2]) * item
-                do = (b * dst.strides[0] + t * dst.strides[1] + g * dst.strides[2]) * item
-                _cuda.memcpy_dtod(dst.ptr + do, src.ptr + so, D * item, dst.device, stream)
+    D = src.shape[-1]
+    for lead in np.ndindex(*src.shape[:-1]):   # one copy per row of the feature axis
+        so = sum(i * st for i, st in zip(lead, src.strides)) * item
+        do = sum(i * st for i, st in zip(lead, dst.strides)) * item
+        _cuda.memcpy_dtod(dst.ptr + do, src.ptr + so, D * item, dst.device, stream)
 
 
 @contextlib.contextmanager

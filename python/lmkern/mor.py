@@ -409,7 +409,10 @@ def scatter_residual(h, idx, y, gate=None, *, out=None):
     count).  Indices outside ``[0, T)`` are a ValueError raised before anything is written.
 
     The copy of ``h`` and the update are one fused pass: every output row is written once (read h,
-    read y, write out: the minimum traffic).  ``out=`` may be ``h`` itself (then it is in place).
+    read y, write out: the minimum traffic).  ``out=`` may be ``h`` itself (then it is in place); an
+    ``out`` that partly overlaps ``h`` is written from a copy.  On the GPU in float16/bfloat16 a token
+    named m times in ``idx`` is rounded after each of its m updates (float32 math per update); indices
+    from ``expert_choice`` never repeat.
     """
     fn = "scatter_residual"
     if _route(fn, dict(h=h, y=y, gate=gate, out=out), dict(idx=idx)) == "cuda":

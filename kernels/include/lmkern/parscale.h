@@ -78,8 +78,9 @@ lk_status lk_parscale_bias_silu_cuda(const lk_parscale_bias_silu_params *p, floa
 
 /* The mix with strided h / y (rows of the (P·B, T, Hd) h and the (B, T, Hd) y are addressed through
  * B, T and the strides below, feature axis contiguous) and float32 logits: p->z is a float32 (P, R)
- * C-contiguous array whatever p->dtype is; R = B·T.  w[r, :] and y[r, :] exactly as the CPU mix
- * (softmax max-stabilized, in float32); p->weights is (R, P) float32 C-contiguous or NULL.
+ * C-contiguous array whatever p->dtype is; R = B·T.  w[r, :] and y[r, :] as the CPU mix computes them,
+ * with the softmax max-stabilized in float32 (the CPU's is in double: weights agree to float32
+ * rounding); p->weights is (R, P) float32 C-contiguous or NULL.
  * Returns LK_ERR_VALUE when P > LK_PARSCALE_CUDA_MAX_P (the weights of a row live in shared memory). */
 #define LK_PARSCALE_CUDA_MAX_P 8192
 typedef struct {
