@@ -126,7 +126,8 @@ def attention_mass(q, k, *, scale=None, causal=False, q_pos=None, kv_pos=None, k
         if causal:
             adm = adm & (kp[b][None, :] <= qp[b][:, None])
         for h in range(Hq):
-            s = scale * (q[b, :, h].astype(np.float64) @ k[b, :, h // group].astype(np.float64).T)   # (N, M)
+            with np.errstate(invalid="ignore", over="ignore"):   # NaN / inf inputs give NaN / inf scores
+                s = scale * (q[b, :, h].astype(np.float64) @ k[b, :, h // group].astype(np.float64).T)   # (N, M)
             if normalize:
                 s = np.where(adm, s, -np.inf)
                 m = s.max(axis=1, initial=-np.inf, keepdims=True)   # NaN when a NaN score is admissible
