@@ -50,6 +50,9 @@
 #include "lmkern/softmax.h"
 
 #ifndef LK_TPA_BLOCK
+#ifndef LK_TPA_PREFETCH
+#define LK_TPA_PREFETCH 2        /* blocks ahead whose factors are prefetched (0: none) */
+#endif
 #define LK_TPA_BLOCK 64          /* cached tokens per block in the SIMD path */
 #endif
 #ifndef LK_TPA_FOLD_G
@@ -594,6 +597,15 @@ static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *par
             lk_chunk(max_end, S, sp, &j0, &j1);
             for (int64_t j = j0; j < j1; j += LK_TPA_BLOCK) {
                 const int64_t nt = lk_min_i64(LK_TPA_BLOCK, j1 - j);
+                if (LK_TPA_PREFETCH && j + LK_TPA_PREFETCH * LK_TPA_BLOCK < j1) {
+                    /* the factors of a block ahead (the hardware prefetchers alone leave this latency-bound) */
+                    const int64_t jp = j + LK_TPA_PREFETCH * LK_TPA_BLOCK;
+                    const int64_t np = lk_min_i64(LK_TPA_BLOCK, j1 - jp);
+                    lk_prefetch((const float *)p->ak + (b * M + jp) * H * Rk, np * H * Rk * 4);
+                    lk_prefetch((const float *)p->bk + (b * M + jp) * Rk * D, np * Rk * D * 4);
+                    lk_prefetch((const float *)p->av + (b * M + jp) * H * Rv, np * H * Rv * 4);
+                    lk_prefetch((const float *)p->bv + (b * M + jp) * Rv * E, np * Rv * E * 4);
+                }
                 const float *ak = (const float *)p->ak + (b * M + j) * H * Rk;
                 const float *av = (const float *)p->av + (b * M + j) * H * Rv;
                 const float *bv = (const float *)p->bv + (b * M + j) * Rv * E;
