@@ -49,10 +49,10 @@
 #include "lmkern/simd.h"
 #include "lmkern/softmax.h"
 
-#ifndef LK_TPA_BLOCK
 #ifndef LK_TPA_PREFETCH
 #define LK_TPA_PREFETCH 2        /* blocks ahead whose factors are prefetched (0: none) */
 #endif
+#ifndef LK_TPA_BLOCK
 #define LK_TPA_BLOCK 64          /* cached tokens per block in the SIMD path */
 #endif
 #ifndef LK_TPA_FOLD_G
