@@ -39,12 +39,6 @@ def _full_view(x, name, fn, st):
     return v
 
 
-def _release_copy(view, st):
-    """A contiguous copy made by View.of is dropped after the launch: keep it stream-safe."""
-    if view is not None and view.obj is not view.src:
-        cuda.release_scratch(view.src, view.obj, st)
-
-
 # ------------------------------------------------------------------------------------------------ 4.1
 
 def quantize(x, bits, group_size, axis, fn="kv.quantize"):
@@ -70,7 +64,7 @@ def quantize(x, bits, group_size, axis, fn="kv.quantize"):
                                scale=cuda.View.of(scale, "scale", fn).ptr, zero=cuda.View.of(zero, "zero", fn).ptr)
     for buf in (codes, scale, zero):
         cuda.release_scratch(x, buf, st)
-    _release_copy(xv, st)
+    cuda.release_temps(x, st, xv)
     return QuantizedTensor(cuda.wrap_result(x, codes, st), cuda.wrap_result(x, scale, st),
                            cuda.wrap_result(x, zero, st), bits=bits, group_size=G, axis=axis, shape=xv.shape,
                            dtype=dtype)
@@ -99,8 +93,7 @@ def dequantize(qt, fn="kv.dequantize"):
                                  bits=qt.bits, channel=qt.axis == "channel", x=cuda.View.of(out, "out", fn).ptr,
                                  codes=cv.ptr, scale=sv.ptr, zero=zv.ptr)
     cuda.release_scratch(ref, out, st)
-    for v in (cv, sv, zv):
-        _release_copy(v, st)
+    cuda.release_temps(ref, st, cv, sv, zv)
     return cuda.wrap_result(ref, out, st)
 
 
@@ -197,8 +190,7 @@ class QuantizedCacheStorage:
                 row = np.ascontiguousarray(c._pos[b, s0:s0 + n], dtype=np.int64)
                 cuda._cuda.memcpy_htod(pv.ptr + (b * c.max_len + s0) * 8, row, self.device, st)
         c._len[:], c._qk[:], c._qv[:] = new_len, new_qk, new_qv
-        _release_copy(kv_, st)
-        _release_copy(vv_, st)
+        cuda.release_temps(k, st, kv_, vv_)
         # the caller may drop k / v now: their allocator is ordered on its current stream, not on stream=
         if st != cuda._current_stream(k):
             cuda._cuda.synchronize(self.device, st)

@@ -28,11 +28,12 @@ Decisions where the SPEC is silent (GPU)
 * ``gate`` has the scores' dtype (the chosen scores, bit for bit); ``idx`` / ``depth`` are int64.
 * ``scatter_residual_`` on the GPU needs ``y`` and ``gate`` in ``h``'s dtype (TypeError otherwise:
   one dtype per call); JAX arrays are immutable (TypeError; use ``scatter_residual``).
-* ``out=`` of ``scatter_residual`` is either ``h`` itself (in place) or an array that does not overlap
-  ``h``.
-* ``router_scores``: at most 1024 router outputs C on the GPU (ValueError beyond); float32 activation.
-* The router losses (``balance_loss``, ``z_loss``, ``router_bce``) have no GPU kernel yet
-  (NotImplementedError).
+* ``out=`` of ``scatter_residual`` may be ``h`` itself (in place); an ``out`` that overlaps ``h``, ``y``
+  or ``gate`` otherwise is written through a temporary.
+* ``router_scores``: at most 1024 router outputs C on the GPU (ValueError beyond); float32 dot
+  products, the activation and 1/temperature in double (as the CPU).
+* The router losses (``balance_loss``, ``z_loss``, ``router_bce``) have no GPU kernel: CUDA inputs are
+  copied to the host and reduced by the CPU kernel.
 """
 from __future__ import annotations
 
@@ -204,10 +205,9 @@ def scatter_residual(h, idx, y, gate=None, *, out=None, stream=None, fn="mor.sca
                            gate=gv.ptr if gv is not None else None, out=tv.ptr, out_stride=tv.strides[:2])
     _release(h, st, (target,) if ov is None else (), hv, yv, gv, iv)
     if out is not None and target is not out:
-        if (out_v.kind in ("torch", "cupy") or out_v.obj is not out_v.src or not out_v.inner_contiguous()
-                or out_v.has_repeats()):
-            cuda._copy_into(out, target, st)   # the framework's copy (others: a clear ValueError)
+        if out_v.obj is out_v.src and out_v.inner_contiguous() and not out_v.has_repeats():
+            cuda._copy_rows(tv, out_v, st, fn)   # rows (torch / CuPy: their own copy)
         else:
-            cuda._copy_rows(cuda.View.of(target, "out", fn), out_v, st, fn)
+            cuda._copy_into(out, target, st)     # the framework's copy (others: a clear ValueError)
         target = out
     return cuda.wrap_result(h, target, st)
