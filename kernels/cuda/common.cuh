@@ -27,10 +27,13 @@ template <int W = 32> __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
-template <int W = 32> __device__ __forceinline__ float warp_sum(float x) {
+template <int W = 32, typename F> __device__ __forceinline__ F warp_sum(F x) {   // float or double
     for (int o = W / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
 }
+
+/* Blocks of a launch whose kernel grid-strides over `blocks` units of work: at most 2^20. */
+static inline int64_t grid_stride_blocks(int64_t blocks) { return blocks < (1 << 20) ? blocks : (int64_t)1 << 20; }
 
 /* Split count of a split-KV launch: enough splits that blocks_per_split * splits fills every SM about
  * 8 times, at most ceil(len / min_per_split) (each split keeps real work) and at most cap. */

@@ -39,7 +39,7 @@ template <typename E>
 lk_status launch(const lk_mor_gather_params *p, int64_t row_elems, int64_t div, const int64_t hs[2],
                  const int64_t os[2], cudaStream_t stream) {
     const int64_t rows = p->B * p->k;
-    const int64_t blocks = lk_min_i64(lk_cdiv(rows, GATHER_WARPS), (int64_t)1 << 20);
+    const int64_t blocks = grid_stride_blocks(lk_cdiv(rows, GATHER_WARPS));
     gather_kernel<E><<<(unsigned)blocks, 32 * GATHER_WARPS, 0, stream>>>(
         (const E *)p->h, p->idx, (E *)p->out, p->B, p->T, p->k, row_elems, hs[0] / div, hs[1] / div, os[0] / div,
         os[1] / div);

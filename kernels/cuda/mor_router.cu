@@ -62,7 +62,7 @@ router_kernel(const lk_mor_router_params p, int64_t T_len, int64_t hs0, int64_t 
             for (int o = 16; o > 0; o >>= 1) mf = nan_max(mf, __shfl_xor_sync(0xffffffffu, mf, o));
             m = (double)mf * inv_temp;
             for (int64_t c = lane; c < C; c += 32) sum += exp((double)zs[c] * inv_temp - m);
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            sum = warp_sum(sum);
         }
         T *out = (T *)p.z + r * C;
         for (int64_t c = lane; c < C; c += 32) {
@@ -83,7 +83,7 @@ router_kernel(const lk_mor_router_params p, int64_t T_len, int64_t hs0, int64_t 
 template <typename T>
 lk_status launch(const lk_mor_router_params *p, int64_t T_len, const int64_t hs[2], const int64_t ws[2],
                  cudaStream_t stream) {
-    const int64_t blocks = lk_min_i64(lk_cdiv(p->rows, ROUTER_WARPS), (int64_t)1 << 20);
+    const int64_t blocks = grid_stride_blocks(lk_cdiv(p->rows, ROUTER_WARPS));
     const size_t smem = sizeof(float) * (size_t)(ROUTER_WARPS * p->C);
     router_kernel<T><<<(unsigned)blocks, 32 * ROUTER_WARPS, smem, stream>>>(*p, T_len, hs[0], hs[1], ws[0], ws[1]);
     return check_launch();

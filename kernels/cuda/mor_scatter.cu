@@ -56,7 +56,7 @@ lk_status launch(const lk_mor_scatter_params *p, const int64_t ys[2], const int6
     const int64_t packs = p->Dm / PER;  // Dm % PER == 0 (checked by the caller)
     const int threads = (int)lk_min_i64(128, lk_cdiv(packs, 32) * 32);
     const int64_t chunks = lk_cdiv(packs, threads);
-    const int64_t blocks = lk_min_i64(p->B * chunks, (int64_t)1 << 20);   // the kernel grid-strides
+    const int64_t blocks = grid_stride_blocks(p->B * chunks);
     scatter_kernel<T, PER><<<(unsigned)blocks, threads, 0, stream>>>(
         p->idx, (const T *)p->y, (const T *)p->gate, (T *)p->out, p->B, p->T, p->k, p->Dm, chunks, ys[0], ys[1],
         os[0], os[1]);

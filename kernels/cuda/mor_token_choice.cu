@@ -39,7 +39,7 @@ token_choice_kernel(const lk_mor_token_choice_params p, int64_t T_len, int64_t p
 
 template <typename T>
 lk_status launch(const lk_mor_token_choice_params *p, int64_t T_len, const int64_t ps[2], cudaStream_t stream) {
-    const int64_t blocks = lk_min_i64(lk_cdiv(p->rows, TC_THREADS), (int64_t)1 << 20);
+    const int64_t blocks = grid_stride_blocks(lk_cdiv(p->rows, TC_THREADS));
     token_choice_kernel<T><<<(unsigned)blocks, TC_THREADS, 0, stream>>>(*p, T_len, ps[0], ps[1]);
     return check_launch();
 }

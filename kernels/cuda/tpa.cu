@@ -483,8 +483,7 @@ extern "C" lk_status lk_tpa_materialize_cuda(const lk_tpa_materialize_params *p,
     if (p->rows < 0 || p->H < 0 || p->R < 0 || p->D < 0) return LK_ERR_VALUE;
     const int64_t total = p->rows * p->H * p->D;
     if (total == 0) return LK_OK;
-    int64_t blocks = (total + THREADS - 1) / THREADS;
-    if (blocks > (1 << 20)) blocks = 1 << 20;  // grid-stride beyond
+    const int64_t blocks = grid_stride_blocks((total + THREADS - 1) / THREADS);
     cudaStream_t st = (cudaStream_t)stream;
     const float scale = (float)p->scale;
     switch (p->dtype) {
