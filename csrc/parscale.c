@@ -100,7 +100,9 @@ static PyObject *py_parscale_mix(PyObject *self, PyObject *args) {
         goto fail;
     }
     if (!(smoothing >= 0.0 && smoothing <= 1.0)) {
-        PyErr_Format(PyExc_ValueError, "%s: smoothing must be in [0, 1]; got %g", FN_AGG, smoothing);
+        char num[32];   /* PyErr_Format has no %g (Python 3.12 raises SystemError on it) */
+        snprintf(num, sizeof num, "%g", smoothing);
+        PyErr_Format(PyExc_ValueError, "%s: smoothing must be in [0, 1]; got %s", FN_AGG, num);
         goto fail;
     }
     const npy_intp R = PyArray_DIM(h, 0) / P, Hd = PyArray_DIM(h, 1);

@@ -444,7 +444,7 @@ def _host(t):
 @pytest.mark.parametrize("bits,axis,G", QUANT_CASES + [(2, "token", 32), (4, "channel", 64)])
 def test_gpu_quantize_codes_equal_cpu(rng, bits, axis, G):
     torch = _torch()
-    x = randn(rng, (2, 64, 5, 64)) * 3
+    x = randn(rng, (2, 2 * G, 5, 2 * G)) * 3                  # two groups along both axes
     x[0, :G, 2, :G] = -1.25                                   # constant groups
     x[1, :G, 0, :G] = np.float32(1e-40)                       # subnormal constant groups
     x[1, G:2 * G, 1, G:2 * G] = rng.standard_normal((G, G)).astype(np.float32) * 1e-39   # subnormal spread

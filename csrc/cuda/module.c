@@ -328,7 +328,9 @@ static PyObject *py_rope(PyObject *self, PyObject *args, PyObject *kwargs) {
         return NULL;
     }
     if (!(base > 0)) {
-        PyErr_Format(PyExc_ValueError, "%s: base must be > 0; got %g", fn, base);
+        char num[32];   /* PyErr_Format has no %g (Python 3.12 raises SystemError on it) */
+        snprintf(num, sizeof num, "%g", base);
+        PyErr_Format(PyExc_ValueError, "%s: base must be > 0; got %s", fn, num);
         return NULL;
     }
     if (B * T * G * r > 0 && (!x || !pos)) {

@@ -70,7 +70,9 @@ static PyObject *py_parscale_mix(PyObject *self, PyObject *args, PyObject *kwarg
         return NULL;
     }
     if (!(smoothing >= 0.0 && smoothing <= 1.0)) {
-        PyErr_Format(PyExc_ValueError, "%s: smoothing must be in [0, 1]; got %g", fn, smoothing);
+        char num[32];   /* PyErr_Format has no %g (Python 3.12 raises SystemError on it) */
+        snprintf(num, sizeof num, "%g", smoothing);
+        PyErr_Format(PyExc_ValueError, "%s: smoothing must be in [0, 1]; got %s", fn, num);
         return NULL;
     }
     if (B * T > 0 && (!z || (Hd > 0 && (!h || !y)))) {
