@@ -8,6 +8,7 @@
   from ``LMKERN_CUDA_ARCHS`` (default ``80;90``, plus PTX of the newest).  ``LMKERN_CUDA=1`` fails
   loudly when nvcc is missing.
 """
+import concurrent.futures
 import glob
 import os
 import shutil
@@ -91,23 +92,29 @@ class BuildExt(build_ext):
         for a in archs:
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
-        objects = []
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
+        headers = rel("kernels/include/lmkern/*.h") + rel("kernels/cuda/*.cuh")
+        objects, jobs = [], []
         for src in sources:
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-            deps = [src] + rel("kernels/include/lmkern/*.h") + rel("kernels/cuda/*.cuh")
-            if not self.force and os.path.exists(obj) and all(os.path.getmtime(d) <= os.path.getmtime(obj) for d in deps):
-                objects.append(obj)
+            objects.append(obj)
+            if not self.force and os.path.exists(obj) and all(os.path.getmtime(d) <= os.path.getmtime(obj) for d in [src] + headers):
                 continue
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
                    "-Xcompiler", "-fPIC", "-Ikernels/include", "-Ikernels/cuda",
                    "--expt-relaxed-constexpr", "-lineinfo"] + gencode
             if os.path.basename(src) in self.KEEP_SUBNORMALS:
                 cmd.append("-ftz=false")
-            print(" ".join(cmd), flush=True)
-            subprocess.check_call(cmd, cwd=HERE)
-            objects.append(obj)
+            jobs.append(cmd)
+        # nvcc is single-threaded per file: compile the files side by side (LMKERN_NVCC_JOBS, default one
+        # per core)
+        n_jobs = max(1, int(os.environ.get("LMKERN_NVCC_JOBS", "0") or 0) or os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(n_jobs) as pool:
+            for cmd in jobs:
+                print(" ".join(cmd), flush=True)
+            for f in [pool.submit(subprocess.check_call, cmd, cwd=HERE) for cmd in jobs]:
+                f.result()
         return objects
 
 
