@@ -18,7 +18,8 @@
  * - attn_warp_kernel (f32 and f16/bf16 decode, N < 16): one warp per (query row, split).  Keys in chunks
  *   of 32, one key per lane for the score, then lanes across features for P V.  With num_splits > 1
  *   each warp covers one contiguous chunk of the keys and writes a float32 partial (m, l, acc[E]) to
- *   scratch; attn_combine_kernel merges them with the max-stabilized merge of lmkern/softmax.h.
+ *   scratch; attn_combine_kernel (a block per row) merges them with the max-stabilized merge of
+ *   lmkern/softmax.h.
  *
  * Causal with default kv_pos (= j) lets a block stop at the largest query position it holds.
  * Every load is bounds-checked: rows past N, keys past L + len, features past D / E read as 0 and
@@ -203,17 +204,17 @@ attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len,
     }
 }
 
-/* Merge of the split partials of one row per warp (softmax.cuh's combine_row). */
+/* Merge of the split partials of one row per block (softmax.cuh's combine_block). */
+constexpr int COMBINE_THREADS = 128;
+
 template <typename T>
-__global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS)
+__global__ void __launch_bounds__(COMBINE_THREADS)
 attn_combine_kernel(const lk_attention_params p, int num_splits, const float *scratch) {
-    const int warp = threadIdx.x >> 5;
-    const int64_t rows = p.B * p.N * p.Hq;
-    const int64_t row = (int64_t)blockIdx.x * WARP_KERNEL_WARPS + warp;
-    if (row >= rows) return;
+    const int64_t row = blockIdx.x;
     const int64_t h = row % p.Hq, i = (row / p.Hq) % p.N, b = row / (p.Hq * p.N);
     T *o = (T *)p.out + b * p.out_stride[0] + i * p.out_stride[1] + h * p.out_stride[2];
-    combine_row<T>(scratch + row * num_splits * (p.E + 2), num_splits, p.E, o, p.lse ? (float *)p.lse + row : nullptr);
+    combine_block<T, COMBINE_THREADS>(scratch + row * num_splits * (p.E + 2), num_splits, p.E, o,
+                                      p.lse ? (float *)p.lse + row : nullptr);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -636,13 +637,12 @@ template <typename T, int EPL>
 lk_status launch_warp(const lk_attention_params *p, int num_splits, float *scratch, float scale_log2, cudaStream_t st) {
     const int64_t rows = p->B * p->N * p->Hq;
     const int64_t blocks = (rows * num_splits + WARP_KERNEL_WARPS - 1) / WARP_KERNEL_WARPS;
-    if (blocks > 0x7fffffff) return LK_ERR_VALUE;
+    if (blocks > 0x7fffffff || (num_splits > 1 && rows > 0x7fffffff)) return LK_ERR_VALUE;
     attn_warp_kernel<T, EPL><<<(unsigned)blocks, 32 * WARP_KERNEL_WARPS, 0, st>>>(
         *p, num_splits, split_len_of(p, num_splits), scratch, scale_log2, vector_flags(p));
     lk_status s = lk::check_launch();
     if (s != LK_OK || num_splits == 1) return s;
-    const int64_t cblocks = (rows + WARP_KERNEL_WARPS - 1) / WARP_KERNEL_WARPS;
-    attn_combine_kernel<T><<<(unsigned)cblocks, 32 * WARP_KERNEL_WARPS, 0, st>>>(*p, num_splits, scratch);
+    attn_combine_kernel<T><<<(unsigned)rows, COMBINE_THREADS, 0, st>>>(*p, num_splits, scratch);
     return lk::check_launch();
 }
 

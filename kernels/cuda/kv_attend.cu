@@ -20,7 +20,7 @@
  *      (code * scale + zero in registers) and FMAs it into the accumulators of all RT rows.
  * No dequantized copy of the cache exists anywhere, not even a tile of it in shared memory.
  * With num_splits > 1 each block covers one contiguous chunk of the keys and writes float32 partials
- * [m, l, acc[E]] per query row to scratch; kv_combine_kernel merges them with softmax.cuh's combine_row
+ * [m, l, acc[E]] per query row to scratch; kv_combine_kernel merges them with softmax.cuh's combine_block
  * (fixed order: deterministic, no atomics).  Every index is 64-bit; rows/qk/qv are clamped on the device
  * so inconsistent bookkeeping can never address outside the cache. */
 #include <math.h>
@@ -250,16 +250,17 @@ kv_attend_kernel(const lk_kv_attend_cuda_params p, int num_splits, int64_t split
     }
 }
 
-/* Merge of the split partials, one warp per output row (B, N, Hq order). */
+/* Merge of the split partials, one block per output row (B, N, Hq order). */
+constexpr int COMBINE_THREADS = 128;
+
 template <typename T>
-__global__ void __launch_bounds__(ATT_THREADS) kv_combine_kernel(const lk_kv_attend_cuda_params p, int num_splits,
-                                                                 const float *scratch) {
-    const int64_t rows = p.B * p.N * p.Hq;
-    const int64_t row = (int64_t)blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
-    if (row >= rows) return;  // whole warp leaves together
+__global__ void __launch_bounds__(COMBINE_THREADS) kv_combine_kernel(const lk_kv_attend_cuda_params p, int num_splits,
+                                                                     const float *scratch) {
+    const int64_t row = blockIdx.x;   // one block per query row
     const int64_t h = row % p.Hq, i = (row / p.Hq) % p.N, b = row / (p.Hq * p.N);
     T *o = (T *)p.out + b * p.out_stride[0] + i * p.out_stride[1] + h * p.out_stride[2];
-    combine_row<T>(scratch + row * num_splits * (p.E + 2), num_splits, p.E, o, p.lse ? p.lse + row : nullptr);
+    combine_block<T, COMBINE_THREADS>(scratch + row * num_splits * (p.E + 2), num_splits, p.E, o,
+                                      p.lse ? p.lse + row : nullptr);
 }
 
 /* Query rows per block: the smallest power of two holding N * group, at most MAX_RT. */
@@ -289,9 +290,9 @@ lk_status launch_rt(const lk_kv_attend_cuda_params *p, int num_splits, float *sc
                                                                         scratch, scale_log2);
     lk_status s = check_launch();
     if (s != LK_OK || num_splits == 1) return s;
-    const int64_t cblocks = (p->B * p->N * p->Hq + ATT_WARPS - 1) / ATT_WARPS;
-    if (cblocks > 0x7fffffff) return LK_ERR_VALUE;
-    kv_combine_kernel<T><<<(unsigned)cblocks, ATT_THREADS, 0, st>>>(*p, num_splits, scratch);
+    const int64_t rows = p->B * p->N * p->Hq;
+    if (rows > 0x7fffffff) return LK_ERR_VALUE;
+    kv_combine_kernel<T><<<(unsigned)rows, COMBINE_THREADS, 0, st>>>(*p, num_splits, scratch);
     return check_launch();
 }
 

@@ -18,7 +18,7 @@
  * K and V are never formed and each cached factor is read once per split (once per head group; a
  * single group unless H * E is large).  With one split the block writes out and lse itself; with more,
  * float32 partials [m, l, acc[E]] per (b, h, split) go to scratch and tpa_combine_kernel merges them
- * with softmax.cuh's combine_row (max-stabilized, log2 domain, fixed order: reproducible).
+ * with softmax.cuh's combine_block (max-stabilized, log2 domain, fixed order: reproducible).
  *
  * Where this does better than the reference Triton kernels of tensorgi/T6
  * (decode/flashtpa_decode_triton*.py): the padded tail of the last block is masked (keys >= kv_lens[b]
@@ -317,17 +317,17 @@ tpa_decode_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides s
     }
 }
 
-/* One warp per (b, h): merges the split partials with combine_row. */
+/* One block per (b, h): merges the split partials with combine_block. */
+constexpr int COMBINE_THREADS = 128;
+
 template <typename T>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(COMBINE_THREADS)
 tpa_combine_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides st, int num_splits, const float *scratch) {
-    const int warp = threadIdx.x >> 5;
-    const int64_t rows = p.B * p.H;
-    const int64_t row = (int64_t)blockIdx.x * WARPS + warp;
-    if (row >= rows) return;  // whole warp leaves together
+    const int64_t row = blockIdx.x;
     const int64_t b = row / p.H, h = row % p.H;
     T *o = (T *)p.out + b * st.out[0] + h * st.out[1];
-    combine_row<T>(scratch + row * num_splits * (p.E + 2), num_splits, p.E, o, p.lse ? (float *)p.lse + row : nullptr);
+    combine_block<T, COMBINE_THREADS>(scratch + row * num_splits * (p.E + 2), num_splits, p.E, o,
+                                      p.lse ? (float *)p.lse + row : nullptr);
 }
 
 /* out[n, h, d] = scale sum_r a[n, h, r] b[n, r, d]: one thread per output element. */
@@ -402,7 +402,7 @@ template <typename T, int HPT>
 lk_status launch_decode(const lk_tpa_attention_params *p, const lk_tpa_decode_strides *s, const DecodeCfg &c,
                         int num_splits, float *scratch, cudaStream_t st) {
     const int64_t blocks = p->B * c.groups * (int64_t)num_splits;
-    if (blocks > 0x7fffffff) return LK_ERR_VALUE;
+    if (blocks > 0x7fffffff || (num_splits > 1 && p->B * p->H > 0x7fffffff)) return LK_ERR_VALUE;
     // split_len: a multiple of the tile, covering M
     int64_t split_len = (p->M + num_splits - 1) / num_splits;
     split_len = (split_len + c.TN - 1) / c.TN * c.TN;
@@ -417,8 +417,7 @@ lk_status launch_decode(const lk_tpa_attention_params *p, const lk_tpa_decode_st
                                                                           score_scale);
     lk_status status = lk::check_launch();
     if (status != LK_OK || num_splits == 1) return status;
-    const int64_t cblocks = (p->B * p->H + WARPS - 1) / WARPS;
-    tpa_combine_kernel<T><<<(unsigned)cblocks, THREADS, 0, st>>>(*p, *s, num_splits, scratch);
+    tpa_combine_kernel<T><<<(unsigned)(p->B * p->H), COMBINE_THREADS, 0, st>>>(*p, *s, num_splits, scratch);
     return lk::check_launch();
 }
 
