@@ -8,6 +8,8 @@ first meets and every later use must agree.  Integers in a spec are fixed sizes.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 __all__ = [
@@ -51,7 +53,7 @@ class Shapes:
 
     def check(self, arg: str, x, spec: str) -> None:
         """Checks ``x.shape`` against ``spec`` and binds its free letters."""
-        letters = [s.strip() for s in spec.split(",") if s.strip()]
+        letters = _letters(spec)
         shape = tuple(int(s) for s in x.shape)
         ok = len(shape) == len(letters)
         if ok:
@@ -82,6 +84,11 @@ class Shapes:
                 return spec
         self.check(arg, x, specs[-1])  # raises with the last form
         return specs[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _letters(spec: str) -> tuple:
+    return tuple(s.strip() for s in spec.split(",") if s.strip())
 
 
 def _dtype_name(x) -> str:

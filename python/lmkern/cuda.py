@@ -102,6 +102,7 @@ How to add a CUDA op (recipe for the family engineers)
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import weakref
 
@@ -418,7 +419,7 @@ class DeviceArray:
 
     @property
     def size(self):
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
     @property
     def itemsize(self):
@@ -465,8 +466,25 @@ class DeviceArray:
                 "strides": None, "stream": None if self._stream in (0, 1) else self._stream}
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def _dtype_name(dtype) -> str:
-    """'float32', 'float16', 'bfloat16', 'int64', ... from a NumPy / torch / string dtype."""
+    """'float32', 'float16', 'bfloat16', 'int64', ... from a NumPy / torch / string dtype (memoized: it
+    runs for every array of every call)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):
+        pass
+    name = _dtype_name_uncached(dtype)
+    try:
+        _DTYPE_NAMES[dtype] = name
+    except TypeError:   # unhashable dtype object
+        pass
+    return name
+
+
+def _dtype_name_uncached(dtype) -> str:
     if isinstance(dtype, str):
         name = dtype
     elif hasattr(dtype, "is_floating_point"):  # torch.dtype: "torch.bfloat16"
@@ -532,7 +550,7 @@ class View:
 
     @property
     def size(self):
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
     def inner_contiguous(self):
         return not self.shape or self.shape[-1] <= 1 or self.strides[-1] == 1
@@ -733,9 +751,16 @@ def _from_host(ref, host, stream):
     kind = _kind(ref)
     if kind == "torch":
         import torch
-        t = torch.from_numpy(np.ascontiguousarray(host))
-        # a plain .to() on the current stream; with another stream the copy is made synchronous
-        return t.to(ref.device, non_blocking=False)
+        t = torch.from_numpy(np.require(host, requirements=("C", "W")))
+        if t.numel() == 0 or not torch.cuda.is_available():
+            return t.to(ref.device)
+        # pinned + non_blocking: the copy is queued on the current stream without stalling the host (a
+        # pageable copy synchronizes the stream: one per decode step serialized host and GPU); torch keeps
+        # the pinned block until the copy has run.  A kernel on another stream waits for it by event.
+        dev = t.pin_memory().to(ref.device, non_blocking=True)
+        if stream is not None:
+            enter_stream(ref, stream, _device_of(ref))
+        return dev
     if kind == "cupy":
         import cupy
         with cupy.cuda.Device(_device_of(ref)):
