@@ -56,6 +56,8 @@ def fmt(s):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--t6", metavar="FILE", help="T6's decode/flashtpa_decode_triton.py (tensorgi/T6, not "
+                    "shipped with lmkern): time its Triton FlashTPA decode beside tpa.decode for ranks Rk=Rv=1")
     args = ap.parse_args(argv)
     if not cuda.available():
         print("bench_cuda: skipped (no CUDA GPU visible, or lmkern built without CUDA)")
@@ -114,16 +116,35 @@ def main(argv=None):
         row(f"{dt_name} decode B={Bd} M={M} Hq={Hq} Hkv={Hkv} D={D}", t, flops, nbytes,
             {"torch SDPA (KV expanded)": ts})
 
+    t6 = load_t6(args.t6) if args.t6 else None
     for section in (bench_tpa, bench_kv, bench_mor, bench_parscale):
         try:
-            section(torch, F, row, args.quick)
+            section(torch, F, row, args.quick, t6=t6)
         except NotImplementedError as exc:   # a family op without a CUDA path in this build
             print(f"| {section.__name__}: skipped ({exc}) | | | | | |", flush=True)
     return 0
 
 
-def bench_tpa(torch, F, row, quick):
-    """tpa.decode, the paper's decode configuration (H=32, D=64, ranks 16/1/1), and T6-medium."""
+def load_t6(path):
+    """T6's Triton decode module, imported from a file the user fetched (its code is not part of lmkern)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("t6_flashtpa_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def t6_decode(t6, aq, bq, ak, bk, av, bv):
+    """T6's FlashTPA decode (split over the cache, `parallel_bn`) on lmkern's layouts, for Rk = Rv = 1:
+    T6 takes aq (B, N, H, R), bq (B, N, R, D), ak/av (B, M, H), bk (B, M, D), bv (B, M, E); all views."""
+    B, H, Rq = aq.shape
+    return t6.tpa_decode_parallel_bn_triton(aq[:, None], ak[..., 0], av[..., 0], bq[:, None], bk[:, :, 0],
+                                            bv[:, :, 0], scale_q=1.0 / Rq, scale_k=1.0, scale_v=1.0)[:, 0]
+
+
+def bench_tpa(torch, F, row, quick, t6=None):
+    """tpa.decode, the paper's decode configuration (H=32, D=64, ranks 16/1/1), and T6-medium; with --t6,
+    T6's Triton FlashTPA decode beside it (ranks 16/1/1 only: T6's kernel takes one K and V rank)."""
     M = 4096 if quick else 32768
     for dt_name, dt in (("bf16", torch.bfloat16), ("f32", torch.float32)):
         for H, Rq, Rk, Rv in ((32, 16, 1, 1), (16, 6, 2, 2)):
@@ -139,13 +160,18 @@ def bench_tpa(torch, F, row, quick):
                 v = torch.einsum("bmhr,bmrd->bhmd", av, bv) / Rv
                 return F.scaled_dot_product_attention(q[:, :, None], k, v)
             ts = gpu_time(torch, torch_tpa)
+            base = {"torch materialize+SDPA": ts}
+            if t6 is not None and Rk == Rv == 1:
+                ref = lmkern.tpa.decode(aq, bq, ak, bk, av, bv).float()
+                dev = (t6_decode(t6, aq, bq, ak, bk, av, bv).float() - ref).abs().max().item()
+                base["T6 Triton FlashTPA"] = gpu_time(torch, lambda: t6_decode(t6, aq, bq, ak, bk, av, bv))
+                print(f"(T6 Triton decode vs tpa.decode, {dt_name}: max |diff| {dev:.2e})", flush=True)
             nbytes = sum(x.numel() * x.element_size() for x in (ak, bk, av, bv))
             flops = 2 * B * M * (Rk * Rq * D + H * Rk * Rq + 2 * H * Rv + Rv * D)
-            row(f"{dt_name} tpa.decode B={B} M={M} H={H} ranks {Rq}/{Rk}/{Rv} D={D}", t, flops, nbytes,
-                {"torch materialize+SDPA": ts})
+            row(f"{dt_name} tpa.decode B={B} M={M} H={H} ranks {Rq}/{Rk}/{Rv} D={D}", t, flops, nbytes, base)
 
 
-def bench_kv(torch, F, row, quick):
+def bench_kv(torch, F, row, quick, t6=None):
     """KIVI-2 decode straight from the codes vs float16 decode over the uncompressed cache; attention_mass."""
     M = 4096 if quick else 32768
     B, Hq, Hkv, D = 4, 32, 8, 128
@@ -171,7 +197,7 @@ def bench_kv(torch, F, row, quick):
         (qw.numel() + k.numel()) * 2, {"torch softmax-then-sum": ts})
 
 
-def bench_mor(torch, F, row, quick):
+def bench_mor(torch, F, row, quick, t6=None):
     """expert_choice 16x8192 k=2730 vs topk + sort; scatter_residual 8x4096x1024, 1365 tokens per row."""
     scores = torch.rand(16, 8192, device="cuda")
     t = gpu_time(torch, lambda: lmkern.mor.expert_choice(scores, 2730))
@@ -188,7 +214,7 @@ def bench_mor(torch, F, row, quick):
         {"torch scatter_add": ts})
 
 
-def bench_parscale(torch, F, row, quick):
+def bench_parscale(torch, F, row, quick, t6=None):
     """aggregate P=8 B=1 T=256 H=1024 and prefix_attention decode vs the same math in torch."""
     P, B, T, H = 8, 1, 256, 1024
     h = torch.randn(P * B, T, H, device="cuda")
