@@ -6,11 +6,12 @@
   ``kernels/cuda/*.cu`` are compiled by nvcc into objects inside ``build_ext`` and handed to the linker
   with the bindings in ``csrc/cuda/*.c``; the CUDA runtime is linked statically.  Architectures come
   from ``LMKERN_CUDA_ARCHS`` (default ``80;90``, plus PTX of the newest).  ``LMKERN_CUDA=1`` fails
-  loudly when nvcc is missing.
+  loudly when nvcc is missing.  ``LMKERN_NVCC_FLAGS`` adds flags to every nvcc call (tuning A/B).
 """
 import concurrent.futures
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -106,6 +107,7 @@ class BuildExt(build_ext):
                    "--expt-relaxed-constexpr", "-lineinfo"] + gencode
             if os.path.basename(src) in self.KEEP_SUBNORMALS:
                 cmd.append("-ftz=false")
+            cmd += shlex.split(os.environ.get("LMKERN_NVCC_FLAGS", ""))   # e.g. -DLK_TPA_MIN_BLOCKS=3 for A/B
             jobs.append(cmd)
         # nvcc is single-threaded per file: compile the files side by side (LMKERN_NVCC_JOBS, default one
         # per core)

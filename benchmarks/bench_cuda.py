@@ -5,7 +5,8 @@ scatter_add, parscale.aggregate and prefix_attention vs the same math in torch.
 
     PYTHONPATH=python python benchmarks/bench_cuda.py [--quick]
 
-Skips (exit 0) without a GPU or without torch with CUDA.  Times are medians of CUDA-event timings.
+Skips (exit 0) without a GPU or without torch with CUDA.  Times are medians of CUDA-event timings of
+batches of back-to-back calls (the steady state of a decode loop).
 Roofline share uses peaks measured in the same run on the same GPU: bf16 tensor-core throughput of
 a large torch.matmul and device-memory bandwidth of a large copy (read + write bytes).
 """
@@ -21,8 +22,11 @@ import lmkern  # noqa: E402
 from lmkern import cuda  # noqa: E402
 
 
-def gpu_time(torch, fn, repeat=10, warmup=2):
-    """Median seconds per call of fn() by CUDA events on the current stream."""
+def gpu_time(torch, fn, repeat=10, warmup=2, inner=10):
+    """Median seconds per call of fn() by CUDA events on the current stream, over `repeat` batches of
+    `inner` back-to-back calls: the steady state of a decode loop, where the host queues the next call
+    while the GPU runs this one (a single call between two events would add the Python launch time
+    whenever it exceeds the kernel's)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -30,10 +34,11 @@ def gpu_time(torch, fn, repeat=10, warmup=2):
     for _ in range(repeat):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(inner):
+            fn()
         b.record()
         b.synchronize()
-        samples.append(a.elapsed_time(b) / 1e3)
+        samples.append(a.elapsed_time(b) / 1e3 / inner)
     return statistics.median(samples)
 
 
@@ -56,6 +61,8 @@ def fmt(s):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--only", choices=("attention", "tpa", "kv", "mor", "parscale"), action="append",
+                    help="run only these sections (repeatable)")
     ap.add_argument("--t6", metavar="FILE", help="T6's decode/flashtpa_decode_triton.py (tensorgi/T6, not "
                     "shipped with lmkern): time its Triton FlashTPA decode beside tpa.decode for ranks Rk=Rv=1")
     args = ap.parse_args(argv)
@@ -84,10 +91,25 @@ def main(argv=None):
         print(f"| {case} | {fmt(t)} | {nbytes / t / 1e9:.0f} | {flops / t / 1e12:.1f} | {share * 100:.0f}% | {ups} |",
               flush=True)
 
+    only = set(args.only or ("attention", "tpa", "kv", "mor", "parscale"))
+    if "attention" in only:
+        bench_attention(torch, F, row, args.quick)
+    t6 = load_t6(args.t6) if args.t6 else None
+    for section in (bench_tpa, bench_kv, bench_mor, bench_parscale):
+        if section.__name__[len("bench_"):] not in only:
+            continue
+        try:
+            section(torch, F, row, args.quick, t6=t6)
+        except NotImplementedError as exc:   # a family op without a CUDA path in this build
+            print(f"| {section.__name__}: skipped ({exc}) | | | | | |", flush=True)
+    return 0
+
+
+def bench_attention(torch, F, row, quick):
+    """Prefill (causal, N = M, tensor cores) and split-KV decode (GQA 32/8) vs torch SDPA."""
     bf16 = torch.bfloat16
-    # prefill: causal, N = M, tensor cores
     B, H, D = 1, 16, 128
-    N = 1024 if args.quick else 8192
+    N = 1024 if quick else 8192
     for dt_name, dt in (("bf16", bf16), ("f16", torch.float16)):
         q = torch.randn(B, N, H, D, device="cuda", dtype=dt)
         k = torch.randn(B, N, H, D, device="cuda", dtype=dt)
@@ -100,7 +122,7 @@ def main(argv=None):
         row(f"{dt_name} causal B={B} N=M={N} H={H} D={D}", t, flops, nbytes, {"torch SDPA": ts})
 
     # decode: N = 1, long cache, split-KV (GQA 32/8)
-    M = 4096 if args.quick else 32768
+    M = 4096 if quick else 32768
     for dt_name, dt in (("bf16", bf16), ("f32", torch.float32)):
         Bd, Hq, Hkv = 4, 32, 8
         q = torch.randn(Bd, 1, Hq, D, device="cuda", dtype=dt)
@@ -115,14 +137,6 @@ def main(argv=None):
         nbytes = 2 * Bd * M * Hkv * D * k.element_size()
         row(f"{dt_name} decode B={Bd} M={M} Hq={Hq} Hkv={Hkv} D={D}", t, flops, nbytes,
             {"torch SDPA (KV expanded)": ts})
-
-    t6 = load_t6(args.t6) if args.t6 else None
-    for section in (bench_tpa, bench_kv, bench_mor, bench_parscale):
-        try:
-            section(torch, F, row, args.quick, t6=t6)
-        except NotImplementedError as exc:   # a family op without a CUDA path in this build
-            print(f"| {section.__name__}: skipped ({exc}) | | | | | |", flush=True)
-    return 0
 
 
 def load_t6(path):

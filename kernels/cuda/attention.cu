@@ -93,22 +93,41 @@ template <> __device__ __forceinline__ __nv_bfloat16 raw_elem<__nv_bfloat16>(con
     return __ushort_as_bfloat16(half_word(r, u));
 }
 
-/* <qs, k_row> over D features; qs is float (already scaled), k_row of T.  vec: 16-byte loads. */
+/* <qs, k_row> over D features; qs is float (already scaled), k_row of T.  vec: 16-byte loads, unrolled
+ * with two partial sums so several loads are in flight and the FMA chain is halved. */
 template <typename T>
 __device__ __forceinline__ float dot_row(const float *qs, const T *kr, int64_t D, bool vec) {
     float dot = 0.f;
     if (vec) {
         constexpr int PER = 16 / sizeof(T);  // elements per 16-byte load
-        for (int64_t d = 0; d < D; d += PER) {
+        float dot2 = 0.f;
+        const int n = (int)D;
+#pragma unroll 4
+        for (int d = 0; d < n; d += PER) {
             const uint4 raw = *reinterpret_cast<const uint4 *>(kr + d);
 #pragma unroll
-            for (int u = 0; u < PER; u++) dot = fmaf(qs[d + u], to_f<T>(raw_elem<T>(raw, u)), dot);
+            for (int u = 0; u < PER; u += 2) {
+                dot = fmaf(qs[d + u], to_f<T>(raw_elem<T>(raw, u)), dot);
+                dot2 = fmaf(qs[d + u + 1], to_f<T>(raw_elem<T>(raw, u + 1)), dot2);
+            }
         }
+        dot += dot2;
     } else {
 #pragma unroll 8
         for (int64_t d = 0; d < D; d++) dot = fmaf(qs[d], to_f<T>(kr[d]), dot);
     }
     return dot;
+}
+
+/* EPL consecutive elements of T read with the widest aligned loads (at most 16 bytes each). */
+template <typename T, int EPL> struct alignas(EPL * sizeof(T) < 16 ? EPL * sizeof(T) : 16) FeatChunk {
+    T v[EPL];
+};
+
+/* Value feature r of a lane: blocked (lane * EPL + r: one vector load per key, needs VEC_V) or strided
+ * (lane + 32 r: any E, any alignment). */
+template <int EPL> __device__ __forceinline__ int64_t feat_of(int lane, int r, bool blocked) {
+    return blocked ? (int64_t)lane * EPL + r : (int64_t)lane + 32 * r;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -147,6 +166,8 @@ attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len,
     float m = -INFINITY, l = 0.f, acc[EPL];
 #pragma unroll
     for (int r = 0; r < EPL; r++) acc[r] = 0.f;
+    // blocked feature layout: E a multiple of EPL and 16-byte aligned rows (VEC_V guarantees E % 8 == 0)
+    const bool vblk = (vec & VEC_V) != 0;
 
     for (int64_t base = lo; base < hi; base += 32) {
         // s_j = scale log2e <q, k_j>, one key per lane
@@ -166,17 +187,37 @@ attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len,
         m = m_new;
 #pragma unroll
         for (int r = 0; r < EPL; r++) acc[r] *= corr;
-        // acc += p_j v_j, lanes across features
+        // acc += p_j v_j, lanes across features; four keys' rows are loaded before their FMAs
         const int cnt = (int)(hi - base < 32 ? hi - base : 32);
-        for (int kk = 0; kk < cnt; kk++) {
-            const float pk = __shfl_sync(0xffffffffu, pj, kk);
-            if (pk == 0.f) continue;  // masked key (uniform: pk is a broadcast)
-            const T *vr = value_row<T>(p, b, g, base + kk);
+        for (int k0 = 0; k0 < cnt; k0 += 4) {
+            float pk[4], x[4][EPL];
 #pragma unroll
-            for (int r = 0; r < EPL; r++) {
-                const int64_t e = lane + 32 * r;
-                if (e < E) acc[r] = fmaf(pk, to_f<T>(vr[e]), acc[r]);
+            for (int u = 0; u < 4; u++) {
+                const int kk = k0 + u < cnt ? k0 + u : cnt - 1;   // uniform
+                pk[u] = __shfl_sync(0xffffffffu, pj, kk);
+                if (k0 + u >= cnt) pk[u] = 0.f;
+#pragma unroll
+                for (int r = 0; r < EPL; r++) x[u][r] = 0.f;
+                if (pk[u] == 0.f) continue;  // masked key or past the chunk (uniform): never read
+                const T *vr = value_row<T>(p, b, g, base + k0 + u);
+                if (vblk) {
+                    if ((int64_t)lane * EPL < E) {
+                        const FeatChunk<T, EPL> c = *reinterpret_cast<const FeatChunk<T, EPL> *>(vr + lane * EPL);
+#pragma unroll
+                        for (int r = 0; r < EPL; r++) x[u][r] = to_f<T>(c.v[r]);
+                    }
+                } else {
+#pragma unroll
+                    for (int r = 0; r < EPL; r++) {
+                        const int64_t e = lane + 32 * r;
+                        if (e < E) x[u][r] = to_f<T>(vr[e]);
+                    }
+                }
             }
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+#pragma unroll
+                for (int r = 0; r < EPL; r++) acc[r] = fmaf(pk[u], x[u][r], acc[r]);
         }
     }
 
@@ -185,7 +226,7 @@ attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len,
         T *o = (T *)p.out + b * p.out_stride[0] + i * p.out_stride[1] + h * p.out_stride[2];
 #pragma unroll
         for (int r = 0; r < EPL; r++) {
-            const int64_t e = lane + 32 * r;
+            const int64_t e = feat_of<EPL>(lane, r, vblk);
             if (e < E) o[e] = from_f<T>(acc[r] * inv);
         }
         if (p.lse && lane == 0) ((float *)p.lse)[row] = l == 0.f ? -INFINITY : (m + log2f(l)) * LN2;
@@ -198,7 +239,7 @@ attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len,
         }
 #pragma unroll
         for (int r = 0; r < EPL; r++) {
-            const int64_t e = lane + 32 * r;
+            const int64_t e = feat_of<EPL>(lane, r, vblk);
             if (e < E) part[2 + e] = acc[r];
         }
     }

@@ -54,6 +54,7 @@ struct DecodeCfg {
     int TN;                    // tokens per tile
     int TE, TH;                // threads across features (4 each) and across heads; TE * TH = THREADS
     int HPT;                   // heads per thread (template parameter of the kernel)
+    int GP;                    // lanes sharing one G task (a power of two <= 8 dividing 32)
     int groups, hg;            // head groups and heads per group (the last one may hold fewer)
     int Dp, Rq4, BKJ, GS, AKJ, AVJ, TNP, E4;  // shared-memory strides (floats)
     size_t smem;               // bytes
@@ -130,8 +131,15 @@ __device__ __forceinline__ void stage(float *dst, const T *src, int64_t tok_stri
     }
 }
 
+#ifndef LK_TPA_MIN_BLOCKS
+// resident blocks per SM asked of the register allocator (<= 80 registers a thread).  H100, bf16, H=32
+// ranks 16/1/1 M=32768 B=4: 3 gives 232 us against 323 us for the compiler's own choice (128 registers,
+// 2 blocks), the extra warps hiding the shared-memory latency that stalled the kernel
+#define LK_TPA_MIN_BLOCKS 3
+#endif
+
 template <typename T, int HPT>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, LK_TPA_MIN_BLOCKS)
 tpa_decode_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides st, const DecodeCfg cfg,
                   int num_splits, int64_t split_len, float *scratch, float score_scale) {
     extern __shared__ float4 smem4[];
@@ -204,26 +212,39 @@ tpa_decode_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides s
         stage<T>(av_s, avp, st.av[1], j0, nvalid, TN, hc * Rv, hc * Rv, cfg.AVJ, 0, cfg.vec & VEC_AV);
         stage<T>(bv_s, bvp, st.bv[1], j0, nvalid, TN, Rv * E, E > 0 ? E : 1, Rv * cfg.E4, cfg.E4, cfg.vec & VEC_BV);
         __syncthreads();
-        // 2. G[j, r, s] = <bq[r], bk[j, s]>, four ranks r per thread (bq rows past Rq are zero)
+        // 2. G[j, r, s] = <bq[r], bk[j, s]>, four ranks r per task; each task's D features are split over
+        //    GP adjacent lanes (interleaved) and summed with shuffles, so small tiles keep every thread busy
         {
-            const int rchunks = cfg.Rq4 / 4, tasks = TN * Rk * rchunks;
-            for (int q = tid; q < tasks; q += THREADS) {
-                const int j = q % TN, rest = q / TN, s = rest % Rk, r0 = (rest / Rk) * 4;
-                const float *krow = bk_s + j * cfg.BKJ + s * D;
-                const float *q0 = bq_s + r0 * cfg.Dp;
+            const int GP = cfg.GP, rchunks = cfg.Rq4 / 4, tasks = TN * Rk * rchunks;
+            for (int q0i = 0; q0i < tasks * GP; q0i += THREADS) {   // uniform trip count: shuffles below
+                const int q = q0i + tid, task = q / GP, part = q - task * GP;
+                const bool live = task < tasks;
+                const int j = task % TN, rest = task / TN, s = rest % Rk, r0 = (rest / Rk) * 4;
                 float g0 = 0.f, g1 = 0.f, g2 = 0.f, g3 = 0.f;
-                for (int d = 0; d < D; d++) {
-                    const float x = krow[d];
-                    g0 = fmaf(q0[d], x, g0);
-                    g1 = fmaf(q0[cfg.Dp + d], x, g1);
-                    g2 = fmaf(q0[2 * cfg.Dp + d], x, g2);
-                    g3 = fmaf(q0[3 * cfg.Dp + d], x, g3);
+                if (live) {
+                    const float *krow = bk_s + j * cfg.BKJ + s * D;
+                    const float *q0 = bq_s + r0 * cfg.Dp;
+                    for (int d = part; d < D; d += GP) {
+                        const float x = krow[d];
+                        g0 = fmaf(q0[d], x, g0);
+                        g1 = fmaf(q0[cfg.Dp + d], x, g1);
+                        g2 = fmaf(q0[2 * cfg.Dp + d], x, g2);
+                        g3 = fmaf(q0[3 * cfg.Dp + d], x, g3);
+                    }
                 }
-                float *g = G_s + j * cfg.GS + s;
-                if (r0 < Rq) g[r0 * Rk] = g0;
-                if (r0 + 1 < Rq) g[(r0 + 1) * Rk] = g1;
-                if (r0 + 2 < Rq) g[(r0 + 2) * Rk] = g2;
-                if (r0 + 3 < Rq) g[(r0 + 3) * Rk] = g3;
+                for (int o = GP / 2; o > 0; o >>= 1) {   // GP lanes of a task are adjacent and aligned
+                    g0 += __shfl_xor_sync(0xffffffffu, g0, o);
+                    g1 += __shfl_xor_sync(0xffffffffu, g1, o);
+                    g2 += __shfl_xor_sync(0xffffffffu, g2, o);
+                    g3 += __shfl_xor_sync(0xffffffffu, g3, o);
+                }
+                if (live && part == 0) {
+                    float *g = G_s + j * cfg.GS + s;
+                    if (r0 < Rq) g[r0 * Rk] = g0;
+                    if (r0 + 1 < Rq) g[(r0 + 1) * Rk] = g1;
+                    if (r0 + 2 < Rq) g[(r0 + 2) * Rk] = g2;
+                    if (r0 + 3 < Rq) g[(r0 + 3) * Rk] = g3;
+                }
             }
         }
         __syncthreads();
@@ -385,9 +406,12 @@ bool decode_config(const lk_tpa_attention_params *p, DecodeCfg *c) {
         c->TNP = odd_pad(tn);
         const size_t bytes = (size_t)smem_layout(*c, Rq, Rv).total * sizeof(float);
         c->smem = bytes;
-        if (bytes <= SMEM_DEFAULT) return true;
+        if (bytes <= SMEM_DEFAULT) break;
     }
-    return c->smem <= SMEM_MAX;  // TN = 1 with more than the default shared memory
+    const int64_t tasks = (int64_t)c->TN * Rk * (c->Rq4 / 4);
+    c->GP = 1;
+    while (c->GP < 8 && tasks * c->GP * 2 <= THREADS && c->GP * 2 <= D) c->GP *= 2;
+    return c->smem <= SMEM_MAX;  // TN = 1 may need more than the default shared memory
 }
 
 /* 16-byte loads of a factor: token rows of `len` elements at `base` + b*sb + j*sj + off for every b, j
@@ -442,7 +466,15 @@ extern "C" int lk_tpa_decode_cuda_supported(const lk_tpa_attention_params *p) {
 extern "C" int lk_tpa_decode_cuda_splits(const lk_tpa_attention_params *p, int num_sms) {
     DecodeCfg c;
     if (!decode_config(p, &c) || p->B <= 0 || p->M <= 256) return 1;
-    return split_count(p->B * c.groups, num_sms, p->M, 128, 512);   // at least 128 tokens per split
+    // about two blocks per SM (the kernel's residency; more with LK_TPA_MIN_BLOCKS), at least 512 tokens
+    // per split: fewer partials for the combine to merge
+    const int64_t per_b = p->B * c.groups;
+    const int64_t resident = LK_TPA_MIN_BLOCKS > 2 ? LK_TPA_MIN_BLOCKS : 2;
+    int64_t splits = per_b > 0 ? (resident * (int64_t)(num_sms > 0 ? num_sms : 1) + per_b - 1) / per_b : 1;
+    const int64_t most = (p->M + 511) / 512;
+    if (splits > most) splits = most;
+    if (splits > 512) splits = 512;
+    return splits < 1 ? 1 : (int)splits;
 }
 
 extern "C" int64_t lk_tpa_decode_cuda_scratch_floats(const lk_tpa_attention_params *p, int num_splits) {

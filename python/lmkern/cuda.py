@@ -223,6 +223,9 @@ def _current_stream(ref) -> int:
     kind = _kind(ref)
     if kind == "torch":
         import torch
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)   # one C call, no Stream object
+        if raw is not None:
+            return int(raw(ref.get_device()))
         return int(torch.cuda.current_stream(ref.device).cuda_stream)
     if kind == "cupy":
         import cupy
@@ -523,7 +526,7 @@ def _device_of(x) -> int:
     if kind == "devicearray":
         return x.device
     if kind == "torch":
-        return int(x.device.index or 0)
+        return max(int(x.get_device()), 0)
     if kind == "cupy":
         return int(x.device.id)
     dev = getattr(x, "__dlpack_device__", None)
@@ -617,8 +620,7 @@ class View:
         if kind == "torch":
             if not x.is_cuda:
                 raise ValueError(f"{fn}: {name} is a CPU tensor; expected a CUDA tensor (or pass NumPy arrays)")
-            return cls(x.data_ptr(), tuple(x.shape), tuple(x.stride()), _dtype_name(x.dtype),
-                       x.device.index or 0, kind, x, x)
+            return cls(x.data_ptr(), tuple(x.shape), x.stride(), _dtype_name(x.dtype), x.get_device(), kind, x, x)
         cai = None
         try:
             cai = x.__cuda_array_interface__
