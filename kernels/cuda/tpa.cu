@@ -132,9 +132,10 @@ __device__ __forceinline__ void stage(float *dst, const T *src, int64_t tok_stri
 }
 
 #ifndef LK_TPA_MIN_BLOCKS
-// resident blocks per SM asked of the register allocator (<= 80 registers a thread).  H100, bf16, H=32
-// ranks 16/1/1 M=32768 B=4: 3 gives 232 us against 323 us for the compiler's own choice (128 registers,
-// 2 blocks), the extra warps hiding the shared-memory latency that stalled the kernel
+// resident blocks per SM asked of the register allocator (at most 85 registers a thread).  H100, bf16,
+// H=32 ranks 16/1/1 M=32768 B=4, GPU time by torch.profiler in one process: 3 gives 184 us against 290 us
+// for the compiler's own choice (128 registers, 2 blocks); the extra warps hide the shared-memory
+// latency that stalled the kernel.  Configurations with 8 heads per thread may spill more (not timed).
 #define LK_TPA_MIN_BLOCKS 3
 #endif
 
