@@ -118,6 +118,19 @@ def test_glue_decode_matches_twin(fake, rng, B, M, H, Rq, Rk, Rv, D, E, lens):
         assert kw["num_splits"] == 1 and kw["scratch"] is None
 
 
+def test_glue_decode_path_choice(fake, rng):
+    aq, bq, ak, bk, av, bv = factors(rng, 2, 1, 40, 3, 2, 1, 1, 16, 16)
+    args = [G(x) for x in (aq[:, 0], bq[:, 0], ak, bk, av, bv)]
+    with pytest.raises(ValueError, match="_path"):
+        tpa.decode(*args, _path="bogus")
+    with pytest.raises(ValueError, match="tensor-core kernel takes float16"):   # float32: CUDA cores only
+        tpa.decode(*args, _path="tensor_cores")
+    want = ref.decode(aq[:, 0], bq[:, 0], ak, bk, av, bv)
+    for path, code in (("factor", 1), ("auto", 0)):
+        assert_close(tpa.decode(*args, _path=path).numpy(), want)
+        assert _calls(fake, "tpa_decode")[-1]["path"] == code
+
+
 def test_glue_decode_views_of_a_larger_cache_are_read_in_place(fake, rng):
     B, S, M, H, Rq, Rk, Rv, D, E = 2, 16, 11, 5, 3, 2, 2, 8, 12
     aq, bq, ak, bk, av, bv = factors(rng, B, 1, S, H, Rq, Rk, Rv, D, E)
@@ -332,6 +345,29 @@ def test_gpu_decode_matches_twin(rng, dtype, B, M, H, Rq, Rk, Rv, D, E, lens):
     for splits in (1, 3, 64):
         o = tpa.decode(*ts, kv_lens=kv_lens, _splits=splits)
         assert_close(o.float().cpu().numpy(), want, tol=GPU_TOL[dtype])
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("B,M,H,Rq,Rk,Rv,D,E,lens", GPU_DECODE_CASES)
+def test_gpu_decode_tensor_cores_and_cuda_cores_agree(rng, dtype, B, M, H, Rq, Rk, Rv, D, E, lens):
+    torch = _torch()
+    fs = factors(rng, B, 1, M, H, Rq, Rk, Rv, D, E)
+    ts, hs = _dev(torch, (fs[0][:, 0], fs[1][:, 0]) + fs[2:], dtype)
+    kv_lens = None if lens is None else np.array(lens)
+    want, want_lse = ref.decode(*hs, kv_lens=kv_lens, return_lse=True)
+    simt = tpa.decode(*ts, kv_lens=kv_lens, _path="factor")
+    assert_close(simt.float().cpu().numpy(), want, tol=GPU_TOL[dtype])
+    tiles = -(-H // 16) * -(-E // 8)            # accumulator tiles of 16 heads x 8 features
+    if -(-tiles // 4) > 16:                     # more than 16 per warp: the CUDA-core kernel only
+        with pytest.raises(ValueError, match="tensor-core"):
+            tpa.decode(*ts, kv_lens=kv_lens, _path="tensor_cores")
+        return
+    for splits in (0, 1, 3):
+        out, lse = tpa.decode(*ts, kv_lens=kv_lens, _path="tensor_cores", _splits=splits, return_lse=True)
+        torch.cuda.synchronize()
+        assert_close(out.float().cpu().numpy(), want, tol=GPU_TOL[dtype])
+        assert_close(lse.cpu().numpy(), want_lse, tol=GPU_TOL["float32"] * 10)
 
 
 @requires_gpu

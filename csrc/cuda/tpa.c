@@ -14,26 +14,32 @@ static int fill_decode(PyObject *args, PyObject *kwargs, lk_tpa_attention_params
     static char *kwlist[] = {"device", "stream", "dtype", "B", "M", "H", "Rq", "Rk", "Rv", "D", "E",
                              "aq", "aq_stride", "bq", "bq_stride", "ak", "ak_stride", "bk", "bk_stride",
                              "av", "av_stride", "bv", "bv_stride", "out", "out_stride", "lse", "kv_lens",
-                             "scale", "num_splits", "scratch", "num_sms", NULL};
+                             "scale", "num_splits", "scratch", "num_sms", "path", NULL};
     const char *dtype = "float32";
     long long B = 0, M = 0, H = 0, Rq = 0, Rk = 0, Rv = 0, D = 0, E = 0;
     void *aq = NULL, *bq = NULL, *ak = NULL, *bk = NULL, *av = NULL, *bv = NULL, *out = NULL, *lse = NULL, *lens = NULL;
     int64_t st[7][3];
     double scale = 1.0;
+    int path = 0;
     memset(st, 0, sizeof st);
     memset(p, 0, sizeof *p);
     memset(s, 0, sizeof *s);
     *num_splits = 1;
     *scratch = NULL;
     *stream = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|iO&sLLLLLLLLO&O&O&O&O&O&O&O&O&O&O&O&O&O&O&O&diO&i", kwlist, device,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|iO&sLLLLLLLLO&O&O&O&O&O&O&O&O&O&O&O&O&O&O&O&diO&ii", kwlist, device,
                                      lk_cu_ptr_arg, stream, &dtype, &B, &M, &H, &Rq, &Rk, &Rv, &D, &E,
                                      lk_cu_ptr_arg, &aq, lk_cu_strides3, st[0], lk_cu_ptr_arg, &bq, lk_cu_strides3, st[1],
                                      lk_cu_ptr_arg, &ak, lk_cu_strides3, st[2], lk_cu_ptr_arg, &bk, lk_cu_strides3, st[3],
                                      lk_cu_ptr_arg, &av, lk_cu_strides3, st[4], lk_cu_ptr_arg, &bv, lk_cu_strides3, st[5],
                                      lk_cu_ptr_arg, &out, lk_cu_strides3, st[6], lk_cu_ptr_arg, &lse, lk_cu_ptr_arg, &lens,
-                                     &scale, num_splits, lk_cu_ptr_arg, scratch, num_sms))
+                                     &scale, num_splits, lk_cu_ptr_arg, scratch, num_sms, &path))
         return -1;
+    if (path < LK_TPA_PATH_AUTO || path > LK_TPA_PATH_TENSOR_CORES) {
+        PyErr_Format(PyExc_ValueError, "%s: path must be 0 (auto), 1 (factor: float32 CUDA cores), 2 (same as 1) "
+                     "or 3 (tensor cores); got %d", FN_DECODE, path);
+        return -1;
+    }
     if (lk_cu_parse_dtype(FN_DECODE, dtype, &p->dtype) < 0) return -1;
     if (B < 0 || M < 0 || H < 0 || D < 0 || E < 0) {
         PyErr_Format(PyExc_ValueError, "%s: negative size", FN_DECODE);
@@ -66,6 +72,7 @@ static int fill_decode(PyObject *args, PyObject *kwargs, lk_tpa_attention_params
     p->aq = aq; p->bq = bq; p->ak = ak; p->bk = bk; p->av = av; p->bv = bv; p->out = out; p->lse = lse;
     p->kv_lens = (const int64_t *)lens;
     p->scale = scale;
+    p->path = (lk_tpa_path)path;
     int64_t *dst[7] = {s->aq, s->bq, s->ak, s->bk, s->av, s->bv, s->out};
     for (int a = 0; a < 7; a++) {
         dst[a][0] = st[a][0];
@@ -74,7 +81,9 @@ static int fill_decode(PyObject *args, PyObject *kwargs, lk_tpa_attention_params
     if (!lk_tpa_decode_cuda_supported(p)) {
         PyErr_Format(PyExc_ValueError,
                      "%s: H = %lld, Rq = %lld, Rk = %lld, Rv = %lld, D = %lld, E = %lld do not fit the CUDA kernel's "
-                     "shared memory", FN_DECODE, H, Rq, Rk, Rv, D, E);
+                     "shared memory%s", FN_DECODE, H, Rq, Rk, Rv, D, E,
+                     path == LK_TPA_PATH_TENSOR_CORES ? " (the tensor-core kernel takes float16 / "
+                                                        "bfloat16 and at most 64 tiles of 16 heads x 8 features)" : "");
         return -1;
     }
     return 0;

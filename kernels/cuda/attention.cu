@@ -27,6 +27,7 @@
 #include <math.h>
 
 #include "common.cuh"
+#include "mma.cuh"
 #include "softmax.cuh"
 
 namespace {
@@ -93,22 +94,26 @@ template <> __device__ __forceinline__ __nv_bfloat16 raw_elem<__nv_bfloat16>(con
     return __ushort_as_bfloat16(half_word(r, u));
 }
 
-/* <qs, k_row> over D features; qs is float (already scaled), k_row of T.  vec: 16-byte loads, unrolled
- * with two partial sums so several loads are in flight and the FMA chain is halved. */
+/* <qs, k_row> over D features; qs is float (already scaled; 16-byte aligned), k_row of T.  vec: 16-byte
+ * loads of k and of q (one shared-memory load per four features, not one per FMA), unrolled with two
+ * partial sums so several loads are in flight and the FMA chain is halved. */
 template <typename T>
 __device__ __forceinline__ float dot_row(const float *qs, const T *kr, int64_t D, bool vec) {
     float dot = 0.f;
     if (vec) {
-        constexpr int PER = 16 / sizeof(T);  // elements per 16-byte load
+        constexpr int PER = 16 / sizeof(T);  // elements per 16-byte load (4 or 8)
         float dot2 = 0.f;
         const int n = (int)D;
 #pragma unroll 4
         for (int d = 0; d < n; d += PER) {
             const uint4 raw = *reinterpret_cast<const uint4 *>(kr + d);
 #pragma unroll
-            for (int u = 0; u < PER; u += 2) {
-                dot = fmaf(qs[d + u], to_f<T>(raw_elem<T>(raw, u)), dot);
-                dot2 = fmaf(qs[d + u + 1], to_f<T>(raw_elem<T>(raw, u + 1)), dot2);
+            for (int u = 0; u < PER; u += 4) {
+                const float4 q4 = *reinterpret_cast<const float4 *>(qs + d + u);
+                dot = fmaf(q4.x, to_f<T>(raw_elem<T>(raw, u)), dot);
+                dot2 = fmaf(q4.y, to_f<T>(raw_elem<T>(raw, u + 1)), dot2);
+                dot = fmaf(q4.z, to_f<T>(raw_elem<T>(raw, u + 2)), dot);
+                dot2 = fmaf(q4.w, to_f<T>(raw_elem<T>(raw, u + 3)), dot2);
             }
         }
         dot += dot2;
@@ -140,7 +145,7 @@ template <typename T, int EPL>
 __global__ void __launch_bounds__(32 * WARP_KERNEL_WARPS)
 attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len, float *scratch, float scale_log2,
                  int vec) {
-    __shared__ float q_s[WARP_KERNEL_WARPS][LK_CUDA_ATTN_MAX_HEAD_DIM];
+    __shared__ __align__(16) float q_s[WARP_KERNEL_WARPS][LK_CUDA_ATTN_MAX_HEAD_DIM];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t rows = p.B * p.N * p.Hq;
     const int64_t task = (int64_t)blockIdx.x * WARP_KERNEL_WARPS + warp;
@@ -403,37 +408,6 @@ constexpr int MMA_WARPS = 4;
 constexpr int MMA_NT = MMA_BN / 8;    // n8 subtiles of S per warp
 constexpr int MMA_VTS = MMA_BN + 8;   // row stride (elements) of the transposed V tile
 
-template <typename T> struct mma_op;
-
-template <> struct mma_op<__half> {
-    static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __half2 h2 = __floats2half2_rn(lo, hi);  // lo in the low 16 bits
-        return *reinterpret_cast<uint32_t *>(&h2);
-    }
-};
-
-template <> struct mma_op<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __nv_bfloat162 h2 = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<uint32_t *>(&h2);
-    }
-};
-
-__device__ __forceinline__ uint32_t ld32(const void *p) { return *reinterpret_cast<const uint32_t *>(p); }
 
 /* Bytes of dynamic shared memory of attn_mma_kernel for padded D (DP) and E (EP). */
 static size_t mma_smem_bytes(int64_t DP, int64_t EP) {
@@ -542,8 +516,8 @@ attn_mma_kernel(const lk_attention_params p, float scale_log2, int vec) {
 #pragma unroll
         for (int nt = 0; nt < MMA_NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
         for (int ks = 0; ks < (int)(DP / 16); ks++) {
-            const T *qa = q_s + (wr + gid) * QS + ks * 16 + 2 * tig;
-            uint32_t a[4] = {ld32(qa), ld32(qa + 8 * QS), ld32(qa + 8), ld32(qa + 8 * QS + 8)};
+            uint32_t a[4];
+            load_a(a, q_s + wr * QS + ks * 16, QS, gid, tig);
 #pragma unroll
             for (int nt = 0; nt < MMA_NT; nt++) {
                 const T *kb = k_s + (nt * 8 + gid) * QS + ks * 16 + 2 * tig;

@@ -3,7 +3,11 @@
  *
  * Decode, s[h,j] = scale/(Rq Rk) sum_{r,s} aq[h,r] ak[j,h,s] <bq[r], bk[j,s]>,
  *         out[h] = sum_j softmax_j(s[h,j]) (1/Rv) sum_t av[j,h,t] bv[j,t].
- * tpa_decode_kernel: one block of 256 threads per (batch row b, head group, cache split).  The split's
+ * tpa_decode_tc_kernel (f16 / bf16, opt-in with LK_TPA_PATH_TENSOR_CORES until it has run on a GPU;
+ * described at the kernel): the same order with the bk . bq products and the value products on tensor
+ * cores.
+ * tpa_decode_kernel (f32, and shapes the former does not take): one block of 256 threads per (batch row
+ * b, head group, cache split).  The split's
  * tokens are visited in tiles of TN <= 32; per tile:
  *   1. stage: the tile's ak, bk, av, bv rows (token-major, each token's block contiguous in memory)
  *      are read once, coalesced (16-byte loads when sizes, strides and alignment allow), converted to
@@ -34,6 +38,7 @@
 
 #include "common.cuh"
 #include "lmkern/tpa.h"
+#include "mma.cuh"
 #include "softmax.cuh"
 
 namespace {
@@ -110,10 +115,11 @@ template <typename T>
 __device__ __forceinline__ void stage(float *dst, const T *src, int64_t tok_stride, int64_t j0, int nvalid, int TN,
                                       int len, int inner, int dst_j, int dst_inner, bool vec) {
     if (len <= 0) return;
+    const int nthreads = blockDim.x;
     if (vec) {
         constexpr int PER = 16 / sizeof(T);
         const int cpr = len / PER, chunks = TN * cpr;
-        for (int q = threadIdx.x; q < chunks; q += THREADS) {
+        for (int q = threadIdx.x; q < chunks; q += nthreads) {
             const int j = q / cpr, c = (q - j * cpr) * PER;
             uint4 raw = make_uint4(0u, 0u, 0u, 0u);
             if (j < nvalid) raw = *reinterpret_cast<const uint4 *>(src + (j0 + j) * tok_stride + c);
@@ -123,7 +129,7 @@ __device__ __forceinline__ void stage(float *dst, const T *src, int64_t tok_stri
         }
     } else {
         const int total = TN * len;
-        for (int q = threadIdx.x; q < total; q += THREADS) {
+        for (int q = threadIdx.x; q < total; q += nthreads) {
             const int j = q / len, c = q - j * len;
             const float v = j < nvalid ? to_f<T>(src[(j0 + j) * tok_stride + c]) : 0.f;
             dst[j * dst_j + (c / inner) * dst_inner + c % inner] = v;
@@ -339,6 +345,274 @@ tpa_decode_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides s
     }
 }
 
+
+/* ---- tensor-core decode (float16 / bfloat16) ------------------------------------------------------
+ * tpa_decode_tc_kernel: one block of 4 warps per (batch row, cache split), every head in the block.
+ * Per tile of TN (64, 32 or 16) tokens:
+ *   1. stage: bk rows (token, rank) and bv transposed ([feature][token, rank]) in the input dtype, ak
+ *      and av as float32; tokens past the row's length are zeros, never loaded;
+ *   2. G[(j, s), r] = <bk[j, s], bq[r]> on tensor cores (mma.sync m16n8k16, f32 accumulate): the
+ *      products of two f16 / bf16 numbers are exact and the sums stay in (tensor-core) f32, whose
+ *      alignment truncation differs slightly from IEEE float32 adds; T6 rounds G to bf16, we do not;
+ *   3. scores S[h, j] = sum_s ak[j, h, s] sum_r aq'[h, r] G[(j, s), r] in float32 (CUDA cores);
+ *   4. online softmax, one warp per head, and W[h, (j, t)] = p[h, j] av[j, h, t] rounded to the input
+ *      dtype (the one rounding this kernel adds, like FlashAttention's P; 1/Rv is applied to the
+ *      accumulators at the end, so small weights do not fall into f16 subnormals);
+ *   5. acc[h, e] = alpha[h] acc[h, e] + sum_(j, t) W[h, (j, t)] bv[(j, t), e] on tensor cores; the
+ *      accumulators (16 heads x 8 features per mma tile, up to TC_MAX_TILES tiles per warp) stay in
+ *      registers across the split.
+ * Output and partials as tpa_decode_kernel (the same combine).  Shapes whose accumulators or tiles do
+ * not fit use the CUDA-core kernel. */
+constexpr int TC_THREADS = 128;
+constexpr int TC_WARPS = TC_THREADS / 32;
+constexpr int TC_MAX_TILES = 16;   // accumulator tiles per warp (64 registers)
+
+struct TcCfg {
+    int TN;                 // tokens per tile
+    int DP, E8, H16, Rq8;   // D padded to 16, E to 8, H to 16, Rq to 8
+    int KS, WS, GS;         // row strides: bk_s / bq_s (DP + 8), W_s / bvt_s (TN Rv + 8), G_s (Rq8 + 4 floats)
+    int AKJ, AVJ, TNP;      // float32 strides of ak_s, av_s, S_s (odd)
+    int tiles;              // accumulator tiles: H16 / 16 * E8 / 8
+    int MT;                 // tiles per warp (template parameter: 4, 8 or 16)
+    size_t smem;
+    int vec;                // VEC_* flags
+};
+
+struct TcLayout {
+    size_t bq, bk, bvt, W, G, aq, ak, av, S, m, l, alpha, total;   // byte offsets, 16-byte aligned
+};
+
+__host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
+
+__host__ __device__ inline TcLayout tc_layout(const TcCfg &c, int H, int Rq, int Rk) {
+    TcLayout L;
+    size_t o = 0;
+    L.bq = o;    o = align16(o + (size_t)c.Rq8 * c.KS * 2);
+    L.bk = o;    o = align16(o + (size_t)c.TN * Rk * c.KS * 2);
+    L.bvt = o;   o = align16(o + (size_t)c.E8 * c.WS * 2);
+    L.W = o;     o = align16(o + (size_t)c.H16 * c.WS * 2);
+    L.G = o;     o = align16(o + (size_t)c.TN * Rk * c.GS * 4);
+    L.aq = o;    o = align16(o + (size_t)H * Rq * 4);
+    L.ak = o;    o = align16(o + (size_t)c.TN * c.AKJ * 4);
+    L.av = o;    o = align16(o + (size_t)c.TN * c.AVJ * 4);
+    L.S = o;     o = align16(o + (size_t)H * c.TNP * 4);
+    L.m = o;     o = align16(o + (size_t)H * 4);
+    L.l = o;     o = align16(o + (size_t)H * 4);
+    L.alpha = o; o = align16(o + (size_t)H * 4);
+    L.total = o;
+    return L;
+}
+
+template <typename T, int MT>
+__global__ void __launch_bounds__(TC_THREADS)
+tpa_decode_tc_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides st, const TcCfg cfg,
+                     int num_splits, int64_t split_len, float *scratch, float score_scale) {
+    extern __shared__ __align__(16) unsigned char tc_smem[];
+    const int H = (int)p.H, Rq = (int)p.Rq, Rk = (int)p.Rk, Rv = (int)p.Rv, D = (int)p.D, E = (int)p.E;
+    const TcLayout L = tc_layout(cfg, H, Rq, Rk);
+    T *bq_s = reinterpret_cast<T *>(tc_smem + L.bq), *bk_s = reinterpret_cast<T *>(tc_smem + L.bk);
+    T *bvt_s = reinterpret_cast<T *>(tc_smem + L.bvt), *W_s = reinterpret_cast<T *>(tc_smem + L.W);
+    float *G_s = reinterpret_cast<float *>(tc_smem + L.G), *aq_s = reinterpret_cast<float *>(tc_smem + L.aq);
+    float *ak_s = reinterpret_cast<float *>(tc_smem + L.ak), *av_s = reinterpret_cast<float *>(tc_smem + L.av);
+    float *S_s = reinterpret_cast<float *>(tc_smem + L.S), *m_s = reinterpret_cast<float *>(tc_smem + L.m);
+    float *l_s = reinterpret_cast<float *>(tc_smem + L.l), *alpha_s = reinterpret_cast<float *>(tc_smem + L.alpha);
+    const int TN = cfg.TN, KS = cfg.KS, WS = cfg.WS, GS = cfg.GS, DP = cfg.DP;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const T zero = from_f<T>(0.f);
+
+    const int64_t split = blockIdx.x % num_splits, b = blockIdx.x / num_splits;
+    int64_t len = p.kv_lens ? p.kv_lens[b] : p.M;
+    len = len < 0 ? 0 : (len > p.M ? p.M : len);  // memory safety for device-resident kv_lens
+    const int64_t start = split * split_len;
+    const int64_t end = min(start + split_len, len);
+
+    // setup: bq (zero-padded to Rq8 x DP), aq pre-scaled, the padding rows / columns that staging never
+    // writes (W rows >= H, bvt rows >= E, bk columns >= D), softmax state
+    const T *bq = (const T *)p.bq + b * st.bq[0];
+    for (int q = tid; q < cfg.Rq8 * DP; q += TC_THREADS) {
+        const int r = q / DP, d = q - r * DP;
+        bq_s[r * KS + d] = (r < Rq && d < D) ? bq[r * st.bq[1] + d] : zero;
+    }
+    const T *aq = (const T *)p.aq + b * st.aq[0];
+    for (int q = tid; q < H * Rq; q += TC_THREADS) {
+        const int h = q / Rq, r = q - h * Rq;
+        aq_s[q] = to_f<T>(aq[(int64_t)h * st.aq[1] + r]) * score_scale;
+    }
+    for (int q = tid; q < (cfg.H16 - H) * WS; q += TC_THREADS) W_s[H * WS + q] = zero;
+    for (int q = tid; q < (cfg.E8 - E) * WS; q += TC_THREADS) bvt_s[E * WS + q] = zero;
+    if (DP > D)
+        for (int q = tid; q < TN * Rk * (DP - D); q += TC_THREADS) {
+            const int row = q / (DP - D), d = D + q % (DP - D);
+            bk_s[row * KS + d] = zero;
+        }
+    for (int h = tid; h < H; h += TC_THREADS) {
+        m_s[h] = -INFINITY;
+        l_s[h] = 0.f;
+        alpha_s[h] = 1.f;
+    }
+    float acc[MT][4];
+#pragma unroll
+    for (int k = 0; k < MT; k++) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = 0.f;
+
+    const T *akp = (const T *)p.ak + b * st.ak[0];
+    const T *bkp = (const T *)p.bk + b * st.bk[0];
+    const T *avp = (const T *)p.av + b * st.av[0];
+    const T *bvp = (const T *)p.bv + b * st.bv[0];
+    const float inv_rv = 1.f / (float)Rv;
+    const int etiles = cfg.E8 / 8, mtiles_g = TN * Rk / 16, ntiles_g = cfg.Rq8 / 8, ksteps_g = DP / 16;
+    const int ksteps_v = TN * Rv / 16, RvE = Rv * E, RkD = Rk * D;
+
+    for (int64_t j0 = start; j0 < end; j0 += TN) {
+        const int nvalid = (int)min((int64_t)TN, end - j0);
+        __syncthreads();  // the previous tile (and the setup) is done with shared memory
+        // 1. stage
+        stage<T>(ak_s, akp, st.ak[1], j0, nvalid, TN, H * Rk, H * Rk, cfg.AKJ, 0, cfg.vec & VEC_AK);
+        stage<T>(av_s, avp, st.av[1], j0, nvalid, TN, H * Rv, H * Rv, cfg.AVJ, 0, cfg.vec & VEC_AV);
+        if (cfg.vec & VEC_BK) {   // 8 elements of one (token, rank) row per 16-byte load (D % 8 == 0)
+            const int cpr = RkD / 8;
+            for (int q = tid; q < TN * cpr; q += TC_THREADS) {
+                const int j = q / cpr, c = (q - j * cpr) * 8, s = c / D, d = c - s * D;
+                uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+                if (j < nvalid) raw = *reinterpret_cast<const uint4 *>(bkp + (j0 + j) * st.bk[1] + c);
+                *reinterpret_cast<uint4 *>(bk_s + (j * Rk + s) * KS + d) = raw;
+            }
+        } else {
+            for (int q = tid; q < TN * RkD; q += TC_THREADS) {
+                const int j = q / RkD, c = q - j * RkD, s = c / D, d = c - s * D;
+                bk_s[(j * Rk + s) * KS + d] = j < nvalid ? bkp[(j0 + j) * st.bk[1] + c] : zero;
+            }
+        }
+        if (cfg.vec & VEC_BV) {   // bv transposed: bvt_s[e][j Rv + t] (E % 8 == 0)
+            const int cpr = RvE / 8;
+            for (int q = tid; q < TN * cpr; q += TC_THREADS) {
+                const int j = q / cpr, c = (q - j * cpr) * 8, t = c / E, e = c - t * E;
+                uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+                if (j < nvalid) raw = *reinterpret_cast<const uint4 *>(bvp + (j0 + j) * st.bv[1] + c);
+#pragma unroll
+                for (int u = 0; u < 8; u++) bvt_s[(e + u) * WS + j * Rv + t] = from_f<T>(raw_f<T>(raw, u));  // exact
+            }
+        } else {
+            for (int q = tid; q < TN * RvE; q += TC_THREADS) {
+                const int j = q / RvE, c = q - j * RvE, t = c / E, e = c - t * E;
+                bvt_s[e * WS + j * Rv + t] = j < nvalid ? bvp[(j0 + j) * st.bv[1] + c] : zero;
+            }
+        }
+        __syncthreads();
+        // 2. G on tensor cores: rows (j, s) of bk_s times the bq rows
+        for (int mt = warp; mt < mtiles_g; mt += TC_WARPS) {
+            for (int nt = 0; nt < ntiles_g; nt++) {
+                float c[4] = {0.f, 0.f, 0.f, 0.f};
+                for (int ks = 0; ks < ksteps_g; ks++) {
+                    uint32_t a[4];
+                    load_a(a, bk_s + mt * 16 * KS + ks * 16, KS, gid, tig);
+                    const T *bb = bq_s + (nt * 8 + gid) * KS + ks * 16 + 2 * tig;
+                    mma_op<T>::run(c, a, ld32(bb), ld32(bb + 8));
+                }
+                float *g = G_s + (mt * 16 + gid) * GS + nt * 8 + 2 * tig;
+                g[0] = c[0];
+                g[1] = c[1];
+                g[8 * GS] = c[2];
+                g[8 * GS + 1] = c[3];
+            }
+        }
+        __syncthreads();
+        // 3. S[h, j] = sum_s ak[j, h, s] sum_r aq'[h, r] G[(j, s), r]  (log2 domain; masked tail -inf)
+        for (int q = tid; q < H * TN; q += TC_THREADS) {
+            const int h = q / TN, j = q - h * TN;
+            float sc = -INFINITY;
+            if (j < nvalid) {
+                sc = 0.f;
+                const float *a = aq_s + h * Rq, *k = ak_s + j * cfg.AKJ + h * Rk;
+                for (int s = 0; s < Rk; s++) {
+                    const float *g = G_s + (j * Rk + s) * GS;
+                    float mix = 0.f;
+                    for (int r = 0; r < Rq; r++) mix = fmaf(a[r], g[r], mix);
+                    sc = fmaf(k[s], mix, sc);
+                }
+            }
+            S_s[h * cfg.TNP + j] = sc;
+        }
+        __syncthreads();
+        // 4. online softmax, one warp per head (tokens lane and lane + 32), and the W rows
+        for (int h = warp; h < H; h += TC_WARPS) {  // warp-uniform
+            const float m_old = m_s[h];
+            const float s0 = lane < TN ? S_s[h * cfg.TNP + lane] : -INFINITY;
+            const float s1 = lane + 32 < TN ? S_s[h * cfg.TNP + lane + 32] : -INFINITY;
+            const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
+            const float m_use = m_new == -INFINITY ? 0.f : m_new;  // all -inf so far: p = 0, alpha = 0
+            const float p0 = exp2f(s0 - m_use), p1 = exp2f(s1 - m_use);
+            const float alpha = exp2f(m_old - m_use);
+            const float sum = warp_sum(p0 + p1);
+            __syncwarp();  // every lane has read m_s[h] before lane 0 overwrites it
+            if (lane == 0) {
+                m_s[h] = m_new;
+                l_s[h] = fmaf(l_s[h], alpha, sum);
+                alpha_s[h] = alpha;
+            }
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int j = lane + 32 * u;
+                if (j < TN) {   // 1/Rv is applied to the accumulators at the end: W keeps f16's range
+                    const float pw = u ? p1 : p0;
+                    for (int t = 0; t < Rv; t++)
+                        W_s[h * WS + j * Rv + t] = from_f<T>(pw * av_s[j * cfg.AVJ + h * Rv + t]);
+                }
+            }
+        }
+        __syncthreads();
+        // 5. acc = alpha acc + W bv on tensor cores; tile k of this warp is t = warp + 4 k
+#pragma unroll
+        for (int k = 0; k < MT; k++) {
+            const int t = warp + k * TC_WARPS;
+            if (t < cfg.tiles) {  // warp-uniform
+                const int mh = t / etiles, ne = t - mh * etiles;
+                const int h0 = mh * 16 + gid, h1 = h0 + 8;
+                const float a0 = h0 < H ? alpha_s[h0] : 1.f, a1 = h1 < H ? alpha_s[h1] : 1.f;
+                acc[k][0] *= a0;
+                acc[k][1] *= a0;
+                acc[k][2] *= a1;
+                acc[k][3] *= a1;
+                for (int ks = 0; ks < ksteps_v; ks++) {
+                    uint32_t a[4];
+                    load_a(a, W_s + mh * 16 * WS + ks * 16, WS, gid, tig);
+                    const T *bb = bvt_s + (ne * 8 + gid) * WS + ks * 16 + 2 * tig;
+                    mma_op<T>::run(acc[k], a, ld32(bb), ld32(bb + 8));
+                }
+            }
+        }
+    }
+    __syncthreads();  // m_s / l_s of the last tile (and of the setup, for an empty split) are visible
+
+    // write: the output (one split) or this split's partial; the fragment's rows are heads, columns features
+#pragma unroll
+    for (int k = 0; k < MT; k++) {
+        const int t = warp + k * TC_WARPS;
+        if (t >= cfg.tiles) continue;
+        const int mh = t / etiles, ne = t - mh * etiles;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const int h = mh * 16 + gid + (c >= 2 ? 8 : 0), e = ne * 8 + 2 * tig + (c & 1);
+            if (h >= H || e >= E) continue;
+            if (num_splits == 1) {
+                const float l = l_s[h], inv = l == 0.f ? 0.f : 1.f / l;
+                ((T *)p.out)[b * st.out[0] + (int64_t)h * st.out[1] + e] = from_f<T>(acc[k][c] * inv_rv * inv);
+            } else {   // the combine is linear in acc: 1/Rv applied here is exact
+                scratch[((b * H + h) * num_splits + split) * (int64_t)(E + 2) + 2 + e] = acc[k][c] * inv_rv;
+            }
+        }
+    }
+    for (int h = tid; h < H; h += TC_THREADS) {
+        const float m = m_s[h], l = l_s[h];
+        if (num_splits == 1) {
+            if (p.lse) ((float *)p.lse)[b * H + h] = l == 0.f ? -INFINITY : (m + log2f(l)) * LN2_F;
+        } else {
+            float *part = scratch + ((b * H + h) * num_splits + split) * (int64_t)(E + 2);
+            part[0] = m;
+            part[1] = l;
+        }
+    }
+}
+
 /* One block per (b, h): merges the split partials with combine_block. */
 constexpr int COMBINE_THREADS = 128;
 
@@ -457,14 +731,97 @@ lk_status launch_decode_h(const lk_tpa_attention_params *p, const lk_tpa_decode_
     }
 }
 
+
+/* The launch shape of the tensor-core decode; false when the shape does not fit it (the CUDA-core
+ * kernel takes it). */
+bool tc_config(const lk_tpa_attention_params *p, TcCfg *c) {
+    if (p->dtype != LK_F16 && p->dtype != LK_BF16) return false;
+    if (p->D < 1 || p->E < 1 || p->D > LK_CUDA_ATTN_MAX_HEAD_DIM || p->E > LK_CUDA_ATTN_MAX_HEAD_DIM) return false;
+    if (p->H < 1 || p->H > 4096 || p->Rq < 1 || p->Rq > 256 || p->Rk < 1 || p->Rk > 16 || p->Rv < 1 || p->Rv > 16)
+        return false;
+    const int H = (int)p->H, Rq = (int)p->Rq, Rk = (int)p->Rk, Rv = (int)p->Rv;
+    c->DP = ((int)p->D + 15) / 16 * 16;
+    c->E8 = ((int)p->E + 7) / 8 * 8;
+    c->H16 = (H + 15) / 16 * 16;
+    c->Rq8 = (Rq + 7) / 8 * 8;
+    c->tiles = c->H16 / 16 * (c->E8 / 8);
+    const int per_warp = (c->tiles + TC_WARPS - 1) / TC_WARPS;
+    if (per_warp > TC_MAX_TILES) return false;
+    c->MT = per_warp <= 4 ? 4 : per_warp <= 8 ? 8 : 16;
+    c->KS = c->DP + 8;
+    c->GS = c->Rq8 + 4;
+    c->AKJ = odd_pad(H * Rk);
+    c->AVJ = odd_pad(H * Rv);
+    for (int tn = 64; tn >= 16; tn /= 2) {
+        c->TN = tn;
+        c->TNP = odd_pad(tn);
+        c->WS = tn * Rv + 8;
+        c->smem = tc_layout(*c, H, Rq, Rk).total;
+        if (c->smem <= SMEM_MAX) return true;
+    }
+    return false;
+}
+
+template <typename T, int MT>
+lk_status launch_tc(const lk_tpa_attention_params *p, const lk_tpa_decode_strides *s, const TcCfg &c, int num_splits,
+                    float *scratch, cudaStream_t st) {
+    const int64_t blocks = p->B * (int64_t)num_splits;
+    if (blocks > 0x7fffffff || (num_splits > 1 && p->B * p->H > 0x7fffffff)) return LK_ERR_VALUE;
+    int64_t split_len = (p->M + num_splits - 1) / num_splits;
+    split_len = (split_len + c.TN - 1) / c.TN * c.TN;
+    if (split_len < c.TN) split_len = c.TN;
+    if (c.smem > SMEM_DEFAULT) {
+        cudaError_t err = cudaFuncSetAttribute(tpa_decode_tc_kernel<T, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               (int)c.smem);
+        if (err != cudaSuccess) return lk::record_error(err);
+    }
+    const float score_scale = (float)(p->scale * 1.4426950408889634 / ((double)p->Rq * (double)p->Rk));
+    tpa_decode_tc_kernel<T, MT><<<(unsigned)blocks, TC_THREADS, c.smem, st>>>(*p, *s, c, num_splits, split_len, scratch,
+                                                                              score_scale);
+    lk_status status = lk::check_launch();
+    if (status != LK_OK || num_splits == 1) return status;
+    tpa_combine_kernel<T><<<(unsigned)(p->B * p->H), COMBINE_THREADS, 0, st>>>(*p, *s, num_splits, scratch);
+    return lk::check_launch();
+}
+
+template <typename T>
+lk_status launch_tc_mt(const lk_tpa_attention_params *p, const lk_tpa_decode_strides *s, const TcCfg &c, int num_splits,
+                       float *scratch, cudaStream_t st) {
+    switch (c.MT) {
+    case 4: return launch_tc<T, 4>(p, s, c, num_splits, scratch, st);
+    case 8: return launch_tc<T, 8>(p, s, c, num_splits, scratch, st);
+    default: return launch_tc<T, 16>(p, s, c, num_splits, scratch, st);
+    }
+}
+
+/* Whether a call takes the tensor-core kernel: only when p->path is LK_TPA_PATH_TENSOR_CORES (and the
+ * shape fits).  It compiles but has not run on a GPU yet (stop 11 lost its device before the run), so
+ * LK_TPA_PATH_AUTO stays on the float32 CUDA-core kernel, which the H100 tests passed; the first GPU
+ * session that passes test_gpu_decode_tensor_cores_and_cuda_cores_agree should make it the default for
+ * f16 / bf16. */
+bool use_tc(const lk_tpa_attention_params *p, TcCfg *c) {
+    return p->path == LK_TPA_PATH_TENSOR_CORES && tc_config(p, c);
+}
+
 }  // namespace
 
 extern "C" int lk_tpa_decode_cuda_supported(const lk_tpa_attention_params *p) {
+    TcCfg t;
+    if (p->path == LK_TPA_PATH_TENSOR_CORES) return tc_config(p, &t) ? 1 : 0;
     DecodeCfg c;
     return decode_config(p, &c) ? 1 : 0;
 }
 
 extern "C" int lk_tpa_decode_cuda_splits(const lk_tpa_attention_params *p, int num_sms) {
+    TcCfg t;
+    if (use_tc(p, &t)) {   // about 4 blocks per SM, at least 4 tiles per split
+        if (p->B <= 0 || p->M <= 4 * t.TN) return 1;
+        int64_t splits = (4 * (int64_t)(num_sms > 0 ? num_sms : 1) + p->B - 1) / p->B;
+        const int64_t most = (p->M + 4 * t.TN - 1) / (4 * t.TN);
+        if (splits > most) splits = most;
+        if (splits > 512) splits = 512;
+        return splits < 1 ? 1 : (int)splits;
+    }
     DecodeCfg c;
     if (!decode_config(p, &c) || p->B <= 0 || p->M <= 256) return 1;
     // about two blocks per SM (the kernel's residency; more with LK_TPA_MIN_BLOCKS), at least 512 tokens
@@ -489,9 +846,22 @@ extern "C" lk_status lk_tpa_decode_cuda(const lk_tpa_attention_params *p, const 
     if (p->B == 0 || p->H == 0) return LK_OK;
     if (p->M < 0 || p->B < 0) return LK_ERR_VALUE;
     if (num_splits < 1 || (num_splits > 1 && !scratch)) return LK_ERR_VALUE;
+    const size_t item = itemsize(p->dtype);
+    cudaStream_t st = (cudaStream_t)stream;
+    TcCfg t;
+    if (use_tc(p, &t)) {
+        t.vec = 0;
+        const int64_t hk = p->H * p->Rk, hv = p->H * p->Rv;
+        if (vec_ok(p->ak, s->ak[0], s->ak[1], 0, hk, hk, item)) t.vec |= VEC_AK;
+        if (vec_ok(p->av, s->av[0], s->av[1], 0, hv, hv, item)) t.vec |= VEC_AV;
+        if (vec_ok(p->bk, s->bk[0], s->bk[1], 0, p->Rk * p->D, p->D, item)) t.vec |= VEC_BK;
+        if (vec_ok(p->bv, s->bv[0], s->bv[1], 0, p->Rv * p->E, p->E, item)) t.vec |= VEC_BV;
+        if (p->dtype == LK_F16) return launch_tc_mt<__half>(p, s, t, num_splits, scratch, st);
+        return launch_tc_mt<__nv_bfloat16>(p, s, t, num_splits, scratch, st);
+    }
+    if (p->path == LK_TPA_PATH_TENSOR_CORES) return LK_ERR_VALUE;
     DecodeCfg c;
     if (!decode_config(p, &c)) return LK_ERR_VALUE;
-    const size_t item = itemsize(p->dtype);
     c.vec = 0;
     const int64_t hk = c.groups > 1 ? (int64_t)c.hg * p->Rk : 0, hv = c.groups > 1 ? (int64_t)c.hg * p->Rv : 0;
     const int64_t lak = (int64_t)c.hg * p->Rk, lav = (int64_t)c.hg * p->Rv;
@@ -502,7 +872,6 @@ extern "C" lk_status lk_tpa_decode_cuda(const lk_tpa_attention_params *p, const 
     if (vec_ok(p->bk, s->bk[0], s->bk[1], 0, p->Rk * p->D, p->Rk * p->D, item)) c.vec |= VEC_BK;
     if (vec_ok(p->av, s->av[0], s->av[1], hv, lav, lav_last, item)) c.vec |= VEC_AV;
     if (p->E > 0 && vec_ok(p->bv, s->bv[0], s->bv[1], 0, p->Rv * p->E, p->E, item)) c.vec |= VEC_BV;
-    cudaStream_t st = (cudaStream_t)stream;
     switch (p->dtype) {
     case LK_F32: return launch_decode_h<float>(p, s, c, num_splits, scratch, st);
     case LK_F16: return launch_decode_h<__half>(p, s, c, num_splits, scratch, st);

@@ -55,10 +55,18 @@ def _index(ref, idx, name, fn, st, dev):
     return view, host
 
 
-def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False, out=None, splits=0, stream=None):
-    """GPU ``tpa.decode`` (SPEC 2.4); ``splits > 0`` forces the cache split count (tests)."""
+# kernel choice of GPU decode (lk_tpa_path): "tensor_cores" the tensor-core kernel (float16 / bfloat16; not
+# yet run on a GPU, so opt-in), "auto", "factor" and "materialized" the float32 CUDA-core kernel
+DECODE_PATHS = {"auto": 0, "factor": 1, "materialized": 1, "tensor_cores": 3}
+
+
+def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False, out=None, splits=0, stream=None,
+           path="auto"):
+    """GPU ``tpa.decode`` (SPEC 2.4); ``splits > 0`` forces the cache split count and ``path`` the kernel
+    (``DECODE_PATHS``; tests)."""
     from .tpa import check_factors
     fn = "tpa.decode"
+    path = _dispatch.check_choice(fn, "_path", path, tuple(DECODE_PATHS))
     cuda._require()
     st = cuda.stream_of(aq, stream)
     # aq, bq: (batch, second axis) strides; cached factors: (batch, token) strides over contiguous token blocks
@@ -92,7 +100,7 @@ def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False
     kw = dict(device=dev, stream=st, dtype=dtype, B=B, M=M, H=H, Rq=Rq, Rk=Rk, Rv=Rv, D=D, E=E,
               out=resv.ptr, out_stride=_normalized(resv)[:2] + (1,),
               lse=cuda.View.of(lse, "lse", fn).ptr if lse is not None else None,
-              kv_lens=lens_v.ptr if lens_v is not None else None, scale=scale)
+              kv_lens=lens_v.ptr if lens_v is not None else None, scale=scale, path=DECODE_PATHS[path])
     for name, vw in views.items():
         kw[name] = vw.ptr
         kw[name + "_stride"] = _normalized(vw)[:2] + (1,)

@@ -61,15 +61,22 @@ Decisions where the SPEC is silent:
 On the GPU (CUDA arrays route there by themselves; float32, float16, bfloat16; see lmkern.cuda for
 streams, outputs and scratch; kernels in kernels/cuda/tpa.cu):
 
-* ``decode`` is the FlashTPA kernel: one block per (batch row, head group, cache split), tiles of up to
-  32 cached tokens staged once in shared memory as float32; ``bk . bq`` products in float32, head
-  mixing, online softmax in the log2 domain, ``av`` folded into the weights, then ``bv``.  The cache is
+* ``decode`` is the FlashTPA order on CUDA cores: one block per (batch row, head group, cache split),
+  tiles of up to 32 tokens staged as float32, every product in float32.  A tensor-core kernel for
+  float16 / bfloat16 (``_path="tensor_cores"``) is built but opt-in, because it has not run on a GPU yet.
+  It uses one block per (batch row, cache split) and tiles of up to 64 tokens.  ``bk . bq`` goes through
+  ``mma.sync`` with float32 accumulation; the products are exact and no bf16 rounding happens, as it
+  does in T6.  Head mixing and the online softmax stay in float32.  The weights ``p av`` are rounded to
+  the input dtype for the ``bv`` product, as FlashAttention rounds P; ``1/Rv`` is applied at the end.  It takes at most
+  64 accumulator tiles of 16 heads x 8 features.  The cache is
   split by the SM count; float32 partials per (row, head, split) are merged by the max-stabilized
   combine shared by every lmkern split kernel (``kernels/cuda/softmax.cuh``); lse is float32.  The
   cached factors are read with (batch, token) strides, so only each token's ``(H, R)`` / ``(R, D)``
   block must be contiguous (others are copied).  Device ``kv_lens`` are clamped to ``[0, M]`` on the
   device.  The four improvements over the T6 Triton kernels listed above hold on the GPU too.
-  ``_path`` is ignored on the GPU; ``_splits`` forces the split count.
+  On the GPU ``_path`` picks the decode kernel: ``"tensor_cores"`` selects the tensor-core kernel
+  (ValueError where it does not fit); the other values select the float32 CUDA-core kernel.
+  ``_splits`` forces the split count.
 * ``materialize``: one thread per output element, float32 accumulation, rounded once.
 * ``attention`` (prefill) is the *materialized* path: ``Q``, ``K``, ``V`` are formed by the materialize
   kernel (temporaries from the caller's framework, rounded to the input dtype) and the core GPU
@@ -222,7 +229,7 @@ def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False
     if _dispatch.route(fn, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, out=out) == "cuda":
         from . import _cuda_tpa
         return _cuda_tpa.decode(aq, bq, ak, bk, av, bv, kv_lens=kv_lens, scale=scale, return_lse=return_lse, out=out,
-                                splits=int(_splits))
+                                splits=int(_splits), path=_path)
     dtype, a = _dispatch.float_arrays(fn, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv)
     kv_lens = _dispatch.index_array(fn, "kv_lens", kv_lens)
     sh = _dispatch.Shapes(fn)

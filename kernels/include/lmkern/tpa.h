@@ -30,6 +30,7 @@ typedef enum {
     LK_TPA_PATH_FACTOR = 1,       /* <bq_r, bk_s> shared by the heads, then mixed with aq and ak */
     LK_TPA_PATH_MATERIALIZED = 2, /* Q materialized per query, contracted with bk, then ak; in
                                    * float32 prefill also value tiles V = av bv / Rv per key block */
+    LK_TPA_PATH_TENSOR_CORES = 3, /* GPU decode only: require the tensor-core kernel (f16 / bf16) */
 } lk_tpa_path;
 
 /* Prefill and decode.  out[b,i,h] = sum_j softmax_j(s_ij) V[b,j,h] over the admissible keys
@@ -80,7 +81,9 @@ typedef struct {
     int64_t aq[2], bq[2], ak[2], bk[2], av[2], bv[2], out[2];
 } lk_tpa_decode_strides;
 
-/* Decode (N = 1) on the GPU: the FlashTPA order per (row, head group, cache split); kv_lens is an int64
+/* Decode (N = 1) on the GPU: the FlashTPA order per (row, head group, cache split); p->path picks the
+ * kernel: TENSOR_CORES the tensor-core one (f16 / bf16; LK_ERR_VALUE where the shape does not fit; not
+ * yet run on a GPU), anything else the float32 CUDA-core one; kv_lens is an int64
  * device array (values clamped to [0, M] on the device) or NULL.  num_splits > 1 writes float32
  * partials to `scratch` (lk_tpa_decode_cuda_scratch_floats floats), merged by a second kernel.
  * LK_ERR_VALUE when the shape does not fit the kernel (lk_tpa_decode_cuda_supported). */
