@@ -115,6 +115,18 @@ kv_attend_kernel(const lk_kv_attend_cuda_params p, int num_splits, int64_t split
     for (int r = 0; r < RT; r++)
 #pragma unroll
         for (int u = 0; u < EPT; u++) acc[r][u] = 0.f;
+    // this thread's value features e = tid + 128 u: packed byte, bit shift and scale group, computed once
+    // (the divisions by the runtime sizes inside the key loop cost ~20 k instructions per key on the H100)
+    int vbyte[EPT], vshift[EPT], vgrp[EPT];
+    bool vok[EPT];
+#pragma unroll
+    for (int u = 0; u < EPT; u++) {
+        const int e = tid + u * ATT_THREADS;
+        vok[u] = e < E;
+        vbyte[u] = vok[u] ? e / per : 0;
+        vshift[u] = vok[u] ? bits * (e % per) : 0;
+        vgrp[u] = vok[u] ? (int)(e / G) : 0;
+    }
 
     for (int64_t base = lo; base < hi; base += KT) {  // uniform across the block
         // 1. scores of key j = base + tid for the RT rows
@@ -198,17 +210,12 @@ kv_attend_kernel(const lk_kv_attend_cuda_params p, int num_splits, int64_t split
                 const uint8_t *vc = p.v_codes + tok * (E / per);
                 const float *vs = p.v_scale + tok * EG, *vz = p.v_zero + tok * EG;
 #pragma unroll
-                for (int u = 0; u < EPT; u++) {
-                    const int64_t e = tid + (int64_t)u * ATT_THREADS;
-                    x[u] = e < E ? fmaf((float)((vc[e / per] >> (bits * (int)(e % per))) & mask), vs[e / G], vz[e / G]) : 0.f;
-                }
+                for (int u = 0; u < EPT; u++)
+                    x[u] = vok[u] ? fmaf((float)((vc[vbyte[u]] >> vshift[u]) & mask), vs[vgrp[u]], vz[vgrp[u]]) : 0.f;
             } else {
                 const float *vr = p.v_res + (bh * vcap + jj % vcap) * E;
 #pragma unroll
-                for (int u = 0; u < EPT; u++) {
-                    const int64_t e = tid + (int64_t)u * ATT_THREADS;
-                    x[u] = e < E ? vr[e] : 0.f;
-                }
+                for (int u = 0; u < EPT; u++) x[u] = vok[u] ? vr[tid + u * ATT_THREADS] : 0.f;
             }
 #pragma unroll
             for (int r = 0; r < RT; r++) {
