@@ -42,6 +42,20 @@ def gpu_time(torch, fn, repeat=10, warmup=2, inner=10):
     return statistics.median(samples)
 
 
+def kernel_time(torch, fn, calls=20):
+    """Seconds of GPU kernel time per call of fn() (the device time torch.profiler records), without the
+    host's launch time: tells a slow kernel from a slow Python wrapper."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / calls / 1e6
+
+
 def gpu_peaks(torch, quick):
     n = 2048 if quick else 8192
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -179,7 +193,11 @@ def bench_tpa(torch, F, row, quick, t6=None):
                 ref = lmkern.tpa.decode(aq, bq, ak, bk, av, bv).float()
                 dev = (t6_decode(t6, aq, bq, ak, bk, av, bv).float() - ref).abs().max().item()
                 base["T6 Triton FlashTPA"] = gpu_time(torch, lambda: t6_decode(t6, aq, bq, ak, bk, av, bv))
-                print(f"(T6 Triton decode vs tpa.decode, {dt_name}: max |diff| {dev:.2e})", flush=True)
+                k_ours = kernel_time(torch, lambda: lmkern.tpa.decode(aq, bq, ak, bk, av, bv))
+                k_t6 = kernel_time(torch, lambda: t6_decode(t6, aq, bq, ak, bk, av, bv))
+                print(f"(T6 Triton decode vs tpa.decode, {dt_name}: max |diff| {dev:.2e}; GPU kernel time per call "
+                      f"(torch.profiler): tpa.decode {fmt(k_ours)}, T6 {fmt(k_t6)}, ratio {k_t6 / k_ours:.2f}x)",
+                      flush=True)
             nbytes = sum(x.numel() * x.element_size() for x in (ak, bk, av, bv))
             flops = 2 * B * M * (Rk * Rq * D + H * Rk * Rq + 2 * H * Rv + Rv * D)
             row(f"{dt_name} tpa.decode B={B} M={M} H={H} ranks {Rq}/{Rk}/{Rv} D={D}", t, flops, nbytes, base)
