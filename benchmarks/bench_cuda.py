@@ -77,6 +77,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     ap.add_argument("--only", choices=("attention", "tpa", "kv", "mor", "parscale"), action="append",
                     help="run only these sections (repeatable)")
+    ap.add_argument("--kivi", metavar="DIR", help="a checkout of jy-yuan/KIVI (not shipped with lmkern): build its "
+                    "CUDA gemv extension and time its decode beside QuantizedKVCache.attend (Hq = Hkv)")
     ap.add_argument("--t6", metavar="FILE", help="T6's decode/flashtpa_decode_triton.py (tensorgi/T6, not "
                     "shipped with lmkern): time its Triton FlashTPA decode beside tpa.decode for ranks Rk=Rv=1")
     args = ap.parse_args(argv)
@@ -108,6 +110,11 @@ def main(argv=None):
     only = set(args.only or ("attention", "tpa", "kv", "mor", "parscale"))
     if "attention" in only:
         bench_attention(torch, F, row, args.quick)
+    if args.kivi and "kv" in only:
+        try:
+            bench_kivi_reference(torch, F, row, args.quick, args.kivi)
+        except Exception as exc:   # a third-party build: report and go on
+            print(f"| KIVI reference: skipped ({type(exc).__name__}: {exc}) | | | | | |", flush=True)
     t6 = load_t6(args.t6) if args.t6 else None
     for section in (bench_tpa, bench_kv, bench_mor, bench_parscale):
         if section.__name__[len("bench_"):] not in only:
@@ -227,6 +234,58 @@ def bench_kv(torch, F, row, quick, t6=None):
     ts = gpu_time(torch, torch_mass)
     row(f"attention_mass B={B} N={N} M={M} Hq={Hq} Hkv={Hkv}", t, 2 * B * N * Hq * M * D * 2,
         (qw.numel() + k.numel()) * 2, {"torch softmax-then-sum": ts})
+
+
+def load_kivi(root):
+    """KIVI's quant package with its CUDA gemv extension built by torch (the user's checkout; nothing of it
+    is part of lmkern)."""
+    import importlib
+    from torch.utils.cpp_extension import load
+    csrc = os.path.join(root, "quant", "csrc")
+    ext = load(name="kivi_gemv", sources=[os.path.join(csrc, "pybind.cpp"), os.path.join(csrc, "gemv_cuda.cu")],
+               extra_cflags=["-O3", "-std=c++17", "-DENABLE_BF16"],
+               extra_cuda_cflags=["-O3", "-std=c++17", "-DENABLE_BF16", "--use_fast_math", "--expt-relaxed-constexpr",
+                                  "--expt-extended-lambda", "-U__CUDA_NO_HALF_OPERATORS__",
+                                  "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+                                  "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT162_OPERATORS__",
+                                  "-U__CUDA_NO_BFLOAT162_CONVERSIONS__"])
+    sys.modules["kivi_gemv"] = ext   # quant/matmul.py imports it by this name
+    sys.path.insert(0, root)
+    return importlib.import_module("quant.matmul"), importlib.import_module("quant.new_pack")
+
+
+def bench_kivi_reference(torch, F, row, quick, root):
+    """KIVI's own decode step (models/llama_kivi.py: its CUDA gemv over the packed keys and values, torch for
+    the residual tokens and the softmax) beside QuantizedKVCache.attend, 2-bit, group 32, residual 128,
+    Hq = Hkv = 32 (KIVI's llama path asserts one query head per KV head).  Written at stop 11 after the
+    device was gone: not yet run."""
+    mm, pack = load_kivi(root)
+    B, H, D, bits, group, res = 1, 32, 128, 2, 32, 128
+    M = 4096 if quick else 32768
+    k = torch.randn(B, M, H, D, device="cuda", dtype=torch.float16)
+    v = torch.randn(B, M, H, D, device="cuda", dtype=torch.float16)
+    q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.float16)
+    cache = lmkern.kv.QuantizedKVCache(B, M, H, D, bits=bits, group_size=group, residual=res, device="cuda")
+    cache.append(k, v)
+    t = gpu_time(torch, lambda: cache.attend(q))
+    # KIVI's layout: (B, nh, T, D); keys quantized per channel along tokens (K^T packed on its last axis),
+    # values per token along features; the newest `res` tokens stay float16
+    kt, vt, qt = k.transpose(1, 2), v.transpose(1, 2), q.transpose(1, 2).contiguous()
+    mq = (M - res) // group * group
+    kq, ks, kmn = pack.triton_quantize_and_pack_along_last_dim(kt[:, :, :mq].transpose(2, 3).contiguous(), group, bits)
+    vq, vs, vmn = pack.triton_quantize_and_pack_along_last_dim(vt[:, :, :mq].contiguous(), group, bits)
+    k_full, v_full = kt[:, :, mq:].contiguous(), vt[:, :, mq:].contiguous()
+
+    def kivi_step():
+        s = torch.cat([mm.cuda_bmm_fA_qB_outer(group, qt, kq, ks, kmn, bits), qt @ k_full.transpose(2, 3)], dim=-1)
+        w = torch.softmax(s / D ** 0.5, dim=-1, dtype=torch.float32).to(torch.float16)
+        return mm.cuda_bmm_fA_qB_outer(group, w[..., :mq].contiguous(), vq, vs, vmn, bits) + w[..., mq:] @ v_full
+    ref = cache.attend(q).float()
+    dev = (kivi_step().transpose(1, 2).float() - ref).abs().max().item()
+    tk = gpu_time(torch, kivi_step)
+    print(f"(KIVI's decode vs QuantizedKVCache.attend: max |diff| {dev:.2e}; GPU kernel time per call: lmkern "
+          f"{fmt(kernel_time(torch, lambda: cache.attend(q)))}, KIVI {fmt(kernel_time(torch, kivi_step))})", flush=True)
+    row(f"KIVI-2 attend B={B} M={M} Hq=Hkv={H} D={D}", t, 4 * B * H * M * D, cache.nbytes, {"KIVI's CUDA kernel": tk})
 
 
 def bench_mor(torch, F, row, quick, t6=None):
