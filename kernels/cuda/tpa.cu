@@ -697,27 +697,34 @@ bool vec_ok(const void *base, int64_t sb, int64_t sj, int64_t off_step, int64_t 
            inner % per == 0;
 }
 
-template <typename T, int HPT>
-lk_status launch_decode(const lk_tpa_attention_params *p, const lk_tpa_decode_strides *s, const DecodeCfg &c,
-                        int num_splits, float *scratch, cudaStream_t st) {
-    const int64_t blocks = p->B * c.groups * (int64_t)num_splits;
+/* Launches a decode kernel over blocks_per_split x num_splits blocks (opting in to more shared memory
+ * when the config needs it), then, with splits, the combine.  Shared by both decode kernels. */
+template <typename T, typename Cfg>
+lk_status launch_split(void (*kernel)(lk_tpa_attention_params, lk_tpa_decode_strides, Cfg, int, int64_t, float *, float),
+                       const lk_tpa_attention_params *p, const lk_tpa_decode_strides *s, const Cfg &c,
+                       int64_t blocks_per_split, int threads, int num_splits, float *scratch, cudaStream_t st) {
+    const int64_t blocks = blocks_per_split * num_splits;
     if (blocks > 0x7fffffff || (num_splits > 1 && p->B * p->H > 0x7fffffff)) return LK_ERR_VALUE;
     // split_len: a multiple of the tile, covering M
     int64_t split_len = (p->M + num_splits - 1) / num_splits;
     split_len = (split_len + c.TN - 1) / c.TN * c.TN;
     if (split_len < c.TN) split_len = c.TN;
     if (c.smem > SMEM_DEFAULT) {
-        cudaError_t err = cudaFuncSetAttribute(tpa_decode_kernel<T, HPT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               (int)c.smem);
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)c.smem);
         if (err != cudaSuccess) return lk::record_error(err);
     }
     const float score_scale = (float)(p->scale * 1.4426950408889634 / ((double)p->Rq * (double)p->Rk));
-    tpa_decode_kernel<T, HPT><<<(unsigned)blocks, THREADS, c.smem, st>>>(*p, *s, c, num_splits, split_len, scratch,
-                                                                          score_scale);
+    kernel<<<(unsigned)blocks, threads, c.smem, st>>>(*p, *s, c, num_splits, split_len, scratch, score_scale);
     lk_status status = lk::check_launch();
     if (status != LK_OK || num_splits == 1) return status;
     tpa_combine_kernel<T><<<(unsigned)(p->B * p->H), COMBINE_THREADS, 0, st>>>(*p, *s, num_splits, scratch);
     return lk::check_launch();
+}
+
+template <typename T, int HPT>
+lk_status launch_decode(const lk_tpa_attention_params *p, const lk_tpa_decode_strides *s, const DecodeCfg &c,
+                        int num_splits, float *scratch, cudaStream_t st) {
+    return launch_split<T, DecodeCfg>(tpa_decode_kernel<T, HPT>, p, s, c, p->B * c.groups, THREADS, num_splits, scratch, st);
 }
 
 template <typename T>
@@ -765,23 +772,7 @@ bool tc_config(const lk_tpa_attention_params *p, TcCfg *c) {
 template <typename T, int MT>
 lk_status launch_tc(const lk_tpa_attention_params *p, const lk_tpa_decode_strides *s, const TcCfg &c, int num_splits,
                     float *scratch, cudaStream_t st) {
-    const int64_t blocks = p->B * (int64_t)num_splits;
-    if (blocks > 0x7fffffff || (num_splits > 1 && p->B * p->H > 0x7fffffff)) return LK_ERR_VALUE;
-    int64_t split_len = (p->M + num_splits - 1) / num_splits;
-    split_len = (split_len + c.TN - 1) / c.TN * c.TN;
-    if (split_len < c.TN) split_len = c.TN;
-    if (c.smem > SMEM_DEFAULT) {
-        cudaError_t err = cudaFuncSetAttribute(tpa_decode_tc_kernel<T, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               (int)c.smem);
-        if (err != cudaSuccess) return lk::record_error(err);
-    }
-    const float score_scale = (float)(p->scale * 1.4426950408889634 / ((double)p->Rq * (double)p->Rk));
-    tpa_decode_tc_kernel<T, MT><<<(unsigned)blocks, TC_THREADS, c.smem, st>>>(*p, *s, c, num_splits, split_len, scratch,
-                                                                              score_scale);
-    lk_status status = lk::check_launch();
-    if (status != LK_OK || num_splits == 1) return status;
-    tpa_combine_kernel<T><<<(unsigned)(p->B * p->H), COMBINE_THREADS, 0, st>>>(*p, *s, num_splits, scratch);
-    return lk::check_launch();
+    return launch_split<T, TcCfg>(tpa_decode_tc_kernel<T, MT>, p, s, c, p->B, TC_THREADS, num_splits, scratch, st);
 }
 
 template <typename T>
