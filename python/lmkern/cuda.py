@@ -224,8 +224,9 @@ def _current_stream(ref) -> int:
     if kind == "torch":
         import torch
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)   # one C call, no Stream object
-        if raw is not None:
-            return int(raw(ref.get_device()))
+        dev = ref.get_device()
+        if raw is not None and dev >= 0:
+            return int(raw(dev))
         return int(torch.cuda.current_stream(ref.device).cuda_stream)
     if kind == "cupy":
         import cupy
