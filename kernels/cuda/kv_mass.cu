@@ -13,7 +13,7 @@
  *   (transposed, padded: conflict-free).  Each thread scores 4 rows x 2 keys (8 FMAs per 6 shared
  *   loads); the online (m, l) of each row lives in the 16 lanes that share the row (xor shuffles).
  *   Each split writes its float32 partial [m, l] (log2 domain, the layout of softmax.cuh).
- * - mass_combine_kernel: one warp per row merges the splits with lk::combine_row (E = 0) into the
+ * - mass_combine_kernel: one block per row merges the splits with lk::combine_block (E = 0) into the
  *   natural-log lse of the row.
  * - mass_keys_kernel: block (b, g, 32-key tile).  The key tile (all D features) stays in shared
  *   memory; the rows of the group stream through in chunks of 32 (q in chunks of 64 features), dot
@@ -192,19 +192,12 @@ __global__ void __launch_bounds__(THREADS) mass_stats_kernel(const lk_kv_mass_cu
     }
 }
 
-/* One warp per row: lse (natural log) of the row from its split partials.  A NaN score (NaN in q or
- * k) makes its split's l NaN; the row's lse is then NaN (combine_row would give -inf: its sum test
- * fails for NaN), so every mass the row contributes to is NaN, as IEEE arithmetic says. */
-__global__ void mass_combine_kernel(int64_t rows, int num_splits, const float *part, float *lse) {
-    const int64_t row = (int64_t)blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5);
-    if (row >= rows) return;  // whole warps leave together
-    const float *pr = part + row * num_splits * 2;
-    combine_row<float>(pr, num_splits, 0, (float *)nullptr, lse + row);
-    if ((threadIdx.x & 31) == 0) {
-        bool nan = false;
-        for (int s = 0; s < num_splits; s++) nan |= pr[2 * s + 1] != pr[2 * s + 1];
-        if (nan) lse[row] = __int_as_float(0x7fc00000);
-    }
+/* One block per row: lse (natural log) of the row from its split partials (combine_block with E = 0).
+ * A NaN score (NaN in q or k) makes its split's l NaN and the merge then gives the row a NaN lse, so
+ * every mass the row contributes to is NaN, as IEEE arithmetic says. */
+__global__ void __launch_bounds__(THREADS) mass_combine_kernel(int num_splits, const float *part, float *lse) {
+    const int64_t row = blockIdx.x;
+    combine_block<float, THREADS>(part + row * num_splits * 2, num_splits, 0, (float *)nullptr, lse + row);
 }
 
 /* ---- pass 2: per-key mass --------------------------------------------------------------------- */
@@ -385,9 +378,8 @@ lk_status launch(const lk_kv_mass_cuda_params *p, int num_splits, float *scratch
             *p, num_splits, split_len_of(p, num_splits), scale_log2, part);
         lk_status s = check_launch();
         if (s != LK_OK) return s;
-        const int64_t cblocks = (rows + THREADS / 32 - 1) / (THREADS / 32);
-        if (cblocks > 0x7fffffff) return LK_ERR_VALUE;
-        mass_combine_kernel<<<(unsigned)cblocks, THREADS, 0, st>>>(rows, num_splits, part, lse_w);
+        if (rows > 0x7fffffff) return LK_ERR_VALUE;
+        mass_combine_kernel<<<(unsigned)rows, THREADS, 0, st>>>(num_splits, part, lse_w);
         s = check_launch();
         if (s != LK_OK) return s;
         lse = lse_w;

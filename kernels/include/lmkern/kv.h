@@ -135,7 +135,7 @@ lk_status lk_kv_cache_append_cuda(const lk_kv_cache_append_params *p, lk_stream 
  * axis contiguous), lse (B, N, Hq) float32 or NULL, rows (B, 3) int64 [len, qk, qv] per row, q_pos (B, N)
  * int64, kv_pos (B, S).  Key j < len is admissible iff !causal || kv_pos[b, j] <= q_pos[b, i].
  * num_splits > 1 splits the keys; float32 partials [m, l, acc[E]] go to scratch
- * (lk_kv_attend_cuda_scratch_floats floats) and are merged by softmax.cuh's combine_row.
+ * (lk_kv_attend_cuda_scratch_floats floats) and are merged by softmax.cuh's combine_block.
  * D, E <= LK_CUDA_ATTN_MAX_HEAD_DIM. */
 typedef struct {
     lk_dtype dtype;                       /* of q and out */
