@@ -137,6 +137,51 @@ __device__ __forceinline__ void stage(float *dst, const T *src, int64_t tok_stri
     }
 }
 
+/* [start, end) of this split's tokens of row b; kv_lens is clamped to [0, M] (memory safety for
+ * device-resident lengths). */
+__device__ __forceinline__ void split_range(const lk_tpa_attention_params &p, int64_t b, int64_t split, int64_t split_len,
+                                            int64_t *start, int64_t *end) {
+    int64_t len = p.kv_lens ? p.kv_lens[b] : p.M;
+    len = len < 0 ? 0 : (len > p.M ? p.M : len);
+    *start = split * split_len;
+    *end = min(*start + split_len, len);
+}
+
+/* aq_s[h Rq + r] = aq[b, h0 + h, r] * score_scale for the block's hc heads (all threads). */
+template <typename T>
+__device__ __forceinline__ void stage_aq(float *aq_s, const lk_tpa_attention_params &p, const lk_tpa_decode_strides &st,
+                                         int64_t b, int h0, int hc, float score_scale) {
+    const int Rq = (int)p.Rq;
+    const T *aq = (const T *)p.aq + b * st.aq[0];
+    for (int q = threadIdx.x; q < hc * Rq; q += blockDim.x) {
+        const int h = q / Rq, r = q - h * Rq;
+        aq_s[q] = to_f<T>(aq[(int64_t)(h0 + h) * st.aq[1] + r]) * score_scale;
+    }
+}
+
+/* One warp's online-softmax step for head h over a tile's scores, TPL tokens per lane: s0 of token lane,
+ * s1 of token lane + 32 (TPL = 2).  Lane 0 updates m_s, l_s, alpha_s[h]; returns the probabilities of
+ * the two tokens (0 for -inf scores and for the absent second one; all -inf so far gives alpha = 0). */
+template <int TPL>
+__device__ __forceinline__ float2 online_softmax_step(float *m_s, float *l_s, float *alpha_s, int h, int lane, float s0,
+                                                      float s1) {
+    static_assert(TPL == 1 || TPL == 2, "one or two tokens per lane");
+    const float m_old = m_s[h];
+    const float m_new = fmaxf(m_old, warp_max(TPL == 2 ? fmaxf(s0, s1) : s0));
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float p0 = exp2f(s0 - m_use);
+    const float p1 = TPL == 2 ? exp2f(s1 - m_use) : 0.f;
+    const float alpha = exp2f(m_old - m_use);
+    const float sum = warp_sum(TPL == 2 ? p0 + p1 : p0);
+    __syncwarp();  // every lane has read m_s[h] before lane 0 overwrites it
+    if (lane == 0) {
+        m_s[h] = m_new;
+        l_s[h] = fmaf(l_s[h], alpha, sum);
+        alpha_s[h] = alpha;
+    }
+    return make_float2(p0, p1);
+}
+
 #ifndef LK_TPA_MIN_BLOCKS
 // resident blocks per SM asked of the register allocator (at most 85 registers a thread).  H100, bf16,
 // H=32 ranks 16/1/1 M=32768 B=4, GPU time by torch.profiler in one process: 3 gives 184 us against 290 us
@@ -166,10 +211,8 @@ tpa_decode_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides s
     const int h0 = (int)grp * hg;
     const int hc = (int)min((int64_t)hg, p.H - h0);  // heads of this group (>= 1: groups = cdiv(H, hg))
 
-    int64_t len = p.kv_lens ? p.kv_lens[b] : p.M;
-    len = len < 0 ? 0 : (len > p.M ? p.M : len);  // memory safety for device-resident kv_lens
-    const int64_t start = split * split_len;
-    const int64_t end = min(start + split_len, len);
+    int64_t start, end;
+    split_range(p, b, split, split_len, &start, &end);
 
     // per-block setup: bq rows (zero rows up to Rq4), aq of the group's heads (pre-scaled), zero bv
     // padding columns, softmax state
@@ -178,11 +221,7 @@ tpa_decode_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides s
         const int r = q / D, d = q - r * D;
         bq_s[r * cfg.Dp + d] = r < Rq ? to_f<T>(bq[r * st.bq[1] + d]) : 0.f;
     }
-    const T *aq = (const T *)p.aq + b * st.aq[0];
-    for (int q = tid; q < hc * Rq; q += THREADS) {
-        const int h = q / Rq, r = q - h * Rq;
-        aq_s[h * Rq + r] = to_f<T>(aq[(int64_t)(h0 + h) * st.aq[1] + r]) * score_scale;
-    }
+    stage_aq<T>(aq_s, p, st, b, h0, hc, score_scale);
     for (int q = tid; q < TN * Rv * (cfg.E4 - E); q += THREADS) {
         const int row = q / (cfg.E4 - E), e = E + q % (cfg.E4 - E);
         bv_s[row * cfg.E4 + e] = 0.f;
@@ -275,19 +314,8 @@ tpa_decode_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides s
         __syncthreads();
         // 4. online softmax, one warp per head (lane = token), and W[j, t, h] = p[h, j] av[j, h, t] / Rv
         for (int h = warp; h < hc; h += WARPS) {  // warp-uniform
-            const float m_old = m_s[h];
             const float sc = lane < TN ? S_s[h * cfg.TNP + lane] : -INFINITY;
-            const float m_new = fmaxf(m_old, warp_max(sc));
-            const float m_use = m_new == -INFINITY ? 0.f : m_new;  // all -inf so far: p = 0, alpha = 0
-            const float pr = exp2f(sc - m_use);
-            const float alpha = exp2f(m_old - m_use);
-            const float sum = warp_sum(pr);
-            __syncwarp();  // every lane has read m_s[h] before lane 0 overwrites it
-            if (lane == 0) {
-                m_s[h] = m_new;
-                l_s[h] = fmaf(l_s[h], alpha, sum);
-                alpha_s[h] = alpha;
-            }
+            const float pr = online_softmax_step<1>(m_s, l_s, alpha_s, h, lane, sc, 0.f).x;
             if (lane < TN) {
                 const float pw = pr * inv_rv;
                 for (int t = 0; t < Rv; t++) W_s[(lane * Rv + t) * hg + h] = pw * av_s[lane * cfg.AVJ + h * Rv + t];
@@ -421,10 +449,8 @@ tpa_decode_tc_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_stride
     const T zero = from_f<T>(0.f);
 
     const int64_t split = blockIdx.x % num_splits, b = blockIdx.x / num_splits;
-    int64_t len = p.kv_lens ? p.kv_lens[b] : p.M;
-    len = len < 0 ? 0 : (len > p.M ? p.M : len);  // memory safety for device-resident kv_lens
-    const int64_t start = split * split_len;
-    const int64_t end = min(start + split_len, len);
+    int64_t start, end;
+    split_range(p, b, split, split_len, &start, &end);
 
     // setup: bq (zero-padded to Rq8 x DP), aq pre-scaled, the padding rows / columns that staging never
     // writes (W rows >= H, bvt rows >= E, bk columns >= D), softmax state
@@ -433,11 +459,7 @@ tpa_decode_tc_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_stride
         const int r = q / DP, d = q - r * DP;
         bq_s[r * KS + d] = (r < Rq && d < D) ? bq[r * st.bq[1] + d] : zero;
     }
-    const T *aq = (const T *)p.aq + b * st.aq[0];
-    for (int q = tid; q < H * Rq; q += TC_THREADS) {
-        const int h = q / Rq, r = q - h * Rq;
-        aq_s[q] = to_f<T>(aq[(int64_t)h * st.aq[1] + r]) * score_scale;
-    }
+    stage_aq<T>(aq_s, p, st, b, 0, H, score_scale);
     for (int q = tid; q < (cfg.H16 - H) * WS; q += TC_THREADS) W_s[H * WS + q] = zero;
     for (int q = tid; q < (cfg.E8 - E) * WS; q += TC_THREADS) bvt_s[E * WS + q] = zero;
     if (DP > D)
@@ -535,20 +557,10 @@ tpa_decode_tc_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_stride
         __syncthreads();
         // 4. online softmax, one warp per head (tokens lane and lane + 32), and the W rows
         for (int h = warp; h < H; h += TC_WARPS) {  // warp-uniform
-            const float m_old = m_s[h];
             const float s0 = lane < TN ? S_s[h * cfg.TNP + lane] : -INFINITY;
             const float s1 = lane + 32 < TN ? S_s[h * cfg.TNP + lane + 32] : -INFINITY;
-            const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
-            const float m_use = m_new == -INFINITY ? 0.f : m_new;  // all -inf so far: p = 0, alpha = 0
-            const float p0 = exp2f(s0 - m_use), p1 = exp2f(s1 - m_use);
-            const float alpha = exp2f(m_old - m_use);
-            const float sum = warp_sum(p0 + p1);
-            __syncwarp();  // every lane has read m_s[h] before lane 0 overwrites it
-            if (lane == 0) {
-                m_s[h] = m_new;
-                l_s[h] = fmaf(l_s[h], alpha, sum);
-                alpha_s[h] = alpha;
-            }
+            const float2 pp = online_softmax_step<2>(m_s, l_s, alpha_s, h, lane, s0, s1);
+            const float p0 = pp.x, p1 = pp.y;
 #pragma unroll
             for (int u = 0; u < 2; u++) {
                 const int j = lane + 32 * u;
