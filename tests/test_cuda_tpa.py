@@ -328,15 +328,21 @@ GPU_DECODE_CASES = DECODE_CASES + [
 ]
 
 
+def _gpu_decode_case(torch, rng, dtype, B, M, H, Rq, Rk, Rv, D, E, lens):
+    """Device factors in dtype, kv_lens, and the twin's out and lse over the dtype-rounded factors."""
+    fs = factors(rng, B, 1, M, H, Rq, Rk, Rv, D, E)
+    ts, hs = _dev(torch, (fs[0][:, 0], fs[1][:, 0]) + fs[2:], dtype)
+    kv_lens = None if lens is None else np.array(lens)
+    want, want_lse = ref.decode(*hs, kv_lens=kv_lens, return_lse=True)
+    return ts, kv_lens, want, want_lse
+
+
 @requires_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("B,M,H,Rq,Rk,Rv,D,E,lens", GPU_DECODE_CASES)
 def test_gpu_decode_matches_twin(rng, dtype, B, M, H, Rq, Rk, Rv, D, E, lens):
     torch = _torch()
-    fs = factors(rng, B, 1, M, H, Rq, Rk, Rv, D, E)
-    ts, hs = _dev(torch, (fs[0][:, 0], fs[1][:, 0]) + fs[2:], dtype)
-    kv_lens = None if lens is None else np.array(lens)
-    want, want_lse = ref.decode(*hs, kv_lens=kv_lens, return_lse=True)
+    ts, kv_lens, want, want_lse = _gpu_decode_case(torch, rng, dtype, B, M, H, Rq, Rk, Rv, D, E, lens)
     out, lse = tpa.decode(*ts, kv_lens=kv_lens, return_lse=True)
     torch.cuda.synchronize()
     assert isinstance(out, torch.Tensor) and out.dtype == getattr(torch, dtype) and lse.dtype == torch.float32
@@ -352,10 +358,7 @@ def test_gpu_decode_matches_twin(rng, dtype, B, M, H, Rq, Rk, Rv, D, E, lens):
 @pytest.mark.parametrize("B,M,H,Rq,Rk,Rv,D,E,lens", GPU_DECODE_CASES)
 def test_gpu_decode_tensor_cores_and_cuda_cores_agree(rng, dtype, B, M, H, Rq, Rk, Rv, D, E, lens):
     torch = _torch()
-    fs = factors(rng, B, 1, M, H, Rq, Rk, Rv, D, E)
-    ts, hs = _dev(torch, (fs[0][:, 0], fs[1][:, 0]) + fs[2:], dtype)
-    kv_lens = None if lens is None else np.array(lens)
-    want, want_lse = ref.decode(*hs, kv_lens=kv_lens, return_lse=True)
+    ts, kv_lens, want, want_lse = _gpu_decode_case(torch, rng, dtype, B, M, H, Rq, Rk, Rv, D, E, lens)
     simt = tpa.decode(*ts, kv_lens=kv_lens, _path="factor")
     assert_close(simt.float().cpu().numpy(), want, tol=GPU_TOL[dtype])
     tiles = -(-H // 16) * -(-E // 8)            # accumulator tiles of 16 heads x 8 features
