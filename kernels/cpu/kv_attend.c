@@ -28,7 +28,9 @@
 #include "lmkern/softmax.h"
 
 #define LK_ALWAYS_INLINE static inline __attribute__((always_inline))
+#ifndef LK_PREFETCH_BLOCKS
 #define LK_PREFETCH_BLOCKS 8   /* blocks of G tokens prefetched ahead */
+#endif
 
 typedef struct {
     const lk_kv_attend_params *p;

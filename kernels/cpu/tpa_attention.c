@@ -50,7 +50,8 @@
 #include "lmkern/softmax.h"
 
 #ifndef LK_TPA_PREFETCH
-#define LK_TPA_PREFETCH 2        /* blocks ahead whose factors are prefetched (0: none) */
+#define LK_TPA_PREFETCH 2        /* blocks ahead whose factors are prefetched (0: none; only where
+                                    lk_prefetch_pays) */
 #endif
 #ifndef LK_TPA_BLOCK
 #define LK_TPA_BLOCK 64          /* cached tokens per block in the SIMD path */
@@ -484,24 +485,30 @@ static void tpa_simd_scores(const lk_tpa_attention_params *p, int factor, int vt
         Z = w->Z;
     }
     /* 3. per head lane: sc[t, h] = sum_u ak[t,h,u] Z[t,u,h] (-inf for an inadmissible key), then the
-     *    online softmax and W */
+     *    online softmax and W.  Inadmissible tokens are flagged first, in scalar code, and only when the
+     *    block can hold one (explicit positions, or a block that runs past this query's range): decode
+     *    and most prefill blocks run the vector loops below without a per-token test. */
     const int masked = p->causal && p->kv_pos;
     const int64_t lim = qs->end - j0; /* tokens t >= lim are beyond this query's range */
-    qs->has_skip = 0;
+    int has_skip = 0;
+    if (masked || lim < nt)
+        for (int64_t t = 0; t < nt; t++) {
+            qs->skip[t] = t >= lim || (masked && !tpa_admissible(p, b, j0 + t, qs->qp));
+            has_skip |= qs->skip[t];
+        }
+    qs->has_skip = has_skip;
+    const int64_t ak_tok = Rk * ak_row, av_tok = Rv * av_row; /* floats per token of akl / avl */
+    const lk_vf scale_v = lk_vf_set1(inv_rv);
     for (int64_t hv = 0; hv < Hv; hv++) {
         const int64_t h = hv * LK_VF, nh = H - h;
+        /* lanes of the ak / av loads: de-interleaved rows are Hp wide, raw rows H */
+        const int64_t nk = Rk > 1 ? LK_VF : nh, nv = Rv > 1 ? LK_VF : nh;
         lk_vf mb = lk_vf_set1(-INFINITY);
         for (int64_t t = 0; t < nt; t++) {
-            lk_vf s = lk_vf_zero();
-            for (int64_t u = 0; u < Rk; u++) {
-                const int64_t arow = (t * (Rk > 1 ? Rk : 1) + u) * ak_row;
-                s = lk_vf_fma(lk_vf_load(Z + (t * Rk + u) * Hp + h), load_upto(akl + arow + h, Rk > 1 ? LK_VF : nh), s);
-            }
-            if (hv == 0) {
-                qs->skip[t] = t >= lim || (masked && !tpa_admissible(p, b, j0 + t, qs->qp));
-                qs->has_skip |= qs->skip[t];
-            }
-            if (qs->skip[t]) s = lk_vf_set1(-INFINITY);
+            const float *zt = Z + t * Rk * Hp + h, *at = akl + t * ak_tok + h;
+            lk_vf s = lk_vf_mul(lk_vf_load(zt), load_upto(at, nk));
+            for (int64_t u = 1; u < Rk; u++) s = lk_vf_fma(lk_vf_load(zt + u * Hp), lk_vf_load(at + u * ak_row), s);
+            if (has_skip && qs->skip[t]) s = lk_vf_set1(-INFINITY);
             lk_vf_store(w->sc + t * Hp + h, s);
             mb = lk_vf_max(s, mb); /* a NaN score leaves the max alone and reaches l and acc */
         }
@@ -512,18 +519,21 @@ static void tpa_simd_scores(const lk_tpa_attention_params *p, int factor, int vt
         lk_vf l = lk_vf_mul(lk_vf_load(qs->l + h), alpha);
         lk_vf_store(qs->alpha + h, alpha);
         lk_vf_store(qs->m + h, mn);
-        const lk_vf scale_v = lk_vf_set1(inv_rv);
-        for (int64_t t = 0; t < nt; t++) {
-            const lk_vf pr = lk_vf_exp(lk_vf_sub(lk_vf_load(w->sc + t * Hp + h), ms));
-            l = lk_vf_add(l, pr);
-            if (vtile) {
+        if (vtile) {
+            for (int64_t t = 0; t < nt; t++) {
+                const lk_vf pr = lk_vf_exp(lk_vf_sub(lk_vf_load(w->sc + t * Hp + h), ms));
+                l = lk_vf_add(l, pr);
                 lk_vf_store(qs->W + t * Hp + h, pr);
-                continue;
             }
-            const lk_vf pw = lk_vf_mul(pr, scale_v);
-            for (int64_t u = 0; u < Rv; u++) {
-                const int64_t arow = (t * (Rv > 1 ? Rv : 1) + u) * av_row;
-                lk_vf_store(qs->W + (t * Rv + u) * Hp + h, lk_vf_mul(pw, load_upto(avl + arow + h, Rv > 1 ? LK_VF : nh)));
+        } else {
+            for (int64_t t = 0; t < nt; t++) {
+                const lk_vf pr = lk_vf_exp(lk_vf_sub(lk_vf_load(w->sc + t * Hp + h), ms));
+                l = lk_vf_add(l, pr);
+                const lk_vf pw = Rv > 1 ? lk_vf_mul(pr, scale_v) : pr;
+                const float *vt = avl + t * av_tok + h;
+                float *wt = qs->W + t * Rv * Hp + h;
+                lk_vf_store(wt, lk_vf_mul(pw, load_upto(vt, nv)));
+                for (int64_t u = 1; u < Rv; u++) lk_vf_store(wt + u * Hp, lk_vf_mul(pw, lk_vf_load(vt + u * av_row)));
             }
         }
         lk_vf_store(qs->l + h, l);
@@ -560,6 +570,8 @@ static void tpa_deinterleave(int64_t nt, int64_t H, int64_t R, int64_t Hp, const
             for (int64_t u = 0; u < R; u++) dst[(t * R + u) * Hp + h] = src[(t * H + h) * R + u];
 }
 
+static const uint8_t tpa_no_skip[LK_TPA_BLOCK]; /* every token admissible */
+
 /* Value tiles pay H Rv E per key once per query tile, then H E per (query, key); the factor fold pays
  * H Rv E per (query, key).  Only prefill (several queries per tile) can profit. */
 static int tpa_use_vtile(const lk_tpa_attention_params *p, int64_t nq) {
@@ -573,6 +585,7 @@ static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *par
     const int factor = tpa_use_factor(p, LK_VF);
     const int64_t QT = lk_min_i64(LK_TPA_QTILE, N), tiles = lk_cdiv(N, QT), tasks = B * tiles * S;
     const int vtile = tpa_use_vtile(p, QT);
+    const int prefetch = LK_TPA_PREFETCH > 0 && lk_prefetch_pays();
     _Pragma("omp parallel num_threads(lk_get_num_threads())")
     {
         tpa_scratch w;
@@ -597,8 +610,8 @@ static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *par
             lk_chunk(max_end, S, sp, &j0, &j1);
             for (int64_t j = j0; j < j1; j += LK_TPA_BLOCK) {
                 const int64_t nt = lk_min_i64(LK_TPA_BLOCK, j1 - j);
-                if (LK_TPA_PREFETCH && j + LK_TPA_PREFETCH * LK_TPA_BLOCK < j1) {
-                    /* the factors of a block ahead (the hardware prefetchers alone leave this latency-bound) */
+                if (prefetch && j + LK_TPA_PREFETCH * LK_TPA_BLOCK < j1) {
+                    /* the factors of a block ahead, where that pays (lk_prefetch_pays: AMD yes, Intel no) */
                     const int64_t jp = j + LK_TPA_PREFETCH * LK_TPA_BLOCK;
                     const int64_t np = lk_min_i64(LK_TPA_BLOCK, j1 - jp);
                     lk_prefetch((const float *)p->ak + (b * M + jp) * H * Rk, np * H * Rk * 4);
@@ -625,7 +638,7 @@ static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *par
                     if (!vtile) tpa_fold_block(nt, H, Rv, E, w.Hp, w.Ep, qs->W, bv, qs->acc, qs->has_skip ? qs->skip : NULL);
                     Wa[active] = qs->W;
                     acca[active] = qs->acc;
-                    skipa[active] = qs->skip;
+                    skipa[active] = qs->has_skip ? qs->skip : tpa_no_skip; /* skip[] is only written with has_skip */
                     any_skip |= qs->has_skip;
                     active++;
                 }
