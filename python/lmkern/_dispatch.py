@@ -53,20 +53,23 @@ class Shapes:
 
     def check(self, arg: str, x, spec: str) -> None:
         """Checks ``x.shape`` against ``spec`` and binds its free letters."""
-        letters = _letters(spec)
-        shape = tuple(int(s) for s in x.shape)
-        ok = len(shape) == len(letters)
+        parsed = _parsed(spec)
+        shape = x.shape
+        if type(shape) is not tuple:   # torch.Size, CuPy or array-interface shapes
+            shape = tuple(int(s) for s in shape)
+        dims = self.dims
+        ok = len(shape) == len(parsed)
         if ok:
-            for letter, size in zip(letters, shape):
-                want = int(letter) if letter.isdigit() else self.dims.get(letter)
+            for (letter, fixed), size in zip(parsed, shape):
+                want = fixed if fixed is not None else dims.get(letter)
                 if want is not None and want != size:
                     ok = False
                     break
         if not ok:
-            self.fail(arg, shape, letters)
-        for letter, size in zip(letters, shape):
-            if not letter.isdigit():
-                self.dims.setdefault(letter, size)
+            self.fail(arg, tuple(int(s) for s in shape), _letters(spec))
+        for (letter, fixed), size in zip(parsed, shape):
+            if fixed is None and letter not in dims:
+                dims[letter] = int(size)
 
     def fail(self, arg, shape, letters):
         def tup(vals):
@@ -89,6 +92,12 @@ class Shapes:
 @functools.lru_cache(maxsize=None)
 def _letters(spec: str) -> tuple:
     return tuple(s.strip() for s in spec.split(",") if s.strip())
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed(spec: str) -> tuple:
+    """``(letter, fixed size or None)`` per axis of a spec."""
+    return tuple((letter, int(letter) if letter.isdigit() else None) for letter in _letters(spec))
 
 
 def _dtype_name(x) -> str:
