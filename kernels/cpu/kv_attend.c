@@ -338,7 +338,7 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
     if (!part_m || !part_l || !part_acc) { free(part_m); free(part_l); free(part_acc); return LK_ERR_NOMEM; }
     const int simd = lk_simd_enabled() && G % LK_VF == 0 && E % LK_VF == 0;
     int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(|: failed)
+#pragma omp parallel num_threads(threads)
     {
         lk_attend_ctx c = {0};
         c.p = p; c.group = group; c.rows = rows; c.simd = simd;
@@ -351,7 +351,10 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
         c.m = (float *)malloc(fl * (size_t)rows);
         c.l = (float *)malloc(fl * (size_t)rows);
         const int ok = !(!c.qsc || !c.qs || !c.qz || !c.S || !c.acc || !c.m || !c.l);
-        failed = !ok;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
         /* items are claimed dynamically (balance, and robust to a preempted thread); each item's result
          * depends only on the item, and partials are merged in a fixed order, so results stay bitwise
          * reproducible for a fixed thread count */
@@ -381,15 +384,18 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
             }
         }
         free(c.qsc); free(c.qs); free(c.qz); free(c.S); free(c.acc); free(c.m); free(c.l);
-    }
-    if (!failed) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t t = 0; t < B * Hkv * rows; t++) {
-            const int64_t b = t / (Hkv * rows), g = (t / rows) % Hkv, r = t % rows;
-            const int64_t i = r / group, h = g * group + r % group;
-            const int64_t orow = (b * N + i) * Hq + h;
-            lk_softmax_combine_f32(nsplit, part_m + t * nsplit, part_l + t * nsplit, part_acc + t * nsplit * E, E, E,
-                                   p->out + orow * E, p->lse ? p->lse + orow : NULL);
+        /* the split combine in the same parallel region: a second region would wake the sleeping
+         * workers again (tens of microseconds on a VM) */
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < B * Hkv * rows; t++) {
+                const int64_t b = t / (Hkv * rows), g = (t / rows) % Hkv, r = t % rows;
+                const int64_t i = r / group, h = g * group + r % group;
+                const int64_t orow = (b * N + i) * Hq + h;
+                lk_softmax_combine_f32(nsplit, part_m + t * nsplit, part_l + t * nsplit, part_acc + t * nsplit * E, E,
+                                       E, p->out + orow * E, p->lse ? p->lse + orow : NULL);
+            }
         }
     }
     free(part_m); free(part_l); free(part_acc);

@@ -98,6 +98,25 @@ static inline int tpa_admissible(const lk_tpa_attention_params *p, int64_t b, in
 /* Generic path: float32 / float64, one key at a time.                                            */
 /* ---------------------------------------------------------------------------------------------- */
 
+/* The split combine, run by every thread of an engine's team after its tasks (one parallel region per
+ * call: a second region would wake the sleeping workers again, tens of microseconds on a VM).  Called
+ * after a barrier, with *failed the same for every thread. */
+static void tpa_combine_splits(const lk_tpa_attention_params *p, int64_t S, void *part) {
+    const int64_t rows = p->B * p->N * p->H, E = p->E;
+    _Pragma("omp for schedule(static)")
+    for (int64_t r = 0; r < rows; r++) {
+        if (p->dtype == LK_F64) {
+            const double *ph = (const double *)part + r * S * (E + 2);
+            lk_softmax_combine_f64(S, ph, ph + S, ph + 2 * S, E, E, (double *)p->out + r * E,
+                                   p->lse ? (double *)p->lse + r : NULL);
+        } else {
+            const float *ph = (const float *)part + r * S * (E + 2);
+            lk_softmax_combine_f32(S, ph, ph + S, ph + 2 * S, E, E, (float *)p->out + r * E,
+                                   p->lse ? (float *)p->lse + r : NULL);
+        }
+    }
+}
+
 #define LK_DEFINE_TPA_GENERIC(NAME, T, COMBINE)                                                   \
 static void NAME(const lk_tpa_attention_params *p, int64_t S, T *part, int *failed) {             \
     const int64_t B = p->B, N = p->N, M = p->M, H = p->H, Rq = p->Rq, Rk = p->Rk, Rv = p->Rv;    \
@@ -185,6 +204,8 @@ static void NAME(const lk_tpa_attention_params *p, int64_t S, T *part, int *fail
             tpa_finish_##T(p, S, q, sp, m, l, acc, E, part);                                      \
         }                                                                                         \
         free(work);                                                                               \
+        _Pragma("omp barrier")                                                                    \
+        if (S > 1 && !*failed) tpa_combine_splits(p, S, part);                                    \
     }                                                                                             \
 }
 
@@ -648,6 +669,8 @@ static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *par
                 tpa_finish_float(p, S, b * N + i0 + g, sp, w.q[g].m, w.q[g].l, w.q[g].acc, w.Ep, part);
         }
         if (ok) free(w.mem);
+        _Pragma("omp barrier")
+        if (S > 1 && !*failed) tpa_combine_splits(p, S, part);
     }
 }
 
@@ -668,21 +691,6 @@ lk_status lk_tpa_attention_cpu(const lk_tpa_attention_params *p) {
     if (p->dtype == LK_F64) tpa_generic_f64(p, S, (double *)part, &failed);
     else if (lk_simd_enabled()) tpa_simd_f32(p, S, (float *)part, &failed);
     else tpa_generic_f32(p, S, (float *)part, &failed);
-    if (!failed && S > 1) {
-        const int64_t rows = p->B * p->N * p->H, E = p->E;
-        _Pragma("omp parallel for num_threads(lk_get_num_threads()) schedule(static)")
-        for (int64_t r = 0; r < rows; r++) {
-            if (p->dtype == LK_F64) {
-                const double *ph = (const double *)part + r * S * (E + 2);
-                lk_softmax_combine_f64(S, ph, ph + S, ph + 2 * S, E, E, (double *)p->out + r * E,
-                                       p->lse ? (double *)p->lse + r : NULL);
-            } else {
-                const float *ph = (const float *)part + r * S * (E + 2);
-                lk_softmax_combine_f32(S, ph, ph + S, ph + 2 * S, E, E, (float *)p->out + r * E,
-                                       p->lse ? (float *)p->lse + r : NULL);
-            }
-        }
-    }
     free(part);
     return failed ? LK_ERR_NOMEM : LK_OK;
 }
