@@ -4,9 +4,10 @@
  *   otherwise:  mass_h[j] = sum_i s_ij                 (raw scaled logits, ScaleKV)
  * then reduced over the query heads of each KV head (mean, sum, max) or kept per head (none).
  *
- * Streaming, two passes, per (b, KV head g, key split):
- *   pass 1: for each key chunk of LK_KC keys (packed transposed, D x LK_KC, into scratch) and every row
- *           r = (hh, i) of the group, the partial online-softmax state (m, l) of the split;
+ * Streaming, two passes, per (b, key split), each key chunk of LK_KC keys taken by every KV head g in
+ * turn (the keys are read in memory order):
+ *   pass 1: for each chunk and head (keys packed transposed, D x LK_KC, into scratch) and every row
+ *           r = (hh, i) of the head's group, the partial online-softmax state (m, l) of the split;
  *           the per-row lse is the one softmax combine (softmax.h, E = 0) of the split states.
  *   pass 2: the same scores again, p = exp(s - lse), summed per head over the rows into the chunk's
  *           mass, reduced over the group and written; splits own disjoint key ranges (no atomics).
@@ -96,6 +97,79 @@ static void lk_mass_scores(const lk_mass_ctx *c, int64_t r0, int64_t nr, int64_t
     }
 }
 
+/* One key chunk [j0, j0 + nk) of KV head c->g in pass 1 (the rows' online (m, l) of split sp, in pm /
+ * pl) or pass 2 (the chunk's mass from the rows' lse ls, written to out). */
+static void lk_mass_chunk(const lk_mass_ctx *c, int pass, int64_t sp, int64_t nsplit, int64_t j0, int64_t nk,
+                          int64_t maxpos, float *pm, float *pl, const float *ls, float *kt, float *s, float *hm) {
+    const lk_kv_mass_params *p = c->p;
+    const int64_t b = c->b, g = c->g, group = c->group, rows = c->rows, N = p->N, M = p->M;
+    const int64_t Hout = p->reduce == LK_REDUCE_NONE ? p->Hq : p->Hkv;
+    lk_mass_pack(c, j0, nk, kt);
+    if (pass == 2)
+        for (int64_t e = 0; e < group * LK_KC; e++) hm[e] = 0.0f;
+    for (int64_t r0 = 0; r0 < rows; r0 += LK_RT) {
+        const int64_t nr = lk_min_i64(LK_RT, rows - r0);
+        lk_mass_scores(c, r0, nr, j0, nk, maxpos, kt, s);
+        for (int64_t rr = 0; rr < nr; rr++) {
+            const int64_t r = r0 + rr;
+            float *sr = s + rr * LK_KC;
+            if (pass == 1) {
+                /* online (m, l) over this chunk */
+                lk_vf mx = lk_vf_load(sr);
+                for (int v = 1; v < 4; v++) mx = lk_vf_max(mx, lk_vf_load(sr + v * LK_VF));
+                const float bm = lk_vf_hmax(mx);
+                float *m = pm + r * nsplit + sp, *l = pl + r * nsplit + sp;
+                /* a NaN score (or +inf beside a masked key) poisons the row: its lse is NaN
+                 * (the max above may hide a NaN lane; a sum never does) */
+                lk_vf chk = lk_vf_load(sr);
+                for (int v = 1; v < 4; v++) chk = lk_vf_add(chk, lk_vf_load(sr + v * LK_VF));
+                const float cs = lk_vf_sum(chk);
+                if (cs != cs) { *m = NAN; *l = NAN; continue; }
+                if (bm == -INFINITY) continue;
+                if (bm > *m) { *l *= *m == -INFINITY ? 0.0f : expf(*m - bm); *m = bm; }
+                const lk_vf mv = lk_vf_set1(*m);
+                lk_vf acc = lk_vf_zero();
+                for (int v = 0; v < 4; v++)
+                    acc = lk_vf_add(acc, lk_vf_exp(lk_vf_sub(lk_vf_load(sr + v * LK_VF), mv)));
+                *l += lk_vf_sum(acc);
+            } else {
+                float *h = hm + (r / N) * LK_KC;
+                if (p->normalize) {
+                    /* p_ij = exp(s_ij - lse_i); -inf (masked) gives 0 */
+                    const float lr = ls[r];
+                    if (lr == -INFINITY) continue;
+                    if (lr != lr) {   /* a NaN row: NaN on its admissible keys, 0 elsewhere */
+                        for (int jj = 0; jj < LK_KC; jj++)
+                            if (sr[jj] != -INFINITY) h[jj] = NAN;
+                        continue;
+                    }
+                    const lk_vf lv = lk_vf_set1(lr);
+                    for (int v = 0; v < 4; v++)
+                        lk_vf_store(h + v * LK_VF, lk_vf_add(lk_vf_load(h + v * LK_VF),
+                            lk_vf_exp(lk_vf_sub(lk_vf_load(sr + v * LK_VF), lv))));
+                } else {
+                    for (int jj = 0; jj < LK_KC; jj++) h[jj] += sr[jj];
+                }
+            }
+        }
+    }
+    if (pass == 2) {
+        for (int64_t jj = 0; jj < nk; jj++) {
+            float *o = p->out + ((b * M + j0 + jj) * Hout);
+            if (p->reduce == LK_REDUCE_NONE) {
+                for (int64_t hh = 0; hh < group; hh++) o[g * group + hh] = hm[hh * LK_KC + jj];
+            } else {
+                float acc = p->reduce == LK_REDUCE_MAX ? -INFINITY : 0.0f;
+                for (int64_t hh = 0; hh < group; hh++) {
+                    const float v = hm[hh * LK_KC + jj];
+                    acc = p->reduce == LK_REDUCE_MAX ? (v > acc || v != v ? v : acc) : acc + v;
+                }
+                o[g] = p->reduce == LK_REDUCE_MEAN ? acc / (float)group : acc;
+            }
+        }
+    }
+}
+
 static inline void lk_mass_split(int64_t M, int64_t nsplit, int64_t s, int64_t *lo, int64_t *hi) {
     const int64_t chunks = lk_cdiv(M, LK_KC);
     int64_t c0, c1;
@@ -111,13 +185,17 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
     if (B == 0 || M == 0 || Hkv == 0 || Hq == 0 || N == 0) return LK_OK;
     const int64_t group = Hq / Hkv, rows = group * N;
     const int threads = lk_get_num_threads();
-    int64_t nsplit = lk_cdiv(8 * (int64_t)threads, B * Hkv);
+    /* items are (b, key split); each walks its keys chunk by chunk with every KV head of a chunk in turn,
+     * so the keys stream from memory in order (token-major: one chunk is LK_KC x Hkv x D contiguous
+     * floats).  One head at a time would read rows Hkv D floats apart, a new page per key for D = 128
+     * and Hkv = 8, which the hardware prefetchers do not follow. */
+    int64_t nsplit = lk_cdiv(8 * (int64_t)threads, B);
     nsplit = lk_max_i64(1, lk_min_i64(nsplit, lk_cdiv(M, LK_KC)));
-    const int64_t items = B * Hkv * nsplit;
+    const int64_t items = B * nsplit;
     float *part_m = NULL, *part_l = NULL, *lse = NULL;
     if (p->normalize) {
-        part_m = (float *)malloc(sizeof(float) * (size_t)(items * rows));
-        part_l = (float *)malloc(sizeof(float) * (size_t)(items * rows));
+        part_m = (float *)malloc(sizeof(float) * (size_t)(B * Hkv * rows * nsplit));
+        part_l = (float *)malloc(sizeof(float) * (size_t)(B * Hkv * rows * nsplit));
         lse = (float *)malloc(sizeof(float) * (size_t)(B * Hkv * rows));
         if (!part_m || !part_l || !lse) { free(part_m); free(part_l); free(lse); return LK_ERR_NOMEM; }
     }
@@ -136,87 +214,25 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t it = 0; it < items; it++) {
                 if (!ok) continue;
-                const int64_t b = it / (Hkv * nsplit), g = (it / nsplit) % Hkv, sp = it % nsplit;
-                lk_mass_ctx c = {p, b, g, group, rows};
+                const int64_t b = it / nsplit, sp = it % nsplit;
                 int64_t k0, k1;
                 lk_mass_split(M, nsplit, sp, &k0, &k1);
                 const int64_t len = lk_min_i64(k1, p->kv_lens[b]);
-                float *pm = part_m ? part_m + ((b * Hkv + g) * rows) * nsplit : NULL;
-                float *pl = part_l ? part_l + ((b * Hkv + g) * rows) * nsplit : NULL;
-                const float *ls = lse ? lse + (b * Hkv + g) * rows : NULL;
                 if (pass == 1)
-                    for (int64_t r = 0; r < rows; r++) { pm[r * nsplit + sp] = -INFINITY; pl[r * nsplit + sp] = 0; }
+                    for (int64_t t = b * Hkv * rows; t < (b + 1) * Hkv * rows; t++) {
+                        part_m[t * nsplit + sp] = -INFINITY;
+                        part_l[t * nsplit + sp] = 0;
+                    }
                 for (int64_t j0 = k0; j0 < len; j0 += LK_KC) {
                     const int64_t nk = lk_min_i64(LK_KC, len - j0);
-                    lk_mass_pack(&c, j0, nk, kt);
-                    /* the next chunk's key rows arrive while this chunk's scores are computed */
-                    for (int64_t jj = j0 + LK_KC; jj < lk_min_i64(j0 + 2 * LK_KC, len); jj++)
-                        lk_prefetch(p->k + ((b * M + jj) * Hkv + g) * D, D * (int64_t)sizeof(float));
                     int64_t maxpos = INT64_MIN;
                     if (p->causal)
                         for (int64_t jj = 0; jj < nk; jj++) maxpos = lk_max_i64(maxpos, p->kv_pos[b * M + j0 + jj]);
-                    if (pass == 2)
-                        for (int64_t e = 0; e < group * LK_KC; e++) hm[e] = 0.0f;
-                    for (int64_t r0 = 0; r0 < rows; r0 += LK_RT) {
-                        const int64_t nr = lk_min_i64(LK_RT, rows - r0);
-                        lk_mass_scores(&c, r0, nr, j0, nk, maxpos, kt, s);
-                        for (int64_t rr = 0; rr < nr; rr++) {
-                            const int64_t r = r0 + rr;
-                            float *sr = s + rr * LK_KC;
-                            if (pass == 1) {
-                                /* online (m, l) over this chunk */
-                                lk_vf mx = lk_vf_load(sr);
-                                for (int v = 1; v < 4; v++) mx = lk_vf_max(mx, lk_vf_load(sr + v * LK_VF));
-                                const float bm = lk_vf_hmax(mx);
-                                float *m = pm + r * nsplit + sp, *l = pl + r * nsplit + sp;
-                                /* a NaN score (or +inf beside a masked key) poisons the row: its lse is NaN
-                                 * (the max above may hide a NaN lane; a sum never does) */
-                                lk_vf chk = lk_vf_load(sr);
-                                for (int v = 1; v < 4; v++) chk = lk_vf_add(chk, lk_vf_load(sr + v * LK_VF));
-                                const float cs = lk_vf_sum(chk);
-                                if (cs != cs) { *m = NAN; *l = NAN; continue; }
-                                if (bm == -INFINITY) continue;
-                                if (bm > *m) { *l *= *m == -INFINITY ? 0.0f : expf(*m - bm); *m = bm; }
-                                const lk_vf mv = lk_vf_set1(*m);
-                                lk_vf acc = lk_vf_zero();
-                                for (int v = 0; v < 4; v++)
-                                    acc = lk_vf_add(acc, lk_vf_exp(lk_vf_sub(lk_vf_load(sr + v * LK_VF), mv)));
-                                *l += lk_vf_sum(acc);
-                            } else {
-                                float *h = hm + (r / N) * LK_KC;
-                                if (p->normalize) {
-                                    /* p_ij = exp(s_ij - lse_i); -inf (masked) gives 0 */
-                                    const float lr = ls[r];
-                                    if (lr == -INFINITY) continue;
-                                    if (lr != lr) {   /* a NaN row: NaN on its admissible keys, 0 elsewhere */
-                                        for (int jj = 0; jj < LK_KC; jj++)
-                                            if (sr[jj] != -INFINITY) h[jj] = NAN;
-                                        continue;
-                                    }
-                                    const lk_vf lv = lk_vf_set1(lr);
-                                    for (int v = 0; v < 4; v++)
-                                        lk_vf_store(h + v * LK_VF, lk_vf_add(lk_vf_load(h + v * LK_VF),
-                                            lk_vf_exp(lk_vf_sub(lk_vf_load(sr + v * LK_VF), lv))));
-                                } else {
-                                    for (int jj = 0; jj < LK_KC; jj++) h[jj] += sr[jj];
-                                }
-                            }
-                        }
-                    }
-                    if (pass == 2) {
-                        for (int64_t jj = 0; jj < nk; jj++) {
-                            float *o = p->out + ((b * M + j0 + jj) * Hout);
-                            if (p->reduce == LK_REDUCE_NONE) {
-                                for (int64_t hh = 0; hh < group; hh++) o[g * group + hh] = hm[hh * LK_KC + jj];
-                            } else {
-                                float acc = p->reduce == LK_REDUCE_MAX ? -INFINITY : 0.0f;
-                                for (int64_t hh = 0; hh < group; hh++) {
-                                    const float v = hm[hh * LK_KC + jj];
-                                    acc = p->reduce == LK_REDUCE_MAX ? (v > acc || v != v ? v : acc) : acc + v;
-                                }
-                                o[g] = p->reduce == LK_REDUCE_MEAN ? acc / (float)group : acc;
-                            }
-                        }
+                    for (int64_t g = 0; g < Hkv; g++) {
+                        const lk_mass_ctx c = {p, b, g, group, rows};
+                        const int64_t at = (b * Hkv + g) * rows;
+                        lk_mass_chunk(&c, pass, sp, nsplit, j0, nk, maxpos, part_m ? part_m + at * nsplit : NULL,
+                                      part_l ? part_l + at * nsplit : NULL, lse ? lse + at : NULL, kt, s, hm);
                     }
                 }
             }
