@@ -328,6 +328,36 @@ def split_range(P, b, split, split_len):
     return start, min(start + split_len, ln)
 
 
+
+def _row_index(TN, width, step, inner):
+    """The staging loops' thread index q -> (token j, element c of its row, rank, feature): q < TN * width
+    / step, c = (q - j * cpr) * step, rank = c / inner, feature = c - rank * inner (CUDA integer math)."""
+    cpr = width // step
+    q = np.arange(TN * cpr)
+    j = q // cpr
+    c = (q - j * cpr) * step
+    r = c // inner
+    return j, c, r, c - r * inner
+
+
+def _gather16(arr, base, tok_stride, j0, j, c, nvalid, name):
+    """uint4 loads of 8 16-bit elements at base + (j0 + j) tok_stride + c for live tokens, zeros beyond."""
+    raw = np.zeros((j.size, 8), U16)
+    live = j < nvalid
+    addr = base + (j0 + j[live]) * tok_stride + c[live]
+    assert (addr % 8 == 0).all(), f"uint4 load of {name} not 16-byte aligned"
+    raw[live] = gread(arr, addr[:, None] + np.arange(8))
+    return raw
+
+
+def _gather1(arr, base, tok_stride, j0, j, c, nvalid, zero):
+    """One element per thread at base + (j0 + j) tok_stride + c for live tokens, `zero` beyond."""
+    v = np.full(j.size, zero, U16)
+    live = j < nvalid
+    v[live] = gread(arr, base + (j0 + j[live]) * tok_stride + c[live])
+    return v
+
+
 def tc_block_model(P, cfg, blk, num_splits, split_len, score_scale, out_g, lse_g, scratch):
     """One block (blockIdx.x = blk) of tpa_decode_tc_kernel<T, MT>."""
     bits, val = DT[P["dtype"]]
@@ -386,55 +416,25 @@ def tc_block_model(P, cfg, blk, num_splits, split_len, score_scale, out_g, lse_g
               P["vec"] & VEC_AK, val)
         stage(av_s, P["av"], avp, st["av"][1], j0, nvalid, TN, H * Rv, H * Rv, cfg["AVJ"], 0,
               P["vec"] & VEC_AV, val)
-        if P["vec"] & VEC_BK:                                                        # lines 493-500
-            cpr = RkD // 8
-            q = np.arange(TN * cpr)
-            j = q // cpr
-            c = (q - j * cpr) * 8
-            s = c // D
-            d = c - s * D
-            raw = np.zeros((q.size, 8), U16)
-            live = j < nvalid
-            addr = bkp + (j0 + j[live]) * st["bk"][1] + c[live]
-            assert (addr % 8 == 0).all(), "uint4 load of bk not 16-byte aligned"
-            raw[live] = gread(P["bk"], addr[:, None] + np.arange(8))
+        # bk rows and the transposed bv: 16-byte loads (lines 493-500, 507-515) or one element per
+        # thread (lines 501-505, 516-520); (j, c) = (token, element of its row), (s|t, d|e) = (rank, feature)
+        if P["vec"] & VEC_BK:
+            j, c, s, d = _row_index(TN, RkD, 8, D)
+            raw = _gather16(P["bk"], bkp, st["bk"][1], j0, j, c, nvalid, "bk")
             dst = (j * Rk + s) * KS + d
             assert (dst % 8 == 0).all(), "uint4 store to bk_s not 16-byte aligned"
             swrite(bk_s, dst[:, None] + np.arange(8), raw)
-        else:                                                                        # lines 501-505
-            q = np.arange(TN * RkD)
-            j = q // RkD
-            c = q - j * RkD
-            s = c // D
-            d = c - s * D
-            v = np.full(q.size, zero, U16)
-            live = j < nvalid
-            v[live] = gread(P["bk"], bkp + (j0 + j[live]) * st["bk"][1] + c[live])
-            swrite(bk_s, (j * Rk + s) * KS + d, v)
-        if P["vec"] & VEC_BV:                                                        # lines 507-515
-            cpr = RvE // 8
-            q = np.arange(TN * cpr)
-            j = q // cpr
-            c = (q - j * cpr) * 8
-            t = c // E
-            e = c - t * E
-            raw = np.zeros((q.size, 8), U16)
-            live = j < nvalid
-            addr = bvp + (j0 + j[live]) * st["bv"][1] + c[live]
-            assert (addr % 8 == 0).all(), "uint4 load of bv not 16-byte aligned"
-            raw[live] = gread(P["bv"], addr[:, None] + np.arange(8))
+        else:
+            j, c, s, d = _row_index(TN, RkD, 1, D)
+            swrite(bk_s, (j * Rk + s) * KS + d, _gather1(P["bk"], bkp, st["bk"][1], j0, j, c, nvalid, zero))
+        if P["vec"] & VEC_BV:
+            j, c, t, e = _row_index(TN, RvE, 8, E)
+            raw = _gather16(P["bv"], bvp, st["bv"][1], j0, j, c, nvalid, "bv")
             for u in range(8):
                 swrite(bvt_s, (e + u) * WS + j * Rv + t, bits(val(raw[:, u])))     # from_f(raw_f(raw, u)): exact
-        else:                                                                        # lines 516-520
-            q = np.arange(TN * RvE)
-            j = q // RvE
-            c = q - j * RvE
-            t = c // E
-            e = c - t * E
-            v = np.full(q.size, zero, U16)
-            live = j < nvalid
-            v[live] = gread(P["bv"], bvp + (j0 + j[live]) * st["bv"][1] + c[live])
-            swrite(bvt_s, e * WS + j * Rv + t, v)
+        else:
+            j, c, t, e = _row_index(TN, RvE, 1, E)
+            swrite(bvt_s, e * WS + j * Rv + t, _gather1(P["bv"], bvp, st["bv"][1], j0, j, c, nvalid, zero))
         # 2. G on tensor cores, lines 524-539 (mt = warp, warp + 4, ...: every mt once)
         for mt in range(mtiles_g):
             for nt in range(ntiles_g):
