@@ -4,8 +4,8 @@
  *   otherwise:  mass_h[j] = sum_i s_ij                 (raw scaled logits, ScaleKV)
  * then reduced over the query heads of each KV head (mean, sum, max) or kept per head (none).
  *
- * Streaming, two passes, per (b, key split), each key chunk of LK_KC keys taken by every KV head g in
- * turn (the keys are read in memory order):
+ * Streaming, two passes, per (b, key split, block of KV heads), each key chunk of LK_KC keys taken by
+ * every KV head g of the block in turn (the keys are read in memory order):
  *   pass 1: for each chunk and head (keys packed transposed, D x LK_KC, into scratch) and every row
  *           r = (hh, i) of the head's group, the partial online-softmax state (m, l) of the split;
  *           the per-row lse is the one softmax combine (softmax.h, E = 0) of the split states.
@@ -185,13 +185,16 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
     if (B == 0 || M == 0 || Hkv == 0 || Hq == 0 || N == 0) return LK_OK;
     const int64_t group = Hq / Hkv, rows = group * N;
     const int threads = lk_get_num_threads();
-    /* items are (b, key split); each walks its keys chunk by chunk with every KV head of a chunk in turn,
-     * so the keys stream from memory in order (token-major: one chunk is LK_KC x Hkv x D contiguous
-     * floats).  One head at a time would read rows Hkv D floats apart, a new page per key for D = 128
-     * and Hkv = 8, which the hardware prefetchers do not follow. */
-    int64_t nsplit = lk_cdiv(8 * (int64_t)threads, B);
+    /* items are (b, key split, block of KV heads); each walks its keys chunk by chunk with every KV head
+     * of its block in turn, so the keys stream from memory in order (token-major: a chunk is LK_KC rows
+     * of Hkv x D floats).  One head per item would read rows Hkv D floats apart, a new page per key for
+     * D = 128 and Hkv = 8, which the hardware prefetchers do not follow.  The split count bounds the
+     * partials (2 B N Hq nsplit floats: 8 MiB at N = 16384, Hq = 32, Hkv = 8 on 2 threads); heads are
+     * cut into blocks only as far as it takes to give every thread work (short caches, many threads). */
+    int64_t nsplit = lk_cdiv(8 * (int64_t)threads, B * Hkv);
     nsplit = lk_max_i64(1, lk_min_i64(nsplit, lk_cdiv(M, LK_KC)));
-    const int64_t items = B * nsplit;
+    const int64_t hblocks = lk_max_i64(1, lk_min_i64(Hkv, lk_cdiv((int64_t)threads, B * nsplit)));
+    const int64_t items = B * nsplit * hblocks;
     float *part_m = NULL, *part_l = NULL, *lse = NULL;
     if (p->normalize) {
         part_m = (float *)malloc(sizeof(float) * (size_t)(B * Hkv * rows * nsplit));
@@ -214,12 +217,13 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t it = 0; it < items; it++) {
                 if (!ok) continue;
-                const int64_t b = it / nsplit, sp = it % nsplit;
-                int64_t k0, k1;
+                const int64_t b = it / (nsplit * hblocks), sp = (it / hblocks) % nsplit;
+                int64_t k0, k1, g0, g1;
                 lk_mass_split(M, nsplit, sp, &k0, &k1);
+                lk_chunk(Hkv, hblocks, it % hblocks, &g0, &g1);
                 const int64_t len = lk_min_i64(k1, p->kv_lens[b]);
                 if (pass == 1)
-                    for (int64_t t = b * Hkv * rows; t < (b + 1) * Hkv * rows; t++) {
+                    for (int64_t t = (b * Hkv + g0) * rows; t < (b * Hkv + g1) * rows; t++) {
                         part_m[t * nsplit + sp] = -INFINITY;
                         part_l[t * nsplit + sp] = 0;
                     }
@@ -228,7 +232,7 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
                     int64_t maxpos = INT64_MIN;
                     if (p->causal)
                         for (int64_t jj = 0; jj < nk; jj++) maxpos = lk_max_i64(maxpos, p->kv_pos[b * M + j0 + jj]);
-                    for (int64_t g = 0; g < Hkv; g++) {
+                    for (int64_t g = g0; g < g1; g++) {
                         const lk_mass_ctx c = {p, b, g, group, rows};
                         const int64_t at = (b * Hkv + g) * rows;
                         lk_mass_chunk(&c, pass, sp, nsplit, j0, nk, maxpos, part_m ? part_m + at * nsplit : NULL,

@@ -254,8 +254,10 @@ def attention_mass(q, k, *, scale=None, causal=False, q_pos=None, kv_pos=None, k
 
     Computed in two streaming passes over key chunks: pass 1 the per-query log-sum-exp (split states
     merged by the one softmax combine), pass 2 ``exp(s - lse)`` summed straight into the per-key mass.
-    Extra memory is O(threads x chunk x D + N x Hq) floats; no N x M matrix is formed (kvpress and the
-    SnapKV/H2O reference code materialize the full attention weights to score them).
+    Extra memory is O(threads x chunk x D + B x N x Hq x splits) floats, with
+    ``ceil(8 threads / (B Hkv))`` splits at most (8 MiB at N = 16384, Hq = 32, Hkv = 8 on 2 threads); no
+    N x M matrix is formed (kvpress and the SnapKV/H2O reference code materialize the full attention
+    weights to score them).
     Decision: computed in float32 (the result is float32 by the SPEC), also for float64 inputs.
 
     Scores for H2O (all queries, accumulated), SnapKV (the last W queries), LightTransfer and ScaleKV.
