@@ -63,7 +63,8 @@ streams, outputs and scratch; kernels in kernels/cuda/tpa.cu):
 
 * ``decode`` is the FlashTPA order on CUDA cores: one block per (batch row, head group, cache split),
   tiles of up to 32 tokens staged as float32, every product in float32.  A tensor-core kernel for
-  float16 / bfloat16 (``_path="tensor_cores"``) is built but opt-in, because it has not run on a GPU yet.
+  float16 / bfloat16 (``_path="tensor_cores"``) is built but opt-in, because it has not run on a GPU yet;
+  a lane-level NumPy model of it (tests/test_cuda_tpa_tc_model.py) agrees with the twin.
   It uses one block per (batch row, cache split) and tiles of up to 64 tokens.  ``bk . bq`` goes through
   ``mma.sync`` with float32 accumulation; the products are exact and no bf16 rounding happens, as it
   does in T6.  Head mixing and the online softmax stay in float32.  The weights ``p av`` are rounded to
