@@ -55,7 +55,8 @@ static void NAME(const lk_kv_quant_params *p) {                                 
     const int bits = p->bits, per = 8 / bits;                                                     \
     const double levels = (double)((1 << bits) - 1);                                              \
     const int64_t tasks = p->channel ? B * (T_ / G) * H * D : B * T_ * H;                         \
-    _Pragma("omp parallel num_threads(lk_get_num_threads())")                                     \
+    const int team_ = lk_team_for(B * T_ * H * D * (int64_t)sizeof(real) * 2);                    \
+    _Pragma("omp parallel num_threads(team_)")                                                    \
     {                                                                                             \
         int64_t lo, hi;                                                                           \
         lk_chunk(tasks, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);                   \
@@ -104,7 +105,8 @@ static void NAME(const lk_kv_quant_params *p) {                                 
     const int64_t B = p->B, T_ = p->T, H = p->H, D = p->D, G = p->G;                              \
     const int bits = p->bits, per = 8 / bits, mask = (1 << bits) - 1;                             \
     const int64_t rows = B * T_ * H;                                                              \
-    _Pragma("omp parallel num_threads(lk_get_num_threads())")                                     \
+    const int team_ = lk_team_for(B * T_ * H * D * (int64_t)sizeof(real) * 2);                    \
+    _Pragma("omp parallel num_threads(team_)")                                                    \
     {                                                                                             \
         int64_t lo, hi;                                                                           \
         lk_chunk(rows, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);                    \

@@ -34,7 +34,7 @@ lk_status lk_kv_keep_topk_cpu(const lk_kv_topk_params *p) {
     if (B == 0 || H == 0 || K == 0) return LK_OK;
     const int64_t tasks = B * H;
     int failed = 0;
-#pragma omp parallel num_threads(lk_get_num_threads()) reduction(|: failed)
+#pragma omp parallel num_threads(lk_team_for(tasks * M * 16)) reduction(|: failed)
     {
         lk_ranked *cand = (lk_ranked *)malloc(sizeof(lk_ranked) * (size_t)M);
         unsigned char *keep = (unsigned char *)malloc((size_t)M);
@@ -74,7 +74,7 @@ lk_status lk_kv_compact_cpu(const lk_kv_compact_params *p) {
     const int64_t B = p->B, M = p->M, K = p->K, H = p->H, rb = p->row_bytes;
     const int64_t tasks = B * K;
     if (tasks == 0 || H == 0 || rb == 0) return LK_OK;
-#pragma omp parallel num_threads(lk_get_num_threads())
+#pragma omp parallel num_threads(lk_team_for(tasks * H * rb * 2))
     {
         int64_t lo, hi;
         lk_chunk(tasks, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);

@@ -16,7 +16,7 @@ lk_status lk_mor_gather_cpu(const lk_mor_gather_params *p) {
     const size_t es = p->dtype == LK_F64 ? 8 : 4, row = es * (size_t)Dm;
     const char *h = (const char *)p->h;
     char *out = (char *)p->out;
-    #pragma omp parallel num_threads(lk_get_num_threads())
+    #pragma omp parallel num_threads(lk_team_for(B * k * (int64_t)row * 2))
     {
         int64_t lo, hi;
         lk_chunk(B * k, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);

@@ -69,7 +69,7 @@ lk_status lk_mor_loss_cpu(lk_mor_loss_params *p) {
     const int64_t nblk = lk_cdiv(rows, LK_MOR_LOSS_BLOCK);
     double *part = (double *)calloc((size_t)(nblk > 0 ? nblk : 1) * 2 * (size_t)width, sizeof(double));
     if (!part) return LK_ERR_NOMEM;
-    #pragma omp parallel num_threads(lk_get_num_threads())
+    #pragma omp parallel num_threads(lk_team_for(rows * width * 16))
     {
         int64_t lo, hi;
         lk_chunk(nblk, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);

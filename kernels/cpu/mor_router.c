@@ -75,7 +75,8 @@ static lk_status NAME(const lk_mor_router_params *p) {                          
     const double inv_temp = 1.0 / p->temperature;                                                 \
     const int fast = lk_simd_enabled();                                                           \
     int nomem = 0;                                                                                \
-    _Pragma("omp parallel num_threads(lk_get_num_threads())")                                     \
+    const int team_ = lk_team_for(rows * Dm * (C > 0 ? C : 1) * 4);                               \
+    _Pragma("omp parallel num_threads(team_)")                                                    \
     {                                                                                             \
         double stack[LK_MOR_MAXC_STACK];                                                          \
         double *zr = C <= LK_MOR_MAXC_STACK ? stack : (double *)malloc(sizeof(double) * (size_t)C); \

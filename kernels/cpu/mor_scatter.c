@@ -87,7 +87,8 @@ static lk_status NAME(const lk_mor_scatter_params *p) {                         
     void (*row)(FT *, const FT *, FT, const FT *, int64_t) = lk_simd_enabled() ? ROW_FAST : ROW_PLAIN; \
     if (!p->h) {                                                                                  \
         const int64_t nblk = lk_cdiv(Dm, LK_MOR_SCATTER_BLOCK);                                   \
-        _Pragma("omp parallel num_threads(lk_get_num_threads())")                                 \
+        const int team_ = lk_team_for(B * k * Dm * (int64_t)sizeof(FT) * 3);                      \
+        _Pragma("omp parallel num_threads(team_)")                                                \
         {                                                                                         \
             int64_t lo, hi;                                                                       \
             lk_chunk(B * nblk, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);            \
@@ -107,7 +108,8 @@ static lk_status NAME(const lk_mor_scatter_params *p) {                         
     int64_t *next = (int64_t *)malloc(sizeof(int64_t) * (size_t)(B * k > 0 ? B * k : 1));         \
     if (!head || !next) { free(head); free(next); return LK_ERR_NOMEM; }                          \
     const FT *h = (const FT *)p->h;                                                                 \
-    _Pragma("omp parallel num_threads(lk_get_num_threads())")                                     \
+    const int team_ = lk_team_for(B * T_ * Dm * (int64_t)sizeof(FT) * 2);                         \
+    _Pragma("omp parallel num_threads(team_)")                                                    \
     {                                                                                             \
         int64_t lo, hi;                                                                           \
         lk_chunk(B, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);                       \

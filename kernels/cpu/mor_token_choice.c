@@ -13,7 +13,8 @@
 static void NAME(const lk_mor_token_choice_params *p) {                                          \
     const int64_t rows = p->rows, C = p->C;                                                       \
     const T *bias = (const T *)p->bias;                                                           \
-    _Pragma("omp parallel num_threads(lk_get_num_threads())")                                     \
+    const int team_ = lk_team_for(rows * C * 16);                                                 \
+    _Pragma("omp parallel num_threads(team_)")                                                    \
     {                                                                                             \
         int64_t lo, hi;                                                                           \
         lk_chunk(rows, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);                    \

@@ -93,7 +93,8 @@ static K NAME##_threshold(const T *s, int64_t n, int64_t k, K *keys, K *cand, in
 static lk_status NAME(const lk_mor_topk_params *p) {                                              \
     const int64_t B = p->B, n = p->n, k = p->k;                                                   \
     int nomem = 0;                                                                                \
-    _Pragma("omp parallel num_threads(lk_get_num_threads())")                                     \
+    const int team_ = lk_team_for(B * n * 16);                                                    \
+    _Pragma("omp parallel num_threads(team_)")                                                    \
     {                                                                                             \
         int64_t lo, hi;                                                                           \
         lk_chunk(B, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);                       \

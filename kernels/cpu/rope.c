@@ -18,7 +18,8 @@ static lk_status NAME(const lk_rope_params *p) {                                
     for (int64_t i = 0; i < half; i++)                                                            \
         inv_freq[i] = pow(p->base, -2.0 * (double)i / (double)p->rotary_dim);                     \
     int failed = 0;                                                                               \
-    _Pragma("omp parallel num_threads(lk_get_num_threads())")                                     \
+    const int team_ = lk_team_for(rows * (G * D * (int64_t)sizeof(real) * 2 + half * 64));                   \
+    _Pragma("omp parallel num_threads(team_)")                                                               \
     {                                                                                             \
         real *cs = (real *)malloc(sizeof(real) * (size_t)(2 * half > 0 ? 2 * half : 1));                   \
         if (!cs) { _Pragma("omp atomic write") failed = 1; }                                      \

@@ -26,3 +26,9 @@ int lk_get_num_threads(void) {
 void lk_set_num_threads(int n) {
     __atomic_store_n(&lk_threads, n > 0 ? n : lk_default_threads(), __ATOMIC_RELAXED);
 }
+
+int lk_team_for(int64_t work) {
+    const int n = lk_get_num_threads();
+    const int64_t by = work / LK_PAR_WORK;
+    return by < 1 ? 1 : by < n ? (int)by : n;
+}

@@ -10,7 +10,8 @@
 static void NAME(const lk_tpa_materialize_params *p) {                                            \
     const int64_t H = p->H, R = p->R, D = p->D, tasks = p->rows * p->H;                          \
     const T scale = (T)p->scale;                                                                  \
-    _Pragma("omp parallel num_threads(lk_get_num_threads())")                                     \
+    const int team_ = lk_team_for(tasks * D * (int64_t)sizeof(T) * (R + 1));                      \
+    _Pragma("omp parallel num_threads(team_)")                                                    \
     {                                                                                             \
         int64_t lo, hi;                                                                           \
         lk_chunk(tasks, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);                   \

@@ -31,6 +31,15 @@ typedef enum {
 int lk_get_num_threads(void);
 void lk_set_num_threads(int n);
 
+/* Threads for a kernel of about `work` bytes of memory traffic (inputs read and outputs written;
+ * kernels heavy in arithmetic count a few bytes per FMA): one per LK_PAR_WORK bytes, at least 1, at most
+ * lk_get_num_threads().  lmkern's OpenMP workers sleep between kernels (OMP_WAIT_POLICY=PASSIVE, see
+ * python/lmkern/__init__.py), and waking one costs more than a small kernel takes: on a 2-vCPU VM a
+ * rope over one decode token ran in 12 us on one thread and 120 us on two.  Results stay bitwise
+ * reproducible: the team size depends only on the shape and the thread setting. */
+#define LK_PAR_WORK ((int64_t)1 << 20)
+int lk_team_for(int64_t work);
+
 /* Largest and smallest int64 helpers. */
 static inline int64_t lk_min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t lk_max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
