@@ -185,6 +185,8 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
     if (B == 0 || M == 0 || Hkv == 0 || Hq == 0 || N == 0) return LK_OK;
     const int64_t group = Hq / Hkv, rows = group * N;
     const int threads = lk_get_num_threads();
+    /* small problems run on fewer threads (lk_team_for; about 2 FMAs per byte-equivalent) */
+    const int team = lk_team_for(B * N * Hq * lk_max_i64(M, 1) * lk_max_i64(D, 1) / 2);
     /* items are (b, key split, block of KV heads); each walks its keys chunk by chunk with every KV head
      * of its block in turn, so the keys stream from memory in order (token-major: a chunk is LK_KC rows
      * of Hkv x D floats).  One head per item would read rows Hkv D floats apart, a new page per key for
@@ -204,7 +206,7 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
     }
     int failed = 0;
     for (int pass = p->normalize ? 1 : 2; pass <= 2 && !failed; pass++) {
-#pragma omp parallel num_threads(threads) reduction(|: failed)
+#pragma omp parallel num_threads(team) reduction(|: failed)
         {
             float *kt = (float *)malloc(sizeof(float) * (size_t)((D > 0 ? D : 1) * LK_KC));
             float *s = (float *)malloc(sizeof(float) * LK_RT * LK_KC);
@@ -244,7 +246,7 @@ lk_status lk_kv_mass_cpu(const lk_kv_mass_params *p) {
         }
         if (pass == 1 && !failed) {
             /* lse per row: the one softmax combine of the split states (no values: E = 0) */
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(team) schedule(static)
             for (int64_t t = 0; t < B * Hkv * rows; t++)
                 lk_softmax_combine_f32(nsplit, part_m + t * nsplit, part_l + t * nsplit, NULL, 0, 0, NULL, lse + t);
         }
