@@ -32,8 +32,9 @@ int lk_get_num_threads(void);
 void lk_set_num_threads(int n);
 
 /* Threads for a kernel of about `work` bytes of memory traffic (inputs read and outputs written;
- * kernels heavy in arithmetic count a few bytes per FMA): one per LK_PAR_WORK bytes, at least 1, at most
- * lk_get_num_threads().  lmkern's OpenMP workers sleep between kernels (OMP_WAIT_POLICY=PASSIVE, see
+ * arithmetic-heavy kernels convert their FMAs at their own speed, e.g. attention_mass counts 2 FMAs
+ * of its register-blocked tile as a byte, the router 1 FMA as 4 bytes): one thread per LK_PAR_WORK,
+ * at least 1, at most lk_get_num_threads().  lmkern's OpenMP workers sleep between kernels (OMP_WAIT_POLICY=PASSIVE, see
  * python/lmkern/__init__.py), and waking one costs more than a small kernel takes: on a 2-vCPU VM a
  * rope over one decode token ran in 12 us on one thread and 120 us on two.  Results stay bitwise
  * reproducible: the team size depends only on the shape and the thread setting. */
