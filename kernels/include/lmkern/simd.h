@@ -246,7 +246,7 @@ static inline void lk_prefetch(const void *p, int64_t bytes) {
 
 /* Whether a kernel should prefetch the blocks ahead in software (lk_prefetch) on this CPU.  Measured on
  * tpa.decode: on AMD Zen 5 the prefetch made it 15% faster (the hardware streamers alone left it waiting
- * on memory); on Intel Sapphire/Emerald Rapids guests it made it 13-15% slower (each prefetch instruction
+ * on memory); on an Intel Emerald Rapids guest it made it 13-17% slower (each prefetch instruction
  * costs several cycles there, and the streamers keep up without it).  Other CPUs keep the prefetch. */
 static inline int lk_prefetch_pays(void) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
