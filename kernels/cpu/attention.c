@@ -503,10 +503,7 @@ static void lk_tile_finish(const lk_attention_params *p, const lk_tile *t, int64
 
 /* kt[d][j] = k[j][d] for nk <= LK_BK keys; keys nk.. are zero */
 static void lk_transpose_block(const float *k, int64_t kstride, int64_t nk, int64_t D, float *kt) {
-    for (int64_t j = 0; j < nk; j++) {
-        const float *kj = k + j * kstride;
-        for (int64_t d = 0; d < D; d++) kt[d * LK_BK + j] = kj[d];
-    }
+    lk_transpose(k, kstride, nk, D, kt, LK_BK);
     if (nk < LK_BK)
         for (int64_t d = 0; d < D; d++)
             for (int64_t j = nk; j < LK_BK; j++) kt[d * LK_BK + j] = 0.0f;

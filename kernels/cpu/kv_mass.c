@@ -39,10 +39,10 @@ static inline const float *lk_mass_qrow(const lk_mass_ctx *c, int64_t r) {
 static void lk_mass_pack(const lk_mass_ctx *c, int64_t j0, int64_t nk, float *kt) {
     const lk_kv_mass_params *p = c->p;
     const int64_t D = p->D;
-    for (int64_t jj = 0; jj < LK_KC; jj++) {
-        const float *kr = p->k + ((c->b * p->M + j0 + jj) * p->Hkv + c->g) * D;
-        for (int64_t d = 0; d < D; d++) kt[d * LK_KC + jj] = jj < nk ? kr[d] : 0.0f;
-    }
+    lk_transpose(p->k + ((c->b * p->M + j0) * p->Hkv + c->g) * D, p->Hkv * D, nk, D, kt, LK_KC);
+    if (nk < LK_KC)
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t jj = nk; jj < LK_KC; jj++) kt[d * LK_KC + jj] = 0.0f;
 }
 
 /* s[rr * LK_KC + jj] = scale * <q_row(r0 + rr), k_(j0 + jj)> for rr < nr, masked to -inf (normalize) or

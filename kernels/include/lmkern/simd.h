@@ -301,6 +301,56 @@ static inline void lk_vf_deinterleave2(lk_vf a, lk_vf b, lk_vf *even, lk_vf *odd
 }
 #endif
 
+/* dst[c * ds + r] = src[r * ss + c] for r < rows, c < cols: the transposing pack of key tiles (attention,
+ * attention_mass).  With AVX-512, 16 x 16 blocks go through registers (64 shuffles per block instead of
+ * 256 scalar loads and stores); edges, and other ISAs, copy element by element.  A pure copy, so the
+ * SIMD and generic paths give identical results. */
+#if defined(__AVX512F__)
+static inline void lk__transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {            /* pairs of rows interleaved per 32-bit element */
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {            /* then per 64-bit pair: 4 x 4 blocks in each 128-bit lane */
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int i = 0; i < 2; i++)              /* then the 128-bit lanes, twice */
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    }
+}
+#endif
+
+static inline void lk_transpose(const float *src, int64_t ss, int64_t rows, int64_t cols, float *dst, int64_t ds) {
+    int64_t r0 = 0;
+#if defined(__AVX512F__)
+    for (; r0 + 16 <= rows; r0 += 16) {
+        int64_t c0 = 0;
+        for (; c0 + 16 <= cols; c0 += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + (r0 + i) * ss + c0);
+            lk__transpose16(r);
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + (c0 + i) * ds + r0, r[i]);
+        }
+        for (; c0 < cols; c0++)
+            for (int64_t r = r0; r < r0 + 16; r++) dst[c0 * ds + r] = src[r * ss + c0];
+    }
+#endif
+    for (int64_t r = r0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) dst[c * ds + r] = src[r * ss + c];
+}
+
 /* Runtime switch between the SIMD and the generic path (tests diff the two). */
 int lk_simd_enabled(void);
 void lk_set_simd_enabled(int on);
