@@ -614,7 +614,7 @@ static lk_status attention_split_f32(const lk_attention_params *p) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait  /* the barrier below ends the units */
         for (int64_t u = 0; u < B * C; u++) {
             if (!ok) continue;
             {
@@ -689,7 +689,7 @@ static lk_status attention_split_f32(const lk_attention_params *p) {
         free(tg);
 #pragma omp barrier
         if (!failed) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int64_t R = 0; R < B * rows; R++) {
                 const int64_t b = R / rows, i = (R / Hq) % N, h = R % Hq;
                 float *o = (float *)p->out + b * p->out_stride[0] + i * p->out_stride[1] + h * p->out_stride[2];

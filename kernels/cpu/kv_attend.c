@@ -358,7 +358,7 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
         /* items are claimed dynamically (balance, and robust to a preempted thread); each item's result
          * depends only on the item, and partials are merged in a fixed order, so results stay bitwise
          * reproducible for a fixed thread count */
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait  /* the barrier below ends the items */
         for (int64_t it = 0; it < items; it++) {
             if (!ok) continue;
             const int64_t b = it / (Hkv * nsplit), g = (it / nsplit) % Hkv, sp = it % nsplit;
@@ -385,10 +385,10 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
         }
         free(c.qsc); free(c.qs); free(c.qz); free(c.S); free(c.acc); free(c.m); free(c.l);
         /* the split combine in the same parallel region: a second region would wake the sleeping
-         * workers again (tens of microseconds on a VM) */
+         * workers again (tens of microseconds on a VM); one barrier between the phases, none doubled */
 #pragma omp barrier
         if (!failed) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int64_t t = 0; t < B * Hkv * rows; t++) {
                 const int64_t b = t / (Hkv * rows), g = (t / rows) % Hkv, r = t % rows;
                 const int64_t i = r / group, h = g * group + r % group;

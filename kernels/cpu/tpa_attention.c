@@ -104,10 +104,10 @@ static inline int tpa_team(int64_t tasks) { return (int)lk_max_i64(1, lk_min_i64
 
 /* The split combine, run by every thread of an engine's team after its tasks (one parallel region per
  * call: a second region would wake the sleeping workers again, tens of microseconds on a VM).  Called
- * after a barrier, with *failed the same for every thread. */
+ * after a barrier, with *failed the same for every thread; the end of the region is its barrier. */
 static void tpa_combine_splits(const lk_tpa_attention_params *p, int64_t S, void *part) {
     const int64_t rows = p->B * p->N * p->H, E = p->E;
-    _Pragma("omp for schedule(static)")
+    _Pragma("omp for schedule(static) nowait")
     for (int64_t r = 0; r < rows; r++) {
         if (p->dtype == LK_F64) {
             const double *ph = (const double *)part + r * S * (E + 2);
@@ -135,7 +135,7 @@ static void NAME(const lk_tpa_attention_params *p, int64_t S, T *part, int *fail
         T *aqs = work, *aux = aqs + H * Rq, *s = aux + (factor ? Rq * Rk : H * D);               \
         T *m = s + H, *l = m + H, *acc = l + H;                                                   \
         if (!work) { _Pragma("omp atomic write") *failed = 1; }                                   \
-        _Pragma("omp for schedule(dynamic, 1)")                                                   \
+        _Pragma("omp for schedule(dynamic, 1) nowait")                                            \
         for (int64_t task = 0; task < tasks; task++) {                                            \
             if (!work) continue;                                                                  \
             const int64_t q = task / S, sp = task % S, b = q / N, i = q % N;                      \
@@ -619,7 +619,7 @@ static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *par
             _Pragma("omp atomic write")
             *failed = 1;
         }
-        _Pragma("omp for schedule(dynamic, 1)")
+        _Pragma("omp for schedule(dynamic, 1) nowait") /* the barrier below ends the tasks */
         for (int64_t task = 0; task < tasks; task++) {
             if (!ok) continue;
             const int64_t tile = task / S, sp = task % S, b = tile / tiles, i0 = (tile % tiles) * QT;
