@@ -66,9 +66,7 @@ static inline int64_t lk_row_len(const lk_attention_params *p, int64_t b) {
 static int lk_team(const lk_attention_params *p, int64_t tasks) {
     const double flops = 2.0 * (double)p->B * (double)p->N * (double)p->Hq * (double)(p->M + p->prefix_len) *
                          (double)(p->D + p->E);
-    int64_t n = lk_get_num_threads();
-    if (flops < 4e6) n = 1;
-    return (int)lk_max_i64(1, lk_min_i64(n, tasks));
+    return flops < 4e6 ? 1 : lk_team_cap(tasks);
 }
 
 /* ------------------------------------------------------------------------------------------ */

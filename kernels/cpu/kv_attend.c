@@ -338,7 +338,7 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
     if (!part_m || !part_l || !part_acc) { free(part_m); free(part_l); free(part_acc); return LK_ERR_NOMEM; }
     const int simd = lk_simd_enabled() && G % LK_VF == 0 && E % LK_VF == 0;
     int failed = 0;
-#pragma omp parallel num_threads((int)lk_min_i64(threads, items))  /* no idle workers to wake */
+#pragma omp parallel num_threads(lk_team_cap(items))
     {
         lk_attend_ctx c = {0};
         c.p = p; c.group = group; c.rows = rows; c.simd = simd;

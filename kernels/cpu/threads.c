@@ -27,6 +27,11 @@ void lk_set_num_threads(int n) {
     __atomic_store_n(&lk_threads, n > 0 ? n : lk_default_threads(), __ATOMIC_RELAXED);
 }
 
+int lk_team_cap(int64_t tasks) {
+    const int n = lk_get_num_threads();
+    return tasks < 1 ? 1 : tasks < n ? (int)tasks : n;
+}
+
 int lk_team_for(int64_t work) {
     const int n = lk_get_num_threads();
     const int64_t by = work / LK_PAR_WORK;

@@ -98,10 +98,6 @@ static inline int tpa_admissible(const lk_tpa_attention_params *p, int64_t b, in
 /* Generic path: float32 / float64, one key at a time.                                            */
 /* ---------------------------------------------------------------------------------------------- */
 
-/* Threads of an engine's team: no more than there are tasks (an idle worker would only be woken, and
- * waited for at the barriers). */
-static inline int tpa_team(int64_t tasks) { return (int)lk_max_i64(1, lk_min_i64(lk_get_num_threads(), tasks)); }
-
 /* The split combine, run by every thread of an engine's team after its tasks (one parallel region per
  * call: a second region would wake the sleeping workers again, tens of microseconds on a VM).  Called
  * after a barrier, with *failed the same for every thread; the end of the region is its barrier. */
@@ -127,7 +123,7 @@ static void NAME(const lk_tpa_attention_params *p, int64_t S, T *part, int *fail
     const int64_t D = p->D, E = p->E, tasks = B * N * S;                                          \
     const int factor = tpa_use_factor(p, 1);                                                      \
     const T c = (T)(p->scale / (double)(Rq * Rk)), inv_rv = (T)(1.0 / (double)Rv);                \
-    _Pragma("omp parallel num_threads(tpa_team(tasks))")                                          \
+    _Pragma("omp parallel num_threads(lk_team_cap(tasks))")                                       \
     {                                                                                             \
         /* per query: aqs = c aq (H x Rq) and, materialized path, Q (H x D); per key: P, s */     \
         const size_t ws = (size_t)(H * Rq + (factor ? Rq * Rk : H * D) + 3 * H + H * E + 1);      \
@@ -611,7 +607,7 @@ static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *par
     const int64_t QT = lk_min_i64(LK_TPA_QTILE, N), tiles = lk_cdiv(N, QT), tasks = B * tiles * S;
     const int vtile = tpa_use_vtile(p, QT);
     const int prefetch = LK_TPA_PREFETCH > 0 && lk_prefetch_pays();
-    _Pragma("omp parallel num_threads(tpa_team(tasks))")
+    _Pragma("omp parallel num_threads(lk_team_cap(tasks))")
     {
         tpa_scratch w;
         const int ok = tpa_scratch_alloc(&w, p, factor, QT, vtile);

@@ -31,6 +31,10 @@ typedef enum {
 int lk_get_num_threads(void);
 void lk_set_num_threads(int n);
 
+/* Threads for a kernel of `tasks` independent tasks: no more than there are tasks (an idle worker would
+ * only be woken and waited for at the barriers), at least 1, at most lk_get_num_threads(). */
+int lk_team_cap(int64_t tasks);
+
 /* Threads for a kernel of about `work` bytes of memory traffic (inputs read and outputs written;
  * arithmetic-heavy kernels convert their FMAs at their own speed, e.g. attention_mass counts 2 FMAs
  * of its register-blocked tile as a byte, the router 1 FMA as 4 bytes): one thread per LK_PAR_WORK,
