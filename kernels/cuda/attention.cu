@@ -251,8 +251,6 @@ attn_warp_kernel(const lk_attention_params p, int num_splits, int64_t split_len,
 }
 
 /* Merge of the split partials of one row per block (softmax.cuh's combine_block). */
-constexpr int COMBINE_THREADS = 128;
-
 template <typename T>
 __global__ void __launch_bounds__(COMBINE_THREADS)
 attn_combine_kernel(const lk_attention_params p, int num_splits, const float *scratch) {

@@ -258,8 +258,6 @@ kv_attend_kernel(const lk_kv_attend_cuda_params p, int num_splits, int64_t split
 }
 
 /* Merge of the split partials, one block per output row (B, N, Hq order). */
-constexpr int COMBINE_THREADS = 128;
-
 template <typename T>
 __global__ void __launch_bounds__(COMBINE_THREADS) kv_combine_kernel(const lk_kv_attend_cuda_params p, int num_splits,
                                                                      const float *scratch) {

@@ -17,6 +17,7 @@
 namespace lk {
 
 constexpr float LN2_F = 0.6931471805599453f;
+constexpr int COMBINE_THREADS = 128;   // the block size of the combine kernels (one block per row)
 
 /* One block of NT threads (all call it) merges the num_splits partials of one row: the statistics
  * with the threads across splits, then the accumulators with the threads across (split group,

@@ -626,8 +626,6 @@ tpa_decode_tc_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_stride
 }
 
 /* One block per (b, h): merges the split partials with combine_block. */
-constexpr int COMBINE_THREADS = 128;
-
 template <typename T>
 __global__ void __launch_bounds__(COMBINE_THREADS)
 tpa_combine_kernel(const lk_tpa_attention_params p, const lk_tpa_decode_strides st, int num_splits, const float *scratch) {
