@@ -290,6 +290,23 @@ def test_decode_long_cache_and_splits(rng):
         assert_close(lse, want_lse)
 
 
+def test_decode_cache_beyond_prefetch_threshold(rng):
+    """A T6-medium cache of 16 MB (over LK_PF_MIN_BYTES, so the kernel prefetches the block ahead where the
+    CPU takes it), with a partial last block, rows of different lengths and a head count (47) that leaves
+    remainder tiles in the value fold."""
+    cfg = (1, 1, 9001, 47, 6, 2, 2, 64, 64)
+    aq, bq, ak, bk, av, bv = factors(rng, *cfg)
+    want, want_lse = ref.decode(aq[:, 0], bq[:, 0], ak, bk, av, bv, return_lse=True)
+    out, lse = tpa.decode(aq[:, 0], bq[:, 0], ak, bk, av, bv, return_lse=True)
+    assert_close(out, want)
+    assert_close(lse, want_lse)
+    cfg = (2, 1, 12001, 32, 16, 1, 1, 64, 64)  # the paper's decode configuration, 18 MB
+    aq, bq, ak, bk, av, bv = factors(rng, *cfg)
+    lens = np.array([12001, 7777])
+    want = ref.decode(aq[:, 0], bq[:, 0], ak, bk, av, bv, kv_lens=lens)
+    assert_close(tpa.decode(aq[:, 0], bq[:, 0], ak, bk, av, bv, kv_lens=lens), want)
+
+
 def test_decode_split_combine_is_max_stabilized(rng):
     """Partials whose maxima differ by far more than 88 (float32 exp range) still combine exactly."""
     cfg = (1, 1, 4000, 3, 1, 1, 1, 4, 4)

@@ -50,14 +50,21 @@
 #include "lmkern/softmax.h"
 
 #ifndef LK_TPA_PREFETCH
-#define LK_TPA_PREFETCH 2        /* blocks ahead whose factors are prefetched (0: none; only where
-                                    lk_prefetch_pays) */
+#define LK_TPA_PREFETCH 1        /* the block ahead whose factors are prefetched, spread over the value
+                                    fold of the current block (0: none; only where lk_prefetch_pays) */
 #endif
 #ifndef LK_TPA_BLOCK
 #define LK_TPA_BLOCK 64          /* cached tokens per block in the SIMD path */
 #endif
+/* The value fold's register tile: LK_TPA_FOLD_G heads x LK_TPA_FOLD_NV vectors of features.  AVX-512 (32
+ * registers): 4 x 4 accumulators + 4 operands.  AVX2 (16 registers): 6 x 2 accumulators + 2 operands (a
+ * 4 x 4 tile spills; in a micro-benchmark on Zen 3, 6 x 2 and 8 x 1 ran at 80-87% of the FMA peak, 2 x 4 at
+ * 64-78%). */
 #ifndef LK_TPA_FOLD_G
-#define LK_TPA_FOLD_G 4          /* heads whose accumulators stay in registers in the value fold */
+#define LK_TPA_FOLD_G (LK_VREGS >= 32 ? 4 : 6)
+#endif
+#ifndef LK_TPA_FOLD_NV
+#define LK_TPA_FOLD_NV (LK_VREGS >= 32 ? 4 : 2)
 #endif
 #define LK_TPA_MIN_SPLIT 512     /* fewest keys per cache split */
 
@@ -263,20 +270,34 @@ static inline __attribute__((always_inline)) void tpa_project_tile(int ROWS, int
         for (int v = 0; v < XW; v++) lk_vf_store(y + r * Xp + v * LK_VF, a[r][v]);
 }
 
+/* Tile heights: the largest keeps ROWS XW accumulators + XW operands + a broadcast within the register
+ * file (32 vector registers with AVX-512, 16 with AVX2, where a 16-accumulator tile would spill every
+ * FMA to the stack); the smaller ones take the remainder rows with at least 8 independent chains while
+ * rows allow (an FMA's latency times two pipes). */
+#ifndef LK_TPA_ROWS2
+#define LK_TPA_ROWS2 (LK_VREGS >= 32 ? 8 : 6)   /* rows of a tile two vectors wide */
+#endif
+#ifndef LK_TPA_ROWS1
+#define LK_TPA_ROWS1 (LK_VREGS >= 32 ? 16 : 12) /* rows of a tile one vector wide */
+#endif
+
 static void tpa_project(int64_t rows, int64_t K, const float *x, int64_t xs, const float *PT, int64_t Xv, float *Y) {
     const int64_t Xp = Xv * LK_VF;
+#define LK_TPA_TILE(R, XW) tpa_project_tile(R, XW, K, x + r * xs, xs, PT + xv * LK_VF, Xp, Y + r * Xp + xv * LK_VF)
     int64_t xv = 0;
     for (; xv + 2 <= Xv; xv += 2) {
         int64_t r = 0;
-        for (; r + 8 <= rows; r += 8) tpa_project_tile(8, 2, K, x + r * xs, xs, PT + xv * LK_VF, Xp, Y + r * Xp + xv * LK_VF);
-        for (; r < rows; r++) tpa_project_tile(1, 2, K, x + r * xs, xs, PT + xv * LK_VF, Xp, Y + r * Xp + xv * LK_VF);
+        for (; r + LK_TPA_ROWS2 <= rows; r += LK_TPA_ROWS2) LK_TPA_TILE(LK_TPA_ROWS2, 2);
+        for (; r + 4 <= rows; r += 4) LK_TPA_TILE(4, 2);
+        for (; r < rows; r++) LK_TPA_TILE(1, 2);
     }
     for (; xv < Xv; xv++) {
         int64_t r = 0;
-        for (; r + 16 <= rows; r += 16) tpa_project_tile(16, 1, K, x + r * xs, xs, PT + xv * LK_VF, Xp, Y + r * Xp + xv * LK_VF);
-        for (; r + 4 <= rows; r += 4) tpa_project_tile(4, 1, K, x + r * xs, xs, PT + xv * LK_VF, Xp, Y + r * Xp + xv * LK_VF);
-        for (; r < rows; r++) tpa_project_tile(1, 1, K, x + r * xs, xs, PT + xv * LK_VF, Xp, Y + r * Xp + xv * LK_VF);
+        for (; r + LK_TPA_ROWS1 <= rows; r += LK_TPA_ROWS1) LK_TPA_TILE(LK_TPA_ROWS1, 1);
+        for (; r + 4 <= rows; r += 4) LK_TPA_TILE(4, 1);
+        for (; r < rows; r++) LK_TPA_TILE(1, 1);
     }
+#undef LK_TPA_TILE
 }
 
 /* Step 4 for heads h0 .. h0+G-1 and features e0 .. e0 + NV LK_VF (the last vector holding tail lanes):
@@ -287,7 +308,7 @@ static inline __attribute__((always_inline)) void tpa_fold_v(int G, int NV, int6
                                                              int64_t Hp, int64_t Ep, int64_t h0, int64_t e0,
                                                              int64_t tail, const float *W, const float *bv,
                                                              float *acc, const uint8_t *skip) {
-    lk_vf a[LK_TPA_FOLD_G][4];
+    lk_vf a[LK_TPA_FOLD_G][LK_TPA_FOLD_NV];
     for (int g = 0; g < G; g++)
         for (int v = 0; v < NV; v++) a[g][v] = lk_vf_load(acc + (h0 + g) * Ep + e0 + v * LK_VF);
     const int64_t rows = nt * Rv;
@@ -295,7 +316,7 @@ static inline __attribute__((always_inline)) void tpa_fold_v(int G, int NV, int6
         if (skip && skip[row / Rv]) continue;
         const float *b = bv + row * E + e0;
         const float *w = W + row * Hp + h0;
-        lk_vf x[4];
+        lk_vf x[LK_TPA_FOLD_NV];
         for (int v = 0; v < NV; v++) x[v] = (v == NV - 1 && tail < LK_VF) ? lk_vf_load_n(b + v * LK_VF, (int)tail)
                                                                             : lk_vf_load(b + v * LK_VF);
         for (int g = 0; g < G; g++) {
@@ -307,26 +328,42 @@ static inline __attribute__((always_inline)) void tpa_fold_v(int G, int NV, int6
         for (int v = 0; v < NV; v++) lk_vf_store(acc + (h0 + g) * Ep + e0 + v * LK_VF, a[g][v]);
 }
 
-#define LK_TPA_FOLD_NV(G)                                                                         \
+#define LK_TPA_FOLD_V(G, NV) tpa_fold_v(G, NV, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc, skip)
+#if LK_TPA_FOLD_NV == 4
+#define LK_TPA_FOLD_BY_NV(G)                                                                      \
     switch (nv) {                                                                                 \
-    case 1: tpa_fold_v(G, 1, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc, skip); break;                 \
-    case 2: tpa_fold_v(G, 2, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc, skip); break;                 \
-    case 3: tpa_fold_v(G, 3, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc, skip); break;                 \
-    default: tpa_fold_v(G, 4, nt, Rv, E, Hp, Ep, h0, e0, tail, W, bv, acc, skip); break;                \
+    case 1: LK_TPA_FOLD_V(G, 1); break;                                                           \
+    case 2: LK_TPA_FOLD_V(G, 2); break;                                                           \
+    case 3: LK_TPA_FOLD_V(G, 3); break;                                                           \
+    default: LK_TPA_FOLD_V(G, 4); break;                                                          \
     }
+#elif LK_TPA_FOLD_NV == 2
+#define LK_TPA_FOLD_BY_NV(G) { if (nv == 1) LK_TPA_FOLD_V(G, 1); else LK_TPA_FOLD_V(G, 2); }
+#else
+#define LK_TPA_FOLD_BY_NV(G) { LK_TPA_FOLD_V(G, 1); }
+#endif
 
 static void tpa_fold_block(int64_t nt, int64_t H, int64_t Rv, int64_t E, int64_t Hp, int64_t Ep, const float *W,
-                           const float *bv, float *acc, const uint8_t *skip) {
-    for (int64_t e0 = 0; e0 < E; e0 += 4 * LK_VF) {
-        const int64_t width = lk_min_i64(4 * LK_VF, E - e0);
+                           const float *bv, float *acc, const uint8_t *skip, lk_prefetcher *pf) {
+    const int64_t EW = LK_TPA_FOLD_NV * LK_VF; /* features per tile */
+    const int64_t tiles = lk_max_i64(1, lk_cdiv(E, EW) * lk_cdiv(H, LK_TPA_FOLD_G)); /* E = 0 has none */
+    const int64_t per_tile = lk_cdiv(lk_pf_lines(pf), tiles);
+    for (int64_t e0 = 0; e0 < E; e0 += EW) {
+        const int64_t width = lk_min_i64(EW, E - e0);
         const int nv = (int)lk_cdiv(width, LK_VF);
         const int64_t tail = width - (nv - 1) * LK_VF;
         int64_t h0 = 0;
-        for (; h0 + LK_TPA_FOLD_G <= H; h0 += LK_TPA_FOLD_G) { LK_TPA_FOLD_NV(LK_TPA_FOLD_G) }
-        for (; h0 + 2 <= H; h0 += 2) { LK_TPA_FOLD_NV(2) }
-        for (; h0 < H; h0++) { LK_TPA_FOLD_NV(1) }
+        /* remainder heads in tiles of 4 (where that is smaller than the main tile), 2 and 1 */
+        for (; h0 + LK_TPA_FOLD_G <= H; h0 += LK_TPA_FOLD_G) { lk_pf_step(pf, per_tile); LK_TPA_FOLD_BY_NV(LK_TPA_FOLD_G) }
+        if (LK_TPA_FOLD_G > 4)
+            for (; h0 + 4 <= H; h0 += 4) { lk_pf_step(pf, per_tile); LK_TPA_FOLD_BY_NV(4) }
+        for (; h0 + 2 <= H; h0 += 2) { lk_pf_step(pf, per_tile); LK_TPA_FOLD_BY_NV(2) }
+        for (; h0 < H; h0++) { lk_pf_step(pf, per_tile); LK_TPA_FOLD_BY_NV(1) }
     }
+    lk_pf_step(pf, lk_pf_lines(pf)); /* whatever the rounding left */
 }
+
+#define LK_TPA_VTILE_G (LK_VREGS >= 32 ? 4 : 2) /* queries per register tile of the value-tile fold (x 4 vectors) */
 
 /* Step 4 with materialized value tiles (prefill): for queries q0 .. q0+G-1 of a tile, head h and
  * features e0 .. e0 + NV LK_VF: acc_q[h, e] += sum_t W_q[t, h] V[t, h, e].  One V row load serves G
@@ -335,7 +372,7 @@ static inline __attribute__((always_inline)) void tpa_fold_vtile(int G, int NV, 
                                                                  int64_t Ep, int64_t h, int64_t e0, float *const *W,
                                                                  float *const *acc, const float *V,
                                                                  const uint8_t *const *skip) {
-    lk_vf a[4][4];
+    lk_vf a[LK_TPA_VTILE_G][4];
     for (int g = 0; g < G; g++)
         for (int v = 0; v < NV; v++) a[g][v] = lk_vf_load(acc[g] + h * Ep + e0 + v * LK_VF);
     for (int64_t t = 0; t < nt; t++) {
@@ -366,7 +403,7 @@ static void tpa_fold_vtile_block(int64_t nq, int64_t nt, int64_t H, int64_t Hp, 
         for (int64_t e0 = 0; e0 < Ep; e0 += 4 * LK_VF) {
             const int nv = (int)lk_min_i64(4, (Ep - e0) / LK_VF);
             int64_t g0 = 0;
-            for (; g0 + 4 <= nq; g0 += 4) { LK_TPA_VTILE_NV(4) }
+            for (; g0 + LK_TPA_VTILE_G <= nq; g0 += LK_TPA_VTILE_G) { LK_TPA_VTILE_NV(LK_TPA_VTILE_G) }
             for (; g0 + 2 <= nq; g0 += 2) { LK_TPA_VTILE_NV(2) }
             for (; g0 < nq; g0++) { LK_TPA_VTILE_NV(1) }
         }
@@ -606,7 +643,8 @@ static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *par
     const int factor = tpa_use_factor(p, LK_VF);
     const int64_t QT = lk_min_i64(LK_TPA_QTILE, N), tiles = lk_cdiv(N, QT), tasks = B * tiles * S;
     const int vtile = tpa_use_vtile(p, QT);
-    const int prefetch = LK_TPA_PREFETCH > 0 && lk_prefetch_pays();
+    const int64_t token_bytes = 4 * (H * (Rk + Rv) + Rk * D + Rv * E);
+    const int prefetch = LK_TPA_PREFETCH > 0 && lk_prefetch_pays(B * M * token_bytes);
     _Pragma("omp parallel num_threads(lk_team_cap(tasks))")
     {
         tpa_scratch w;
@@ -631,14 +669,17 @@ static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *par
             lk_chunk(max_end, S, sp, &j0, &j1);
             for (int64_t j = j0; j < j1; j += LK_TPA_BLOCK) {
                 const int64_t nt = lk_min_i64(LK_TPA_BLOCK, j1 - j);
+                lk_prefetcher pf;
+                lk_pf_reset(&pf);
                 if (prefetch && j + LK_TPA_PREFETCH * LK_TPA_BLOCK < j1) {
-                    /* the factors of a block ahead, where that pays (lk_prefetch_pays: AMD yes, Intel no) */
+                    /* the factors of a block ahead, where that pays (lk_prefetch_pays: a cache too large
+                     * for the caches, not on Intel), a few lines per tile of the value fold */
                     const int64_t jp = j + LK_TPA_PREFETCH * LK_TPA_BLOCK;
                     const int64_t np = lk_min_i64(LK_TPA_BLOCK, j1 - jp);
-                    lk_prefetch((const float *)p->ak + (b * M + jp) * H * Rk, np * H * Rk * 4);
-                    lk_prefetch((const float *)p->bk + (b * M + jp) * Rk * D, np * Rk * D * 4);
-                    lk_prefetch((const float *)p->av + (b * M + jp) * H * Rv, np * H * Rv * 4);
-                    lk_prefetch((const float *)p->bv + (b * M + jp) * Rv * E, np * Rv * E * 4);
+                    lk_pf_add(&pf, (const float *)p->ak + (b * M + jp) * H * Rk, np * H * Rk * 4);
+                    lk_pf_add(&pf, (const float *)p->bk + (b * M + jp) * Rk * D, np * Rk * D * 4);
+                    lk_pf_add(&pf, (const float *)p->av + (b * M + jp) * H * Rv, np * H * Rv * 4);
+                    lk_pf_add(&pf, (const float *)p->bv + (b * M + jp) * Rv * E, np * Rv * E * 4);
                 }
                 const float *ak = (const float *)p->ak + (b * M + j) * H * Rk;
                 const float *av = (const float *)p->av + (b * M + j) * H * Rv;
@@ -656,7 +697,7 @@ static void tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *par
                     if (j >= qs->end) continue;
                     tpa_simd_scores(p, factor, vtile, &w, qs, b, j, nt);
                     /* 4. acc[h,:] += sum_{t,u} W[t,u,h] bv[t,u,:]  (or the value tile, below) */
-                    if (!vtile) tpa_fold_block(nt, H, Rv, E, w.Hp, w.Ep, qs->W, bv, qs->acc, qs->has_skip ? qs->skip : NULL);
+                    if (!vtile) tpa_fold_block(nt, H, Rv, E, w.Hp, w.Ep, qs->W, bv, qs->acc, qs->has_skip ? qs->skip : NULL, &pf);
                     Wa[active] = qs->W;
                     acca[active] = qs->acc;
                     skipa[active] = qs->has_skip ? qs->skip : tpa_no_skip; /* skip[] is only written with has_skip */
