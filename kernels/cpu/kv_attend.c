@@ -46,54 +46,64 @@ typedef struct {
 
 /* ---------------------------------------------------------------------------------------- keys */
 
-/* S[r][t] = qz[r] + sum_d qs[r][d] * code(t, d) for rows r0 .. r0+rt-1 and the G tokens of a group */
+/* S[r][t] = qz[r] + sum_d qs[r][d] * code(t, d) for rows r0 .. r0+rt-1 and the G tokens of a group.
+ * tv token vectors per pass (1 or 2; a pair of vectors is decoded from one word, lk_vf_codes2); dual:
+ * two features per step into separate accumulators, which hides the FMA latency when the tile has few
+ * accumulators and costs registers when it has many. */
 LK_ALWAYS_INLINE void lk_keys_tile(const lk_attend_ctx *c, const uint8_t *kc, int64_t r0, const int rt, const int bits,
-                                   const int tv /* token vectors per pass: 1 or 2 */) {
+                                   const int tv, const int dual) {
     const int64_t D = c->p->D, G = c->p->G, per = 8 / bits, bpd = G / per; /* bytes per channel */
     for (int64_t tc = 0; tc < G; tc += tv * LK_VF) {
         lk_vf a[4][2], a2[4][2];
         for (int r = 0; r < rt; r++)
-            for (int v = 0; v < 2; v++) a[r][v] = a2[r][v] = lk_vf_zero();
+            for (int v = 0; v < tv; v++) a[r][v] = a2[r][v] = lk_vf_zero();
         const uint8_t *base = kc + tc / per;
         int64_t d = 0;
-        /* two features per step into separate accumulators (hides the FMA latency when rt is 1) */
-        for (; d + 1 < D; d += 2) {
-            const uint8_t *b0 = base + d * bpd, *b1 = b0 + bpd;
-            lk_vf c0[2], c1[2];
-            for (int v = 0; v < tv; v++) {
-                c0[v] = lk_vf_codes(b0 + v * LK_VF / per, bits);
-                c1[v] = lk_vf_codes(b1 + v * LK_VF / per, bits);
-            }
-            for (int r = 0; r < rt; r++) {
-                const float *qs = c->qs + (r0 + r) * D + d;
-                const lk_vf w0 = lk_vf_set1(qs[0]), w1 = lk_vf_set1(qs[1]);
-                for (int v = 0; v < tv; v++) {
-                    a[r][v] = lk_vf_fma(w0, c0[v], a[r][v]);
-                    a2[r][v] = lk_vf_fma(w1, c1[v], a2[r][v]);
+#define LK_KEY_CODES(cv, ptr)                                                                     \
+        if (tv == 2) lk_vf_codes2(ptr, bits, &cv[0], &cv[1]);                                     \
+        else cv[0] = lk_vf_codes(ptr, bits);
+        if (dual)
+            for (; d + 1 < D; d += 2) {
+                const uint8_t *b0 = base + d * bpd, *b1 = b0 + bpd;
+                lk_vf c0[2], c1[2];
+                LK_KEY_CODES(c0, b0)
+                LK_KEY_CODES(c1, b1)
+                for (int r = 0; r < rt; r++) {
+                    const float *qs = c->qs + (r0 + r) * D + d;
+                    const lk_vf w0 = lk_vf_set1(qs[0]), w1 = lk_vf_set1(qs[1]);
+                    for (int v = 0; v < tv; v++) {
+                        a[r][v] = lk_vf_fma(w0, c0[v], a[r][v]);
+                        a2[r][v] = lk_vf_fma(w1, c1[v], a2[r][v]);
+                    }
                 }
             }
-        }
-        if (d < D) {
-            const uint8_t *b0 = base + d * bpd;
-            for (int v = 0; v < tv; v++) {
-                const lk_vf c0 = lk_vf_codes(b0 + v * LK_VF / per, bits);
-                for (int r = 0; r < rt; r++) a[r][v] = lk_vf_fma(lk_vf_set1(c->qs[(r0 + r) * D + d]), c0, a[r][v]);
+        for (; d < D; d++) {
+            lk_vf c0[2];
+            LK_KEY_CODES(c0, base + d * bpd)
+            for (int r = 0; r < rt; r++) {
+                const lk_vf w0 = lk_vf_set1(c->qs[(r0 + r) * D + d]);
+                for (int v = 0; v < tv; v++) a[r][v] = lk_vf_fma(w0, c0[v], a[r][v]);
             }
         }
+#undef LK_KEY_CODES
         for (int r = 0; r < rt; r++) {
             const lk_vf z = lk_vf_set1(c->qz[r0 + r]);
-            for (int v = 0; v < tv; v++)
-                lk_vf_store(c->S + (r0 + r) * G + tc + v * LK_VF, lk_vf_add(lk_vf_add(a[r][v], a2[r][v]), z));
+            for (int v = 0; v < tv; v++) {
+                const lk_vf s = dual ? lk_vf_add(a[r][v], a2[r][v]) : a[r][v];
+                lk_vf_store(c->S + (r0 + r) * G + tc + v * LK_VF, lk_vf_add(s, z));
+            }
         }
     }
 }
 
-/* rt, bits and tv are literals at every call so the accumulator arrays live in registers */
+/* rt, bits, tv and dual are literals at every call so the accumulator arrays live in registers: with
+ * AVX-512's 32 registers, 4 rows x 2 vectors x 2 features (16 accumulators); with AVX2's 16, a 4-row
+ * tile drops the second feature (8 accumulators + 2 codes + a broadcast), since 16 would spill. */
 LK_ALWAYS_INLINE void lk_keys_rows_tv(const lk_attend_ctx *c, const uint8_t *kc, const int bits, const int tv) {
     int64_t r0 = 0;
-    for (; r0 + 4 <= c->rows; r0 += 4) lk_keys_tile(c, kc, r0, 4, bits, tv);
-    for (; r0 + 2 <= c->rows; r0 += 2) lk_keys_tile(c, kc, r0, 2, bits, tv);
-    for (; r0 < c->rows; r0++) lk_keys_tile(c, kc, r0, 1, bits, tv);
+    for (; r0 + 4 <= c->rows; r0 += 4) lk_keys_tile(c, kc, r0, 4, bits, tv, LK_VREGS >= 32 || tv == 1);
+    for (; r0 + 2 <= c->rows; r0 += 2) lk_keys_tile(c, kc, r0, 2, bits, tv, 1);
+    for (; r0 < c->rows; r0++) lk_keys_tile(c, kc, r0, 1, bits, tv, 1);
 }
 
 LK_ALWAYS_INLINE void lk_keys_rows(const lk_attend_ctx *c, const uint8_t *kc, const int bits) {
@@ -162,10 +172,12 @@ static void lk_keys_full(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
 /* -------------------------------------------------------------------------------------- values */
 
 /* acc[r][e] += sum_t p[r][t] * x_t[e] over the block's nb tokens for rows r0 .. r0+rt-1, features e0 ..
- * e0 + nv*LK_VF.  x_t is the residual row (j >= qv) or, for a quantized token, code_te * scale_tg + zero_tg
- * formed in registers once per decoded vector and shared by every row of the tile (never stored). */
+ * e0 + nv*LK_VF.  x_t is the residual row (j >= qv) or, for a quantized token, code_te * scale_tg + zero_tg.
+ * grouped (the chunk lies in one feature group g): acc += (p_t scale_tg) code_t per row, and p_t zero_tg
+ * summed as one scalar per row, added at the end: one FMA per vector and row.  Otherwise x_t is formed in
+ * registers once per decoded vector and shared by every row of the tile (never stored). */
 LK_ALWAYS_INLINE void lk_values_chunk(const lk_attend_ctx *c, int64_t j0, int64_t nb, int64_t r0, const int rt,
-                                      const int bits, int64_t e0, const int nv) {
+                                      const int bits, int64_t e0, const int nv, const int grouped) {
     const lk_kv_attend_params *p = c->p;
     const int64_t E = p->E, G = p->G, EG = E / G, per = 8 / bits, head = c->b * p->Hkv + c->g;
     const int64_t nq = lk_max_i64(0, lk_min_i64(nb, p->qv[c->b] - j0));   /* quantized tokens of the block */
@@ -177,17 +189,34 @@ LK_ALWAYS_INLINE void lk_values_chunk(const lk_attend_ctx *c, int64_t j0, int64_
     int64_t gi[4];                       /* feature group of each vector */
     for (int v = 0; v < nv; v++) gi[v] = (e0 + v * LK_VF) / G;
     lk_vf a[4][4];
+    float zs[4] = {0, 0, 0, 0};          /* grouped: sum_t p_t zero_t of each row */
     for (int r = 0; r < rt; r++)
         for (int v = 0; v < nv; v++) a[r][v] = lk_vf_load(c->acc + (r0 + r) * E + e0 + v * LK_VF);
     for (int64_t t = 0; t < nq; t++, vc += cstride, vs += EG, vz += EG) {
         lk_vf x[4];
-        for (int v = 0; v < nv; v++)
-            x[v] = lk_vf_fma(lk_vf_codes(vc + v * LK_VF / per, bits), lk_vf_set1(vs[gi[v]]), lk_vf_set1(vz[gi[v]]));
+        int v = 0;
+        for (; v + 1 < nv; v += 2) lk_vf_codes2(vc + v * LK_VF / per, bits, &x[v], &x[v + 1]);
+        if (v < nv) x[v] = lk_vf_codes(vc + v * LK_VF / per, bits);
+        if (grouped) {
+            /* the chunk lies in one feature group: a += (p scale) code, and p zero summed as a scalar */
+            const float sg = vs[gi[0]], zg = vz[gi[0]];
+            for (int r = 0; r < rt; r++) {
+                const float pr = S[r * G + t];
+                const lk_vf w = lk_vf_set1(pr * sg);
+                zs[r] += pr * zg;
+                for (v = 0; v < nv; v++) a[r][v] = lk_vf_fma(w, x[v], a[r][v]);
+            }
+            continue;
+        }
+        for (v = 0; v < nv; v++) x[v] = lk_vf_fma(x[v], lk_vf_set1(vs[gi[v]]), lk_vf_set1(vz[gi[v]]));
         for (int r = 0; r < rt; r++) {
             const lk_vf pr = lk_vf_set1(S[r * G + t]);
             for (int v = 0; v < nv; v++) a[r][v] = lk_vf_fma(pr, x[v], a[r][v]);
         }
     }
+    if (grouped)
+        for (int r = 0; r < rt; r++)
+            for (int v = 0; v < nv; v++) a[r][v] = lk_vf_add(a[r][v], lk_vf_set1(zs[r]));
     for (int64_t t = nq; t < nb; t++, vr += E)
         for (int r = 0; r < rt; r++) {
             const lk_vf pr = lk_vf_set1(S[r * G + t]);
@@ -197,12 +226,22 @@ LK_ALWAYS_INLINE void lk_values_chunk(const lk_attend_ctx *c, int64_t j0, int64_
         for (int v = 0; v < nv; v++) lk_vf_store(c->acc + (r0 + r) * E + e0 + v * LK_VF, a[r][v]);
 }
 
+/* Feature vectors per chunk (nv): rt x nv accumulators + nv values + a broadcast must fit the register
+ * file, so AVX2's 16 registers take 2 vectors for a 4-row tile and 4 for smaller ones; AVX-512 takes 4. */
 LK_ALWAYS_INLINE void lk_values_tile(const lk_attend_ctx *c, int64_t j0, int64_t nb, int64_t r0, const int rt,
                                      const int bits) {
     const int64_t E = c->p->E;
+    const int64_t G = c->p->G;
+    const int nv = LK_VREGS >= 32 || rt < 4 ? 4 : 2;
     int64_t e0 = 0;
-    for (; e0 + 4 * LK_VF <= E; e0 += 4 * LK_VF) lk_values_chunk(c, j0, nb, r0, rt, bits, e0, 4);
-    for (; e0 < E; e0 += LK_VF) lk_values_chunk(c, j0, nb, r0, rt, bits, e0, 1);
+#define LK_VALUES_CHUNK(NV)                                                                       \
+    if (rt == 1 && G % ((NV) * LK_VF) == 0) lk_values_chunk(c, j0, nb, r0, rt, bits, e0, NV, 1);  \
+    else lk_values_chunk(c, j0, nb, r0, rt, bits, e0, NV, 0);
+    if (nv == 4)
+        for (; e0 + 4 * LK_VF <= E; e0 += 4 * LK_VF) { LK_VALUES_CHUNK(4) }
+    for (; e0 + 2 * LK_VF <= E; e0 += 2 * LK_VF) { LK_VALUES_CHUNK(2) }
+    for (; e0 < E; e0 += LK_VF) { LK_VALUES_CHUNK(1) }
+#undef LK_VALUES_CHUNK
 }
 
 LK_ALWAYS_INLINE void lk_values_rows(const lk_attend_ctx *c, int64_t j0, int64_t nb, const int bits) {
