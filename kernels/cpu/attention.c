@@ -41,7 +41,13 @@
 #include "lmkern/softmax.h"
 
 #define LK_BK (4 * LK_VF) /* keys per block */
-#define LK_MR 6           /* rows per microkernel call */
+/* rows per microkernel call of a prefill tile: LK_MR x 4 accumulators + 4 key (value) vectors + a
+ * broadcast fit the register file (AVX-512: 6 x 4 + 5 of 32; AVX2: 3 x 4 + 5 of 16, where 6 rows spilled
+ * every FMA to the stack: causal GQA prefill N = M = 1024 on a Zen 3 guest went from 118 to 94 ms).
+ * Decode tiles (up to 4 rows: one GQA group) take all their rows in one call even where that spills,
+ * so that the value rows stream from memory once (two passes measured 7% slower on that guest). */
+#define LK_MR (LK_VREGS >= 32 ? 6 : 3)
+#define LK_MR_MAX 6 /* accumulator array rows: the largest NR of any call */
 #define LK_SUB 16         /* keys per memory-order step of the split path */
 #define LK_SPLIT 4         /* key chunks per thread in the split path */
 #define LK_KT_BYTES ((size_t)64 << 20) /* bound on the transposed-key copy of one pass */
@@ -181,7 +187,7 @@ LK_INLINE void lk_softmax_row(lk_vf s0, lk_vf s1, lk_vf s2, lk_vf s3, float *sro
  * with m given, also the softmax step of those rows (lk_softmax_row), s then holding p. */
 LK_INLINE void lk_qk_packed_micro(int NR, const float *q, int64_t D, const float *kt, float *s, float *m, float *l,
                                   float *alpha) {
-    lk_vf acc[LK_MR][4];
+    lk_vf acc[LK_MR_MAX][4];
 #pragma GCC unroll 6
     for (int r = 0; r < NR; r++)
 #pragma GCC unroll 4
@@ -219,9 +225,11 @@ static void lk_qk_packed(const lk_tile *t, const float *kt, int fused) {
     int64_t r = 0;
     for (; r + LK_MR <= t->rows; r += LK_MR) LK_QK_CALL(LK_MR);
     switch (t->rows - r) {
+#if LK_VREGS >= 32
     case 5: LK_QK_CALL(5); break;
     case 4: LK_QK_CALL(4); break;
     case 3: LK_QK_CALL(3); break;
+#endif
     case 2: LK_QK_CALL(2); break;
     case 1: LK_QK_CALL(1); break;
     default: break;
@@ -319,7 +327,7 @@ static void lk_softmax_step(const lk_tile *t, int64_t nk, const int64_t *kpos, i
  * rescaling when alpha is NULL); the last vector holds `last` (<= LK_VF) valid features of v. */
 LK_INLINE void lk_pv_micro(int NR, int NV, const float *p, const float *alpha, float *o, int64_t Ep,
                            const float *v, int64_t vstride, int64_t nk, int last) {
-    lk_vf acc[LK_MR][4];
+    lk_vf acc[LK_MR_MAX][4];
 #pragma GCC unroll 6
     for (int r = 0; r < NR; r++) {
         const lk_vf a = lk_vf_set1(alpha ? alpha[r] : 1.0f);
@@ -350,20 +358,27 @@ LK_INLINE void lk_pv_micro(int NR, int NV, const float *p, const float *alpha, f
         for (int c = 0; c < NV; c++) lk_vf_store(o + r * Ep + c * LK_VF, acc[r][c]);
 }
 
-#define LK_PV_ROWS(NV)                                                                            \
-    do {                                                                                          \
-        int64_t r = 0;                                                                            \
-        for (; r + LK_MR <= t->rows; r += LK_MR)                                                  \
-            lk_pv_micro(LK_MR, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last); \
-        switch (t->rows - r) {                                                                    \
-        case 5: lk_pv_micro(5, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last); break; \
-        case 4: lk_pv_micro(4, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last); break; \
-        case 3: lk_pv_micro(3, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last); break; \
-        case 2: lk_pv_micro(2, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last); break; \
-        case 1: lk_pv_micro(1, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last); break; \
-        default: break;                                                                           \
-        }                                                                                         \
-    } while (0)
+/* lk_pv_micro over the tile's rows for features e0 .. e0 + NV LK_VF (NV a literal at every call) */
+LK_INLINE void lk_pv_rows(const lk_tile *t, const int NV, const float *alpha_all, const float *v, int64_t vstride,
+                          int64_t nk, int64_t col0, int64_t e0, int last) {
+    const int64_t Ep = t->Ep;
+#define LK_PV_MICRO(NR) \
+    lk_pv_micro(NR, NV, t->s + r * LK_BK + col0, alpha_all ? alpha_all + r : NULL, t->o + r * Ep + e0, Ep, v + e0, vstride, nk, last)
+    int64_t r = 0;
+    if (t->rows > 4)
+        for (; r + LK_MR <= t->rows; r += LK_MR) LK_PV_MICRO(LK_MR);
+    switch (t->rows - r) {
+#if LK_VREGS >= 32
+    case 5: LK_PV_MICRO(5); break;
+#endif
+    case 4: LK_PV_MICRO(4); break;
+    case 3: LK_PV_MICRO(3); break;
+    case 2: LK_PV_MICRO(2); break;
+    case 1: LK_PV_MICRO(1); break;
+    default: break;
+    }
+#undef LK_PV_MICRO
+}
 
 /* O = diag(alpha) O + P[:, col0 : col0 + nk] V for the whole tile (alpha only when rescale) */
 static void lk_pv(const lk_tile *t, const float *v, int64_t vstride, int64_t nk, int64_t col0, int rescale) {
@@ -373,10 +388,10 @@ static void lk_pv(const lk_tile *t, const float *v, int64_t vstride, int64_t nk,
         const int nv = (int)lk_min_i64(4, (Ep - e0) / LK_VF);
         const int last = (int)lk_min_i64(LK_VF, E - (e0 + (nv - 1) * LK_VF));
         switch (nv) {
-        case 4: LK_PV_ROWS(4); break;
-        case 3: LK_PV_ROWS(3); break;
-        case 2: LK_PV_ROWS(2); break;
-        default: LK_PV_ROWS(1); break;
+        case 4: lk_pv_rows(t, 4, alpha_all, v, vstride, nk, col0, e0, last); break;
+        case 3: lk_pv_rows(t, 3, alpha_all, v, vstride, nk, col0, e0, last); break;
+        case 2: lk_pv_rows(t, 2, alpha_all, v, vstride, nk, col0, e0, last); break;
+        default: lk_pv_rows(t, 1, alpha_all, v, vstride, nk, col0, e0, last); break;
         }
     }
 }
