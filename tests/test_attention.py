@@ -184,6 +184,27 @@ def test_nan_and_inf_propagate(rng, simd):
     assert np.all(np.isnan(out1[0, 0, 1])) and np.all(np.isfinite(out1[0, 0, 2:, :2]))
 
 
+def test_scores_spanning_the_exp_range(rng, simd):
+    """Scores below their row's max by 0 to 200: the softmax exponentials cover e^0 .. e^-200, across the
+    float32 underflow at e^-87.3 (weights there are 0, or tiny normals just above it), in prefill, decode
+    and the tpa / KIVI / attention_mass kernels that share lk_vf_exp_softmax."""
+    B, N, M, Hq, Hkv, D = 1, 5, 300, 4, 2, 16
+    q, k, v = make_qkv(rng, B, N, M, Hq, Hkv, D)
+    # scores s_j = scale <q, k_j> with q = e_0 / scale: s_j = k_j[0], spread over [-200, 0]
+    q[...] = 0
+    q[..., 0] = np.sqrt(D)
+    k[..., 0] = -np.linspace(0, 200, M)[None, :, None] + np.float32(0.0)
+    for qq in (q, q[:, -1:]):
+        out, lse = lmkern.attention(qq, k, v, return_lse=True)
+        want, want_lse = ref.core.attention(qq, k, v, return_lse=True)
+        assert np.all(np.isfinite(out)) and np.all(np.isfinite(lse))
+        assert_close(out, want)
+        assert_close(lse, want_lse)
+    mass = lmkern.kv.attention_mass(q, k)
+    assert_close(mass, lmkern.reference.kv.attention_mass(q, k))
+    assert np.all(mass[0, -10:] == 0) or np.all(mass[0, -10:] < 1e-30)
+
+
 # ------------------------------------------------------------------------------------------
 # errors
 # ------------------------------------------------------------------------------------------

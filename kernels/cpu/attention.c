@@ -174,8 +174,8 @@ LK_INLINE void lk_softmax_row(lk_vf s0, lk_vf s1, lk_vf s2, lk_vf s3, float *sro
         return;
     }
     const lk_vf mv = lk_vf_set1(m_new);
-    s0 = lk_vf_exp(lk_vf_sub(s0, mv)); s1 = lk_vf_exp(lk_vf_sub(s1, mv));
-    s2 = lk_vf_exp(lk_vf_sub(s2, mv)); s3 = lk_vf_exp(lk_vf_sub(s3, mv));
+    s0 = lk_vf_exp_softmax(lk_vf_sub(s0, mv)); s1 = lk_vf_exp_softmax(lk_vf_sub(s1, mv));
+    s2 = lk_vf_exp_softmax(lk_vf_sub(s2, mv)); s3 = lk_vf_exp_softmax(lk_vf_sub(s3, mv));
     lk_vf_store(srow, s0); lk_vf_store(srow + LK_VF, s1); lk_vf_store(srow + 2 * LK_VF, s2); lk_vf_store(srow + 3 * LK_VF, s3);
     const float a = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
     *alpha = a;

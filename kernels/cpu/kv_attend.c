@@ -347,7 +347,7 @@ static void lk_attend_block(lk_attend_ctx *c, int64_t j0, int64_t nb) {
             lk_vf lv = lk_vf_zero();
             const lk_vf mv = lk_vf_set1(m);
             for (; t + LK_VF <= nb; t += LK_VF) {
-                const lk_vf e = lk_vf_exp(lk_vf_sub(lk_vf_load(s + t), mv));
+                const lk_vf e = lk_vf_exp_softmax(lk_vf_sub(lk_vf_load(s + t), mv));
                 lk_vf_store(s + t, e);
                 lv = lk_vf_add(lv, e);
             }

@@ -130,7 +130,7 @@ static void lk_mass_chunk(const lk_mass_ctx *c, int pass, int64_t sp, int64_t ns
                 const lk_vf mv = lk_vf_set1(*m);
                 lk_vf acc = lk_vf_zero();
                 for (int v = 0; v < 4; v++)
-                    acc = lk_vf_add(acc, lk_vf_exp(lk_vf_sub(lk_vf_load(sr + v * LK_VF), mv)));
+                    acc = lk_vf_add(acc, lk_vf_exp_softmax(lk_vf_sub(lk_vf_load(sr + v * LK_VF), mv)));
                 *l += lk_vf_sum(acc);
             } else {
                 float *h = hm + (r / N) * LK_KC;
@@ -146,7 +146,7 @@ static void lk_mass_chunk(const lk_mass_ctx *c, int pass, int64_t sp, int64_t ns
                     const lk_vf lv = lk_vf_set1(lr);
                     for (int v = 0; v < 4; v++)
                         lk_vf_store(h + v * LK_VF, lk_vf_add(lk_vf_load(h + v * LK_VF),
-                            lk_vf_exp(lk_vf_sub(lk_vf_load(sr + v * LK_VF), lv))));
+                            lk_vf_exp_softmax(lk_vf_sub(lk_vf_load(sr + v * LK_VF), lv))));
                 } else {
                     for (int jj = 0; jj < LK_KC; jj++) h[jj] += sr[jj];
                 }

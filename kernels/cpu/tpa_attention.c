@@ -573,19 +573,19 @@ static void tpa_simd_scores(const lk_tpa_attention_params *p, int factor, int vt
         const lk_vf mo = lk_vf_load(qs->m + h), mn = lk_vf_max(mo, mb);
         /* all -inf so far: subtract 0 instead (weights stay 0, never NaN) */
         const lk_vf ms = lk_vf_select_lt(mn, lk_vf_set1(-FLT_MAX), lk_vf_zero(), mn);
-        const lk_vf alpha = lk_vf_exp(lk_vf_sub(mo, ms));
+        const lk_vf alpha = lk_vf_exp_softmax(lk_vf_sub(mo, ms));
         lk_vf l = lk_vf_mul(lk_vf_load(qs->l + h), alpha);
         lk_vf_store(qs->alpha + h, alpha);
         lk_vf_store(qs->m + h, mn);
         if (vtile) {
             for (int64_t t = 0; t < nt; t++) {
-                const lk_vf pr = lk_vf_exp(lk_vf_sub(lk_vf_load(w->sc + t * Hp + h), ms));
+                const lk_vf pr = lk_vf_exp_softmax(lk_vf_sub(lk_vf_load(w->sc + t * Hp + h), ms));
                 l = lk_vf_add(l, pr);
                 lk_vf_store(qs->W + t * Hp + h, pr);
             }
         } else {
             for (int64_t t = 0; t < nt; t++) {
-                const lk_vf pr = lk_vf_exp(lk_vf_sub(lk_vf_load(w->sc + t * Hp + h), ms));
+                const lk_vf pr = lk_vf_exp_softmax(lk_vf_sub(lk_vf_load(w->sc + t * Hp + h), ms));
                 l = lk_vf_add(l, pr);
                 const lk_vf pw = Rv > 1 ? lk_vf_mul(pr, scale_v) : pr;
                 const float *vt = avl + t * av_tok + h;

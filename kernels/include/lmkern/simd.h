@@ -268,6 +268,25 @@ static inline lk_vf lk_vf_exp(lk_vf x) {
 }
 #endif
 
+/* e^x for softmax arguments: x <= 88 (in practice s - max <= 0), -inf (-> 0) or NaN (-> NaN); the
+ * result equals lk_vf_exp's on that range (bar 2^-126 <= e^x < 2^-125, normal here, 0 there).  Without
+ * AVX-512 it drops what that range cannot need: the overflow clamp and select, the 2^(n-1) * 2 split,
+ * and the NaN restore (max(lo, x) returns x when x is NaN, so NaN runs through the polynomial): 7 of
+ * lk_vf_exp's 27 instructions. */
+#if defined(__AVX512F__)
+static inline lk_vf lk_vf_exp_softmax(lk_vf x) { return lk_vf_exp(x); }
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline lk_vf lk_vf_exp_softmax(lk_vf x) {
+    const lk_vf lo = lk_vf_set1(-87.3365448f);
+    lk_vf n;
+    const lk_vf p = lk__exp_reduced(_mm256_max_ps(lo, x), &n);
+    const lk_vf y = lk_vf_mul(p, lk_vf_pow2i(n));
+    return _mm256_and_ps(y, _mm256_cmp_ps(x, lo, _CMP_NLT_UQ)); /* below the range (and -inf) -> 0 */
+}
+#else
+static inline lk_vf lk_vf_exp_softmax(lk_vf x) { return lk_vf_exp(x); }
+#endif
+
 /* Software prefetch of [p, p + bytes) into L2 (prefetcht1: a hint; portable GCC builtin, no ISA branch;
  * L2 rather than L1 so that prefetching several streams ahead does not evict the working set).
  * Kernels that walk several streams at once (e.g. the quantized KV cache: codes, scales, zeros of
