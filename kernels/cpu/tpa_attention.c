@@ -58,8 +58,8 @@
 #endif
 /* The value fold's register tile: LK_TPA_FOLD_G heads x LK_TPA_FOLD_NV vectors of features.  AVX-512 (32
  * registers): 4 x 4 accumulators + 4 operands.  AVX2 (16 registers): 6 x 2 accumulators + 2 operands (a
- * 4 x 4 tile spills; in a micro-benchmark on Zen 3, 6 x 2 and 8 x 1 ran at 80-87% of the FMA peak, 2 x 4 at
- * 64-78%). */
+ * 4 x 4 tile spills; in a micro-benchmark of the fold on Zen 3, 6 x 2 and 8 x 1 ran at 67-87% of the FMA
+ * peak, 2 x 4 at 64-79%, 4 x 2 at 53-63%, the spilling 4 x 4 at 51-59%). */
 #ifndef LK_TPA_FOLD_G
 #define LK_TPA_FOLD_G (LK_VREGS >= 32 ? 4 : 6)
 #endif
