@@ -73,9 +73,10 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
 
     How (CPU, float32): prefill runs flash-style tiles of (row, KV head, query block) holding all
     ``Hq/Hkv`` query heads of the group, so K and V are read once per group (torch's SDPA repeats
-    K/V per query head for GQA), an AVX-512 register-blocked ``Q K^T`` on a once-transposed K, the
-    online softmax fused into it, and causal blocks above the diagonal skipped (by the positions'
-    per-block min/max, so explicit MoR positions skip too).  Decode and other few-row calls split the
+    K/V per query head for GQA), a register-blocked ``Q K^T`` (AVX-512 or AVX2 tiles, each sized to
+    its register file) on a once-transposed K, the online softmax fused into it, and causal blocks
+    above the diagonal skipped (by the positions' per-block min/max, so explicit MoR positions skip
+    too).  Decode and other few-row calls split the
     keys of every row across all threads and merge the partial ``(max, sum, acc)`` states with the
     one log-sum-exp combine, so a single long sequence uses every core.  float64 uses the generic
     scalar kernel (also selected for float32 by ``lmkern._core._set_simd(False)``).
