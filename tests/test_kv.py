@@ -165,6 +165,29 @@ def test_cache_attend_matches_twin(rng, simd, bits, group):
         assert_close(fast.attend(q, q_pos=qp), twin.attend(q, q_pos=qp), np.float32)
 
 
+@pytest.mark.parametrize("length", [5, 13, 40])
+def test_cache_attend_nan_query_gives_nan(rng, simd, length):
+    """A NaN (or inf) in a query makes that row's output and lse NaN, as the twin and lmkern.attention
+    give: also when every score of a block is NaN (short blocks, the generic path), where the max that
+    skips NaN once left the block looking empty and the row came out 0 with lse -inf."""
+    kw = dict(bits=2, group_size=8, residual=8)
+    fast = kv.QuantizedKVCache(1, 64, 2, 16, 16, **kw)
+    twin = ref.QuantizedKVCache(1, 64, 2, 16, 16, **kw)
+    _fill([fast, twin], rng, 2, 16, 16, [length])
+    q = randn(rng, (1, 2, 4, 16))
+    q[0, 0, 1, 3] = np.nan
+    q[0, 1, 2, :] = np.inf
+    out, lse = fast.attend(q, return_lse=True)
+    with np.errstate(invalid="ignore"):
+        want, want_lse = twin.attend(q, return_lse=True)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(want_lse))
+    assert np.isnan(out[0, 0, 1]).all() and np.isnan(lse[0, 0, 1])
+    assert np.isnan(out[0, 1, 2]).all()
+    ok = ~np.isnan(want)
+    assert_close(out[ok], want[ok], np.float32)
+
+
 def test_cache_boundary_rule_and_nbytes(rng):
     G, R, D, E, H = 8, 16, 16, 8, 2
     c = kv.QuantizedKVCache(1, 100, H, D, E, bits=2, group_size=G, residual=R)

@@ -329,8 +329,17 @@ static void lk_attend_block(lk_attend_ctx *c, int64_t j0, int64_t nb) {
             bm = lk_vf_hmax(mx);
         }
         for (; t0 < nb; t0++) bm = s[t0] > bm ? s[t0] : bm;
-        if (bm == -INFINITY) {               /* nothing admissible (or all -inf): no contribution */
-            for (int64_t t = 0; t < nb; t++) s[t] = 0;
+        if (bm == -INFINITY) {
+            /* the max skips NaN: a block of NaN scores (a NaN or inf query) lands here too, and must
+             * make the row NaN (as the twin and lmkern.attention do), not vanish */
+            int nan = 0;
+            for (int64_t t = 0; t < nb; t++) nan |= s[t] != s[t];
+            if (nan) {
+                c->m[r] = c->l[r] = NAN;     /* later blocks and the combine keep it NaN */
+                for (int64_t t = 0; t < nb; t++) s[t] = NAN;
+                continue;
+            }
+            for (int64_t t = 0; t < nb; t++) s[t] = 0; /* nothing admissible (or all -inf): no contribution */
             continue;
         }
         if (bm > c->m[r]) {
