@@ -138,28 +138,21 @@ static inline lk_vf lk_vf_codes(const uint8_t *p, int bits) {
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)u), sh),
                                                _mm256_set1_epi32((1 << bits) - 1)));
 }
-/* 2 LK_VF codes from p (2 LK_VF bits / 8 bytes: one 32-bit word of 2-bit codes, two of 4-bit codes), as
- * two vectors: each word is broadcast straight from memory once, where two lk_vf_codes calls would each
- * move half of it in through a general register. */
+/* 2 LK_VF codes from p as two vectors.  2 bits: the one 32-bit word holding both halves is broadcast
+ * once, where two lk_vf_codes calls would each move a 16-bit half in through a general register; 4 and 8
+ * bits are whole words per half already, so they are two lk_vf_codes calls. */
 #define LK_HAVE_CODES2
 static inline void lk_vf_codes2(const uint8_t *p, int bits, lk_vf *lo, lk_vf *hi) {
-    if (bits == 2) {
-        int32_t u;
-        memcpy(&u, p, 4);
-        const __m256i w = _mm256_set1_epi32(u), m = _mm256_set1_epi32(3);
-        *lo = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)), m));
-        *hi = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30)), m));
-    } else if (bits == 4) {
-        int32_t u0, u1;
-        memcpy(&u0, p, 4);
-        memcpy(&u1, p + 4, 4);
-        const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), m = _mm256_set1_epi32(15);
-        *lo = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(u0), sh), m));
-        *hi = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(u1), sh), m));
-    } else {
+    if (bits != 2) {
         *lo = lk_vf_codes(p, bits);
         *hi = lk_vf_codes(p + LK_VF * bits / 8, bits);
+        return;
     }
+    int32_t u;
+    memcpy(&u, p, 4);
+    const __m256i w = _mm256_set1_epi32(u), m = _mm256_set1_epi32(3);
+    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)), m));
+    *hi = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30)), m));
 }
 
 #else
