@@ -52,10 +52,11 @@ def test_heads_prefill(rng, Hq, Hkv, causal, dtype, simd):
 
 @pytest.mark.parametrize("M", [0, 1, 2047, 2049])
 @pytest.mark.parametrize("causal", [False, True])
-def test_key_lengths(rng, M, causal, simd):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_key_lengths(rng, M, causal, dtype, simd):
     # big M with few heads: decode (N = 1, split keys) and a short prefill block (tiles)
     for N, Hq, Hkv in ((1, 4, 2), (70, 2, 1)):
-        q, k, v = make_qkv(rng, 1, N, M, Hq, Hkv, 16, 24)
+        q, k, v = make_qkv(rng, 1, N, M, Hq, Hkv, 16, 24, dtype)
         check_attention(q, k, v, causal=causal)
 
 
@@ -68,17 +69,19 @@ def test_d_ne_e_and_odd_features(rng, dtype, simd):
 
 
 @pytest.mark.parametrize("N", [1, 3, 64])
-def test_ragged_kv_lens(rng, N, simd):
-    q, k, v = make_qkv(rng, 4, N, 150, 6, 3, 16)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ragged_kv_lens(rng, N, dtype, simd):
+    q, k, v = make_qkv(rng, 4, N, 150, 6, 3, 16, dtype=dtype)
     for causal in (False, True):
         check_attention(q, k, v, causal=causal, kv_lens=np.array([0, 1, 149, 65], np.int32))
         check_attention(q, k, v, causal=causal, kv_lens=[150, 64, 63, 129])
 
 
 @pytest.mark.parametrize("N", [1, 5, 80])
-def test_explicit_positions_with_gaps(rng, N, simd):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_explicit_positions_with_gaps(rng, N, dtype, simd):
     B, M = 2, 140
-    q, k, v = make_qkv(rng, B, N, M, 8, 2, 16, 12)
+    q, k, v = make_qkv(rng, B, N, M, 8, 2, 16, 12, dtype)
     kv_pos_1 = np.cumsum(rng.integers(1, 4, M))                       # increasing with gaps
     kv_pos_2 = np.stack([rng.permutation(3 * M)[:M] for _ in range(B)])  # arbitrary order
     q_pos_1 = np.sort(rng.integers(0, 3 * M, N)).astype(np.int16)
@@ -126,8 +129,9 @@ def test_dtype_promotion(rng, simd):
     assert_close(out, ref.core.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64)))
 
 
-def test_noncontiguous_inputs(rng, simd):
-    q, k, v = make_qkv(rng, 2, 40, 70, 8, 2, 16, 12)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_noncontiguous_inputs(rng, dtype, simd):
+    q, k, v = make_qkv(rng, 2, 40, 70, 8, 2, 16, 12, dtype)
     want = ref.core.attention(q, k, v, causal=True)
     assert_close(lmkern.attention(noncontig(q), noncontig(k), noncontig(v), causal=True), want)
     # transposed (B, H, T, D) storage, as torch users hold it
@@ -169,8 +173,9 @@ def test_zero_sized(rng, simd):
             check_attention(*make_qkv(rng, 2, N, 100, 4, 2, D, E), causal=True)
 
 
-def test_nan_and_inf_propagate(rng, simd):
-    q, k, v = make_qkv(rng, 1, 70, 130, 4, 2, 16)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_and_inf_propagate(rng, dtype, simd):
+    q, k, v = make_qkv(rng, 1, 70, 130, 4, 2, 16, dtype=dtype)
     q[0, 5, 1, 3] = np.nan
     v[0, 10, 0, 2] = np.inf
     out, lse = lmkern.attention(q, k, v, return_lse=True)
@@ -184,16 +189,18 @@ def test_nan_and_inf_propagate(rng, simd):
     assert np.all(np.isnan(out1[0, 0, 1])) and np.all(np.isfinite(out1[0, 0, 2:, :2]))
 
 
-def test_scores_spanning_the_exp_range(rng, simd):
-    """Scores below their row's max by 0 to 200: the softmax exponentials cover e^0 .. e^-200, across the
-    float32 underflow at e^-87.3 (weights there are 0, or tiny normals just above it), in prefill, decode
-    and the tpa / KIVI / attention_mass kernels that share lk_vf_exp_softmax."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scores_spanning_the_exp_range(rng, dtype, simd):
+    """Scores below their row's max by 0 to 200 (float64: 0 to 800): the softmax exponentials cover
+    e^0 .. e^-200, across the float32 underflow at e^-87.3 (weights there are 0, or tiny normals just
+    above it; float64: e^-708), in prefill, decode and the tpa / KIVI / attention_mass kernels that share
+    lk_vf_exp_softmax (float64 attention: lk_vd_exp_softmax)."""
     B, N, M, Hq, Hkv, D = 1, 5, 300, 4, 2, 16
-    q, k, v = make_qkv(rng, B, N, M, Hq, Hkv, D)
+    q, k, v = make_qkv(rng, B, N, M, Hq, Hkv, D, dtype=dtype)
     # scores s_j = scale <q, k_j> with q = e_0 / scale: s_j = k_j[0], spread over [-200, 0]
     q[...] = 0
     q[..., 0] = np.sqrt(D)
-    k[..., 0] = -np.linspace(0, 200, M)[None, :, None] + np.float32(0.0)
+    k[..., 0] = -np.linspace(0, 200 if dtype == np.float32 else 800, M)[None, :, None]
     for qq in (q, q[:, -1:]):
         out, lse = lmkern.attention(qq, k, v, return_lse=True)
         want, want_lse = ref.core.attention(qq, k, v, return_lse=True)

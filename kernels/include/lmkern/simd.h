@@ -432,6 +432,154 @@ static inline void lk_transpose(const float *src, int64_t ss, int64_t rows, int6
         for (int64_t c = 0; c < cols; c++) dst[c * ds + r] = src[r * ss + c];
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* lk_vd: a vector of LK_VD doubles (AVX-512 8, AVX2 4, the GCC-vector fallback 4), for the float64
+ * SIMD kernels (float64 is what NumPy makes by default).  The same small set of helpers as lk_vf, with
+ * the same semantics; kernels reach both through simd_real.h. */
+#if defined(__AVX512F__)
+#define LK_VD 8
+typedef __m512d lk_vd;
+static inline lk_vd lk_vd_zero(void) { return _mm512_setzero_pd(); }
+static inline lk_vd lk_vd_set1(double x) { return _mm512_set1_pd(x); }
+static inline lk_vd lk_vd_load(const double *p) { return _mm512_loadu_pd(p); }
+static inline void lk_vd_store(double *p, lk_vd v) { _mm512_storeu_pd(p, v); }
+static inline lk_vd lk_vd_load_n(const double *p, int n) { return _mm512_maskz_loadu_pd((__mmask8)((1u << n) - 1u), p); }
+static inline void lk_vd_store_n(double *p, lk_vd v, int n) { _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1u), v); }
+static inline lk_vd lk_vd_add(lk_vd a, lk_vd b) { return _mm512_add_pd(a, b); }
+static inline lk_vd lk_vd_sub(lk_vd a, lk_vd b) { return _mm512_sub_pd(a, b); }
+static inline lk_vd lk_vd_mul(lk_vd a, lk_vd b) { return _mm512_mul_pd(a, b); }
+static inline lk_vd lk_vd_fma(lk_vd a, lk_vd b, lk_vd c) { return _mm512_fmadd_pd(a, b, c); }
+static inline lk_vd lk_vd_max(lk_vd a, lk_vd b) { return _mm512_max_pd(a, b); }
+static inline double lk_vd_sum(lk_vd v) { return _mm512_reduce_add_pd(v); }
+static inline double lk_vd_hmax(lk_vd v) { return _mm512_reduce_max_pd(v); }
+static inline lk_vd lk_vd_select_lt(lk_vd a, lk_vd b, lk_vd c, lk_vd v) {
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(a, b, _CMP_LT_OQ), v, c);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LK_VD 4
+typedef __m256d lk_vd;
+static inline __m256i lk__mask4(int n) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+static inline lk_vd lk_vd_zero(void) { return _mm256_setzero_pd(); }
+static inline lk_vd lk_vd_set1(double x) { return _mm256_set1_pd(x); }
+static inline lk_vd lk_vd_load(const double *p) { return _mm256_loadu_pd(p); }
+static inline void lk_vd_store(double *p, lk_vd v) { _mm256_storeu_pd(p, v); }
+static inline lk_vd lk_vd_load_n(const double *p, int n) { return _mm256_maskload_pd(p, lk__mask4(n)); }
+static inline void lk_vd_store_n(double *p, lk_vd v, int n) { _mm256_maskstore_pd(p, lk__mask4(n), v); }
+static inline lk_vd lk_vd_add(lk_vd a, lk_vd b) { return _mm256_add_pd(a, b); }
+static inline lk_vd lk_vd_sub(lk_vd a, lk_vd b) { return _mm256_sub_pd(a, b); }
+static inline lk_vd lk_vd_mul(lk_vd a, lk_vd b) { return _mm256_mul_pd(a, b); }
+static inline lk_vd lk_vd_fma(lk_vd a, lk_vd b, lk_vd c) { return _mm256_fmadd_pd(a, b, c); }
+static inline lk_vd lk_vd_max(lk_vd a, lk_vd b) { return _mm256_max_pd(a, b); }
+static inline double lk_vd_sum(lk_vd v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+static inline double lk_vd_hmax(lk_vd v) {
+    __m128d s = _mm_max_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_max_sd(s, _mm_unpackhi_pd(s, s)));
+}
+static inline lk_vd lk_vd_select_lt(lk_vd a, lk_vd b, lk_vd c, lk_vd v) {
+    return _mm256_blendv_pd(v, c, _mm256_cmp_pd(a, b, _CMP_LT_OQ));
+}
+/* out[0..3] = horizontal sums of a, b, c, d */
+#define LK_HAVE_VD_SUM4
+static inline void lk_vd_sum4(lk_vd a, lk_vd b, lk_vd c, lk_vd d, double *out) {
+    const __m256d ab = _mm256_hadd_pd(a, b), cd = _mm256_hadd_pd(c, d); /* a01 b01 a23 b23 | c.. d.. */
+    _mm256_storeu_pd(out, _mm256_add_pd(_mm256_permute2f128_pd(ab, cd, 0x20), _mm256_permute2f128_pd(ab, cd, 0x31)));
+}
+#else
+#define LK_VD 4
+typedef double lk_vd __attribute__((vector_size(32)));
+typedef int64_t lk__vl __attribute__((vector_size(32)));
+static inline lk_vd lk_vd_zero(void) { return (lk_vd){0}; }
+static inline lk_vd lk_vd_set1(double x) { return (lk_vd){x, x, x, x}; }
+static inline lk_vd lk_vd_load(const double *p) { lk_vd v; memcpy(&v, p, sizeof v); return v; }
+static inline void lk_vd_store(double *p, lk_vd v) { memcpy(p, &v, sizeof v); }
+static inline lk_vd lk_vd_load_n(const double *p, int n) { lk_vd v = {0}; for (int i = 0; i < n; i++) v[i] = p[i]; return v; }
+static inline void lk_vd_store_n(double *p, lk_vd v, int n) { for (int i = 0; i < n; i++) p[i] = v[i]; }
+static inline lk_vd lk_vd_add(lk_vd a, lk_vd b) { return a + b; }
+static inline lk_vd lk_vd_sub(lk_vd a, lk_vd b) { return a - b; }
+static inline lk_vd lk_vd_mul(lk_vd a, lk_vd b) { return a * b; }
+static inline lk_vd lk_vd_fma(lk_vd a, lk_vd b, lk_vd c) { return a * b + c; }
+static inline lk_vd lk__vseld(lk__vl m, lk_vd a, lk_vd b) {
+    lk__vl ai, bi;
+    memcpy(&ai, &a, sizeof a);
+    memcpy(&bi, &b, sizeof b);
+    lk__vl r = (ai & m) | (bi & ~m);
+    lk_vd out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+/* as maxpd: the second operand when either is NaN */
+static inline lk_vd lk_vd_max(lk_vd a, lk_vd b) { return lk__vseld(a > b, a, b); }
+static inline double lk_vd_sum(lk_vd v) { double s = 0; for (int i = 0; i < LK_VD; i++) s += v[i]; return s; }
+static inline double lk_vd_hmax(lk_vd v) { double m = v[0]; for (int i = 1; i < LK_VD; i++) m = v[i] > m ? v[i] : m; return m; }
+static inline lk_vd lk_vd_select_lt(lk_vd a, lk_vd b, lk_vd c, lk_vd v) { return lk__vseld(a < b, c, v); }
+#endif
+
+#ifndef LK_HAVE_VD_SUM4
+static inline void lk_vd_sum4(lk_vd a, lk_vd b, lk_vd c, lk_vd d, double *out) {
+    out[0] = lk_vd_sum(a); out[1] = lk_vd_sum(b); out[2] = lk_vd_sum(c); out[3] = lk_vd_sum(d);
+}
+#endif
+
+/* e^x in double precision for softmax arguments: x <= 709 (in practice s - max <= 0), -inf (-> 0) or NaN
+ * (-> NaN); x below -708.39 (where e^x leaves the normal range) gives 0.  Cody-Waite reduction
+ * x = n ln2 + r (ln2 split in two, the high part exact for |n| < 2^11), |r| <= ln2/2, then the Taylor
+ * polynomial of e^r to degree 13 (truncation < 5e-18 relative), then 2^n by exponent arithmetic:
+ * within ~2 ulp of exp() over the range (tests compare with NumPy at 1e-12). */
+#define LK__EXPD_LO (-708.3964185322641)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+static inline lk_vd lk__expd_poly(lk_vd xc, lk_vd *n_out) {
+    const lk_vd n = lk_vd_mul(xc, lk_vd_set1(1.4426950408889634));
+#if defined(__AVX512F__)
+    const lk_vd nr = _mm512_roundscale_pd(n, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    const lk_vd nr = _mm256_round_pd(n, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+    lk_vd r = lk_vd_fma(nr, lk_vd_set1(-6.93147180369123816490e-01), xc);
+    r = lk_vd_fma(nr, lk_vd_set1(-1.90821492927058770002e-10), r);
+    static const double c[14] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                                 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0,
+                                 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
+    lk_vd p = lk_vd_set1(c[0]);
+    for (int i = 1; i < 14; i++) p = lk_vd_fma(p, r, lk_vd_set1(c[i]));
+    *n_out = nr;
+    return p;
+}
+#endif
+#if defined(__AVX512F__)
+static inline lk_vd lk_vd_exp_softmax(lk_vd x) {
+    const __mmask8 under = _mm512_cmp_pd_mask(x, lk_vd_set1(LK__EXPD_LO), _CMP_LT_OQ);
+    lk_vd n;
+    const lk_vd p = lk__expd_poly(_mm512_mask_blend_pd(under, x, lk_vd_zero()), &n);
+    return _mm512_mask_blend_pd(under, _mm512_scalef_pd(p, n), lk_vd_zero());
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline lk_vd lk_vd_exp_softmax(lk_vd x) {
+    const lk_vd lo = lk_vd_set1(LK__EXPD_LO);
+    lk_vd n;
+    const lk_vd p = lk__expd_poly(_mm256_max_pd(lo, x), &n); /* max(lo, NaN) is NaN: it runs through */
+    const __m256i e = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)),
+                                                         _mm256_set1_epi64x(1023)), 52);
+    const lk_vd y = lk_vd_mul(p, _mm256_castsi256_pd(e));
+    return _mm256_and_pd(y, _mm256_cmp_pd(x, lo, _CMP_NLT_UQ)); /* below the range (and -inf) -> 0 */
+}
+#else
+static inline lk_vd lk_vd_exp_softmax(lk_vd x) {
+    for (int i = 0; i < LK_VD; i++) x[i] = x[i] < LK__EXPD_LO ? 0.0 : exp(x[i]);
+    return x;
+}
+#endif
+
+/* dst[c * ds + r] = src[r * ss + c] (lk_transpose for doubles; a plain copy loop) */
+static inline void lk_transpose_f64(const double *src, int64_t ss, int64_t rows, int64_t cols, double *dst, int64_t ds) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) dst[c * ds + r] = src[r * ss + c];
+}
+
 /* Runtime switch between the SIMD and the generic path (tests diff the two). */
 int lk_simd_enabled(void);
 void lk_set_simd_enabled(int on);

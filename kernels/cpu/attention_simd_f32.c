@@ -1,0 +1,2 @@
+/* attention_simd.h for float32: lk_attention_simd_f32 */
+#include "attention_simd.h"
