@@ -115,10 +115,11 @@ def test_attention_cache_lengths(rng, M):
         assert np.array_equal(out, np.zeros_like(out)) and np.all(lse == -np.inf)
 
 
-def test_attention_paths_simd_and_splits_agree(rng):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_paths_simd_and_splits_agree(rng, dtype):
     """The factor and materialized contractions, SIMD and generic code, and any cache split agree."""
     for cfg in [(2, 2, 300, 34, 6, 2, 2, 64, 64), (1, 3, 200, 32, 16, 1, 1, 64, 40), (2, 1, 129, 5, 1, 3, 2, 7, 9)]:
-        args = factors(rng, *cfg)
+        args = factors(rng, *cfg, dtype)
         want = ref.attention(*args, causal=True)
         for simd in (True, False):
             _core._set_simd(simd)
@@ -147,11 +148,12 @@ def test_attention_positions_ragged_and_noncontiguous(rng):
         assert_close(tpa.attention(*args, causal=True, q_pos=q_pos[0], kv_pos=kv_pos[0]), want, dtype)
 
 
-def test_inadmissible_keys_never_leak_and_nan_propagates(rng):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inadmissible_keys_never_leak_and_nan_propagates(rng, dtype):
     """NaN/inf in keys beyond kv_lens or causally masked never reaches the output; NaN in an
     admissible key's factors gives NaN for exactly the queries that see it (IEEE propagation)."""
     B, N, M, H, Rq, Rk, Rv, D, E = 2, 3, 150, 5, 3, 2, 2, 8, 8
-    args = factors(rng, B, N, M, H, Rq, Rk, Rv, D, E)
+    args = factors(rng, B, N, M, H, Rq, Rk, Rv, D, E, dtype)
     lens = np.array([100, 150])
     want = ref.attention(*args, causal=True, kv_lens=lens)
     dirty = [x.copy() for x in args]

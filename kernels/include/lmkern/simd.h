@@ -574,6 +574,27 @@ static inline lk_vd lk_vd_exp_softmax(lk_vd x) {
 }
 #endif
 
+/* lk_vf_deinterleave2 for doubles: (a | b) = x0 x1 ... x(2 LK_VD - 1) -> *even = x0 x2 ..., *odd = x1 x3 ... */
+#if defined(__AVX512F__)
+static inline void lk_vd_deinterleave2(lk_vd a, lk_vd b, lk_vd *even, lk_vd *odd) {
+    *even = _mm512_permutex2var_pd(a, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), b);
+    *odd = _mm512_permutex2var_pd(a, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), b);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline void lk_vd_deinterleave2(lk_vd a, lk_vd b, lk_vd *even, lk_vd *odd) {
+    /* unpack within 128-bit halves: a0 b0 a2 b2 / a1 b1 a3 b3, then 64-bit chunks reordered 0 2 1 3 */
+    *even = _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), _MM_SHUFFLE(3, 1, 2, 0));
+    *odd = _mm256_permute4x64_pd(_mm256_unpackhi_pd(a, b), _MM_SHUFFLE(3, 1, 2, 0));
+}
+#else
+static inline void lk_vd_deinterleave2(lk_vd a, lk_vd b, lk_vd *even, lk_vd *odd) {
+    for (int i = 0; i < LK_VD / 2; i++) {
+        (*even)[i] = a[2 * i]; (*odd)[i] = a[2 * i + 1];
+        (*even)[LK_VD / 2 + i] = b[2 * i]; (*odd)[LK_VD / 2 + i] = b[2 * i + 1];
+    }
+}
+#endif
+
 /* dst[c * ds + r] = src[r * ss + c] (lk_transpose for doubles; a plain copy loop) */
 static inline void lk_transpose_f64(const double *src, int64_t ss, int64_t rows, int64_t cols, double *dst, int64_t ds) {
     for (int64_t r = 0; r < rows; r++)

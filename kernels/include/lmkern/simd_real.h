@@ -6,6 +6,7 @@
 #ifndef LMKERN_SIMD_REAL_H
 #define LMKERN_SIMD_REAL_H
 
+#include <float.h>
 #include <math.h>
 
 #include "lmkern/simd.h"
@@ -32,6 +33,8 @@ typedef lk_vd lk_v;
 #define lk_v_hmax lk_vd_hmax
 #define lk_v_select_lt lk_vd_select_lt
 #define lk_v_exp_softmax lk_vd_exp_softmax
+#define lk_v_deinterleave2 lk_vd_deinterleave2
+#define LK_REAL_MAX DBL_MAX
 #define lk_real_exp exp
 #define lk_real_transpose lk_transpose_f64
 #define lk_real_softmax_combine lk_softmax_combine_f64
@@ -56,6 +59,8 @@ typedef lk_vf lk_v;
 #define lk_v_hmax lk_vf_hmax
 #define lk_v_select_lt lk_vf_select_lt
 #define lk_v_exp_softmax lk_vf_exp_softmax
+#define lk_v_deinterleave2 lk_vf_deinterleave2
+#define LK_REAL_MAX FLT_MAX
 #define lk_real_exp expf
 #define lk_real_transpose lk_transpose
 #define lk_real_softmax_combine lk_softmax_combine_f32
