@@ -190,6 +190,42 @@ def test_nan_and_inf_propagate(rng, dtype, simd):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_masked_nonfinite_values_never_leak(rng, dtype, simd):
+    """A key the causal mask hides from a query adds nothing to it, even where its key or value is inf or
+    NaN (0 * inf would be NaN); the rows that admit it get what IEEE arithmetic gives.  Keys beyond
+    kv_lens likewise, in the kernel and in the twin.  Decode (split keys) and prefill (tiles)."""
+    for N, M in ((4, 8), (1, 8), (70, 130), (1, 300), (3, 300)):
+        q, k, v = make_qkv(rng, 2, N, M, 4, 2, 16, dtype=dtype)
+        kd, vd = k.copy(), v.copy()
+        kd[:, M - 3:, 0] = np.inf
+        vd[:, M - 3:] = np.inf
+        vd[0, M - 2, 1, 3] = np.nan
+        q_pos = np.arange(N) + (M - 4 - N)                 # every query sees keys < M - 4 only
+        want = lmkern.attention(q, k[:, :M - 4], v[:, :M - 4], causal=True, q_pos=q_pos)
+        for kp in (None, np.arange(M)):
+            got = lmkern.attention(q, kd, vd, causal=True, q_pos=q_pos, kv_pos=kp)
+            assert np.all(np.isfinite(got))
+            assert_close(got, want)
+            assert_close(ref.core.attention(q, kd, vd, causal=True, q_pos=q_pos, kv_pos=kp), want)
+        # beyond kv_lens
+        lens = [M - 4, M - 3]
+        got = lmkern.attention(q, kd, vd, kv_lens=lens)
+        twin = ref.core.attention(q, kd, vd, kv_lens=lens)
+        assert np.all(np.isfinite(got[0])) and np.all(np.isfinite(twin[0]))
+        assert_close(got[:1], lmkern.attention(q[:1], k[:1, :M - 4], v[:1, :M - 4]))
+        assert_close(twin, got)
+        # rows that admit the dirty keys get inf / NaN, the others stay exact
+        q_pos = np.linspace(M - 6, M - 1, N).astype(np.int64)
+        got = lmkern.attention(q, k, vd, causal=True, q_pos=q_pos)
+        twin = ref.core.attention(q, k, vd, causal=True, q_pos=q_pos)
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(twin))
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(twin))
+        seen = q_pos >= M - 3
+        assert np.all(np.isfinite(got[:, ~seen])) and not np.any(np.isfinite(got[:, seen]))
+        assert_close(np.where(np.isfinite(got), got, 0), np.where(np.isfinite(twin), twin, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_scores_spanning_the_exp_range(rng, dtype, simd):
     """Scores below their row's max by 0 to 200 (float64: 0 to 800): the softmax exponentials cover
     e^0 .. e^-200, across the float32 underflow at e^-87.3 (weights there are 0, or tiny normals just

@@ -475,3 +475,27 @@ def test_quantized_cache_default_q_pos_is_attention_default(rng):
     want_pos = c.lengths[:, None] - 3 + np.arange(3)
     np.testing.assert_array_equal(c.attend(q), c.attend(q, q_pos=want_pos))
     assert not np.allclose(c.attend(q), c.attend(q, q_pos=pos[:, 30:33]))
+
+
+def test_cache_attend_masked_nonfinite_values_never_leak(rng, simd):
+    """A token a query's causal position hides adds nothing to it, even where its full-precision value
+    (or the scale of its quantized value) is inf or NaN; the rows that see it get IEEE's inf / NaN."""
+    B, Hkv, Hq, D, L = 1, 2, 4, 32, 70
+    k, v = randn(rng, (B, L, Hkv, D)), randn(rng, (B, L, Hkv, D))
+    v[0, 3, 1, 5] = np.inf          # quantized (per-token groups: that group's scale becomes inf)
+    v[0, L - 2:] = np.inf           # the residual
+    v[0, L - 1, 0, 2] = np.nan
+    for G, R in ((32, 32), (8, 8)):
+        fast = kv.QuantizedKVCache(B, 128, Hkv, D, D, bits=2, group_size=G, residual=R)
+        twin = ref.QuantizedKVCache(B, 128, Hkv, D, D, bits=2, group_size=G, residual=R)
+        fast.append(k, v)
+        twin.append(k, v)
+        q = randn(rng, (B, 3, Hq, D))
+        for q_pos in ([1, 2, L - 3], [L - 3, L - 2, L - 1], [0, 1, 2]):
+            got = fast.attend(q, q_pos=q_pos)
+            want = twin.attend(q, q_pos=q_pos)
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+            assert_close(np.where(np.isfinite(got), got, 0), np.where(np.isfinite(want), want, 0))
+        assert np.all(np.isfinite(fast.attend(q, q_pos=[0, 1, 2])))
+

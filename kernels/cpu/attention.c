@@ -31,10 +31,10 @@
  * than torch's float64 SDPA on causal prefill and 16x slower than float32 decode on a Zen 3 guest.
  * For a fixed thread count every path is bitwise reproducible.
  *
- * Non-finite data: NaN and inf propagate as IEEE arithmetic says.  Decision: a non-finite value in
- * a masked-out key or value that shares a key block with admissible keys in the tile path can
- * contaminate that row (0 * inf = NaN), as it does in the NumPy twin; keys beyond kv_lens and
- * skipped causal blocks are never read. */
+ * Non-finite data: NaN and inf propagate as IEEE arithmetic says, over the admissible keys only.  A
+ * masked key's score is -inf (its weight 0), and a masked block whose values hold an inf or a NaN takes
+ * lk_pv_exact, which skips the masked keys (the vector kernels would add 0 * inf = NaN); keys beyond
+ * kv_lens and skipped causal blocks are never read. */
 #include <math.h>
 #include <stdlib.h>
 #include <omp.h>

@@ -278,6 +278,44 @@ static void lk_pv(const lk_tile *t, const lk_real *v, int64_t vstride, int64_t n
     }
 }
 
+/* Whether the nk value rows (E features, row stride vstride) hold an inf or a NaN (x - x is NaN exactly
+ * for those). */
+static int lk_values_nonfinite(const lk_real *v, int64_t vstride, int64_t nk, int64_t E) {
+    const int64_t Ev = E / LK_VL * LK_VL;
+    lk_v acc = lk_v_zero();
+    lk_real tail = 0;
+    for (int64_t j = 0; j < nk; j++) {
+        const lk_real *vj = v + j * vstride;
+        int64_t e = 0;
+        for (; e < Ev; e += LK_VL) {
+            const lk_v x = lk_v_load(vj + e);
+            acc = lk_v_add(acc, lk_v_sub(x, x));
+        }
+        for (; e < E; e++) tail += vj[e] - vj[e];
+    }
+    const lk_real sum = lk_v_sum(acc) + tail;
+    return sum != sum;
+}
+
+/* lk_pv for a masked block (kpos, or kpos_first != INT64_MIN) whose values hold an inf or a NaN: a key
+ * masked for a row adds nothing to that row, where the vector kernels would add 0 * inf = NaN; an
+ * admissible key adds p v as IEEE arithmetic says.  Scalar, and only for such blocks, so finite data
+ * never comes here and keeps its results bit for bit. */
+static void lk_pv_exact(const lk_tile *t, const lk_real *v, int64_t vstride, int64_t nk, int64_t col0, int rescale,
+                        const int64_t *kpos, int64_t kpos_first) {
+    for (int64_t r = 0; r < t->rows; r++) {
+        lk_real *o = t->o + r * t->Ep;
+        const lk_real *pr = t->s + r * LK_BK + col0;
+        const int64_t qp = t->qpos[r];
+        if (rescale)
+            for (int64_t e = 0; e < t->E; e++) o[e] *= t->alpha[r];
+        for (int64_t j = 0; j < nk; j++) {
+            if (kpos ? kpos[j] > qp : kpos_first + j > qp) continue;
+            for (int64_t e = 0; e < t->E; e++) o[e] += pr[j] * v[j * vstride + e];
+        }
+    }
+}
+
 static void lk_tile_reset(const lk_tile *t) {
     memset(t->o, 0, sizeof(lk_real) * (size_t)(t->rows * t->Ep));
     for (int64_t r = 0; r < t->rows; r++) { t->m[r] = -INFINITY; t->l[r] = 0; t->alpha[r] = 1; }
@@ -309,6 +347,10 @@ static void lk_tile_block(const lk_tile *t, const lk_real *kt, const lk_real *k,
         if (kt) lk_qk_packed(t, kt, 0);
         else lk_qk_dot(t, k, kstride, nk, 0);
         lk_softmax_step(t, nk, kpos, kpos_first);
+        if ((kpos || kpos_first != INT64_MIN) && lk_values_nonfinite(v, vstride, nk, t->E)) {
+            lk_pv_exact(t, v, vstride, nk, 0, 1, kpos, kpos_first);
+            return;
+        }
     }
     lk_pv(t, v, vstride, nk, 0, 1);
 }
@@ -562,10 +604,20 @@ static lk_status attention_split(const lk_attention_params *p) {
                             lk_qk_dot(&tg[g], kbase + js * kstride + g * hkstride, kstride, ns, js);
                     }
                     for (int64_t g = 0; g < Hkv; g++) lk_softmax_step(&tg[g], nk, kpos, first);
+                    int exact = 0; /* a masked block with inf or NaN values: lk_pv_exact */
+                    if (kpos || first != INT64_MIN)
+                        for (int64_t g = 0; g < Hkv && !exact; g++)
+                            exact = lk_values_nonfinite(vbase + g * hvstride, vstride, nk, E);
                     for (int64_t js = 0; js < nk; js += LK_SUB) {
                         const int64_t ns = lk_min_i64(LK_SUB, nk - js);
-                        for (int64_t g = 0; g < Hkv; g++)
-                            lk_pv(&tg[g], vbase + js * vstride + g * hvstride, vstride, ns, js, js == 0);
+                        for (int64_t g = 0; g < Hkv; g++) {
+                            const lk_real *vg = vbase + js * vstride + g * hvstride;
+                            if (exact)
+                                lk_pv_exact(&tg[g], vg, vstride, ns, js, js == 0, kpos ? kpos + js : NULL,
+                                            first != INT64_MIN ? first + js : INT64_MIN);
+                            else
+                                lk_pv(&tg[g], vg, vstride, ns, js, js == 0);
+                        }
                     }
                 }
                 /* partial states of this chunk; tile row g grows + iq G + hl is head h = g G + hl */

@@ -253,10 +253,12 @@ LK_ALWAYS_INLINE void lk_values_rows(const lk_attend_ctx *c, int64_t j0, int64_t
 }
 
 /* Values of the block: SIMD path above; the generic path folds p_t * scale_tg into a weight and sums
- * the zero points per group (the same math in another order). */
-static void lk_values(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
+ * the zero points per group (the same math in another order), and skips the tokens a row's causal mask
+ * excludes.  exact: take the generic path (a masked block whose value data hold an inf or a NaN, where
+ * the SIMD path would add 0 * inf = NaN for the masked tokens). */
+static void lk_values(const lk_attend_ctx *c, int64_t j0, int64_t nb, int exact) {
     const lk_kv_attend_params *p = c->p;
-    if (c->simd) {
+    if (c->simd && !exact) {
         if (p->bits == 2) lk_values_rows(c, j0, nb, 2);
         else if (p->bits == 4) lk_values_rows(c, j0, nb, 4);
         else lk_values_rows(c, j0, nb, 8);
@@ -271,6 +273,7 @@ static void lk_values(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
         for (int64_t r = 0; r < c->rows; r++) {
             const float pr = c->S[r * G + t];
             float *acc = c->acc + r * E;
+            if (p->causal && p->kv_pos[c->b * p->pos_cap + j] > p->q_pos[c->b * p->N + r / c->group]) continue;
             if (j < qv) {
                 for (int64_t ge = 0; ge < EG; ge++) {
                     const float w = pr * vs[ge];
@@ -287,6 +290,24 @@ static void lk_values(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
 }
 
 /* ------------------------------------------------------------------------------------ one item */
+
+/* Whether the value data of tokens [j0, j0 + nb) hold an inf or a NaN: the scales and zeros of quantized
+ * tokens, the rows of full-precision ones (x - x is NaN exactly for those). */
+static int lk_values_nonfinite(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
+    const lk_kv_attend_params *p = c->p;
+    const int64_t E = p->E, EG = E / p->G, head = c->b * p->Hkv + c->g, qv = p->qv[c->b];
+    float sum = 0;
+    for (int64_t j = j0; j < j0 + nb; j++) {
+        if (j < qv) {
+            const float *vs = p->v_scale + (head * p->v_cap + j) * EG, *vz = p->v_zero + (head * p->v_cap + j) * EG;
+            for (int64_t g = 0; g < EG; g++) sum += (vs[g] - vs[g]) + (vz[g] - vz[g]);
+        } else {
+            const float *vr = p->v_res + (head * p->v_res_cap + (j - qv)) * E;
+            for (int64_t e = 0; e < E; e++) sum += vr[e] - vr[e];
+        }
+    }
+    return sum != sum;
+}
 
 /* Prefetch the quantized data of the block starting at token j0 (if any). */
 static void lk_attend_prefetch(const lk_attend_ctx *c, int64_t j0) {
@@ -315,9 +336,11 @@ static void lk_attend_block(lk_attend_ctx *c, int64_t j0, int64_t nb) {
     int64_t maxpos = INT64_MIN;   /* a row whose q_pos is >= every position of the block needs no mask */
     if (p->causal)
         for (int64_t t = 0; t < nb; t++) maxpos = lk_max_i64(maxpos, p->kv_pos[b * p->pos_cap + j0 + t]);
+    int masked = 0;               /* some token of the block is masked for some row */
     for (int64_t r = 0; r < c->rows; r++) {
         float *s = c->S + r * G;
         const int64_t qp = p->q_pos[b * p->N + r / c->group];
+        masked |= p->causal && maxpos > qp;
         if (p->causal && maxpos > qp)
             for (int64_t t = 0; t < nb; t++)
                 if (p->kv_pos[b * p->pos_cap + j0 + t] > qp) s[t] = -INFINITY;
@@ -365,7 +388,7 @@ static void lk_attend_block(lk_attend_ctx *c, int64_t j0, int64_t nb) {
         for (; t < nb; t++) { s[t] = expf(s[t] - m); l += s[t]; }
         c->l[r] += l;
     }
-    lk_values(c, j0, nb);
+    lk_values(c, j0, nb, masked && lk_values_nonfinite(c, j0, nb));
 }
 
 lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {

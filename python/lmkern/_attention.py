@@ -63,9 +63,10 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
 
     * a query with no admissible key gives ``out = 0``, ``lse = -inf`` (no NaN);
     * a NaN score (NaN in ``q`` or an admissible key) makes that query's whole output row and lse NaN,
-      as IEEE arithmetic over the row would; inf in ``v`` propagates linearly.  Masked keys beyond
-      ``kv_lens`` or in skipped causal blocks are never read; a non-finite value in a masked key that
-      shares a 64-key block with admissible ones may still reach the row (``0 * inf``);
+      as IEEE arithmetic over the row would; inf in ``v`` propagates linearly.  A key a query does
+      not admit (beyond ``kv_lens``, or causally masked) adds nothing to it, even where its key or
+      value is inf or NaN (no ``0 * inf``); the queries that admit it get IEEE's inf / NaN.  (The CUDA
+      kernels do not yet guarantee this for a masked key that shares a key tile with admissible ones.);
     * float16 computes and returns float32; float32 accumulates in float32 (statistics too),
       float64 in float64;
     * results are bitwise reproducible for a fixed ``lmkern.set_num_threads``; changing the thread

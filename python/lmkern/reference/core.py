@@ -20,6 +20,19 @@ def default_q_pos(kv_lens, B, N):
     return np.asarray(kv_lens, dtype=np.int64).reshape(B, 1) - N + np.arange(N, dtype=np.int64)
 
 
+def _admissible_sum(p, admissible, v):
+    """``sum_j p[i, j] v[j]`` over the keys row i admits: a masked key adds nothing even where its value
+    is inf or NaN (``p @ v`` would add 0 * inf = NaN); an admissible one adds ``p v`` as IEEE says."""
+    bad = ~np.isfinite(v).all(axis=-1)                  # keys with a non-finite value
+    if not bad.any():
+        return p @ v
+    out = p @ np.where(bad[:, None], 0, v)
+    for j in np.flatnonzero(bad):
+        rows = admissible[:, j]
+        out[rows] += p[rows, j, None] * v[j]
+    return out
+
+
 def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_lens=None,
               return_lse=False, out=None, prefix_k=None, prefix_v=None):
     """out[b,i,h] = softmax over admissible j of scale <q[b,i,h], k[b,j,g]>, applied to v[b,j,g].
@@ -55,7 +68,8 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
             admissible = np.concatenate([np.ones((N, L), bool), admissible], axis=1)
         for h in range(Hq):
             g = h // group
-            s = scale * (q[b, :, h].astype(acc) @ kb[:, g].T)              # (N, L + M)
+            with np.errstate(invalid="ignore", over="ignore"):              # inf / NaN keys: IEEE, silently
+                s = scale * (q[b, :, h].astype(acc) @ kb[:, g].T)          # (N, L + M)
             s = np.where(admissible, s, -np.inf)
             m = s.max(axis=1, initial=-np.inf, keepdims=True)
             m = np.where(np.isfinite(m), m, 0)
@@ -63,7 +77,7 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
             l = p.sum(axis=1, keepdims=True)
             # l == 0: no admissible key (out 0, lse -inf); a NaN score makes l NaN and the row NaN
             with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-                res[b, :, h] = np.where(l != 0, (p @ vb[:, g]) / np.where(l != 0, l, 1), 0)
+                res[b, :, h] = np.where(l != 0, _admissible_sum(p, admissible, vb[:, g]) / np.where(l != 0, l, 1), 0)
                 lse[b, :, h] = np.where(l[:, 0] != 0, np.log(np.where(l[:, 0] != 0, l[:, 0], 1)) + m[:, 0], -np.inf)
     res = res.astype(dtype)
     if out is not None:
