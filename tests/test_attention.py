@@ -252,6 +252,17 @@ def test_scores_spanning_the_exp_range(rng, dtype, simd):
 # errors
 # ------------------------------------------------------------------------------------------
 
+def test_out_shape_errors_name_the_axes(rng):
+    q, k, v = make_qkv(rng, 1, 2, 3, 2, 1, 4, 3)
+    with pytest.raises(ValueError, match=r"attention: out has shape \(1, 2, 2, 5\); expected \(B, N, Hq, E\) = \(1, 2, 2, 3\)"):
+        lmkern.attention(q, k, v, out=np.zeros((1, 2, 2, 5), np.float32))
+    with pytest.raises(ValueError, match=r"rope: out has shape .*expected \(B, T, G, D\) = \(1, 2, 2, 4\)"):
+        lmkern.rope(q, np.arange(2), out=np.zeros((1, 2, 2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"tpa.decode: out has shape .*expected \(B, H, E\) = \(1, 2, 3\)"):
+        lmkern.tpa.decode(q[:, 0, :, :1], q[:, 0, :1], k[..., :1].repeat(2, 2), k[:, :, :1],
+                          k[..., :1].repeat(2, 2), v[:, :, :1], out=np.zeros((1, 2, 4), np.float32))
+
+
 def test_errors_name_the_argument(rng):
     q, k, v = make_qkv(rng, 2, 5, 7, 4, 2, 8)
     with pytest.raises(ValueError, match=r"attention: q has shape .*\(B, N, Hq, D\)"):

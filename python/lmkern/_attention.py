@@ -40,7 +40,7 @@ def attention_impl(fn, q, k, v, *, causal, scale, q_pos, kv_pos, kv_lens, return
     sh = check_attention_args(fn, a["q"], a["k"], a["v"], q_pos, kv_pos, kv_lens, a["prefix_k"], a["prefix_v"], P)
     B, N, Hq, E = sh["B"], sh["N"], sh["Hq"], sh["E"]
     scale = _dispatch.as_scale(fn, scale, sh["D"] ** -0.5 if sh["D"] else 1.0)
-    buf = _dispatch.prepare_out(fn, out, (B, N, Hq, E), dtype)
+    buf = _dispatch.prepare_out(fn, out, (B, N, Hq, E), dtype, letters="B,N,Hq,E")
     lse = np.empty((B, N, Hq), dtype) if return_lse else None
     _core.attention(a["q"], a["k"], a["v"], buf, lse, q_pos, kv_pos, kv_lens, bool(causal), scale,
                     a["prefix_k"], a["prefix_v"], max(B // P, 1) if P else 1)
@@ -125,7 +125,7 @@ def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=F
     dtype, a = _dispatch.float_arrays(fn, x=x)
     pos = _dispatch.index_array(fn, "positions", positions)
     r = check_rope_args(fn, a["x"], pos, rotary_dim, style)
-    buf = _dispatch.prepare_out(fn, out, a["x"].shape, dtype)
+    buf = _dispatch.prepare_out(fn, out, a["x"].shape, dtype, letters="B,T,G,D")
     np.copyto(buf, a["x"])
     _core.rope_(buf, pos, float(base), r, style == "interleaved", bool(inverse))
     return _dispatch.finish_out(buf, out)

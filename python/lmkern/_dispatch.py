@@ -170,11 +170,12 @@ def route(fn: str, **arrays) -> str:
     return "cpu"
 
 
-def prepare_out(fn: str, out, shape, dtype, name: str = "out"):
+def prepare_out(fn: str, out, shape, dtype, name: str = "out", letters: str | None = None):
     """A C-contiguous buffer of ``shape``/``dtype`` for a kernel to write.
 
-    ``out=None`` allocates.  A given ``out`` must have the shape (ValueError) and dtype (TypeError);
-    when it is not C-contiguous, the kernel writes a temporary that :func:`finish_out` copies back.
+    ``out=None`` allocates.  A given ``out`` must have the shape (ValueError, naming the axes by
+    ``letters``, e.g. ``"B,N,Hq,E"``, when given) and dtype (TypeError); when it is not C-contiguous, the
+    kernel writes a temporary that :func:`finish_out` copies back.
     """
     shape = tuple(int(s) for s in shape)
     if out is None:
@@ -182,6 +183,9 @@ def prepare_out(fn: str, out, shape, dtype, name: str = "out"):
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a numpy.ndarray for CPU inputs; got {type(out).__name__}")
     if out.shape != shape:
+        if letters:
+            ls = _letters(letters)
+            Shapes(fn, **dict(zip(ls, shape))).fail(name, out.shape, ls)
         Shapes(fn).fail(name, out.shape, [str(s) for s in shape])
     if out.dtype != dtype:
         raise TypeError(f"{fn}: {name} has dtype {out.dtype}; expected {np.dtype(dtype)}")

@@ -418,7 +418,7 @@ def scatter_residual(h, idx, y, gate=None, *, out=None):
     if _route(fn, dict(h=h, y=y, gate=gate, out=out), dict(idx=idx)) == "cuda":
         return _cuda_scatter_residual(h, idx, y, gate, out=out)
     dtype, h_a, idx, y, gate = _check_scatter("mor.scatter_residual", h, idx, y, gate)
-    buf = _dispatch.prepare_out("mor.scatter_residual", out, h_a.shape, dtype)
+    buf = _dispatch.prepare_out("mor.scatter_residual", out, h_a.shape, dtype, letters="B,T,Dm")
     if buf is out and np.shares_memory(out, h_a):
         if out is h_a:  # out is h: update in place
             _core.mor_scatter(None, idx, y, gate, buf)

@@ -122,7 +122,7 @@ def materialize(a, b, *, scale=None, out=None):
     a, b = arr["a"], arr["b"]
     sh, scale, shape, rows = check_materialize(fn, a, b, scale)
     R = sh["R"]
-    buf = _dispatch.prepare_out(fn, out, shape, dtype)
+    buf = _dispatch.prepare_out(fn, out, shape, dtype, letters=",".join(f"L{i}" for i in range(len(shape) - 2)) + ("," if len(shape) > 2 else "") + "H,D")
     _core.tpa_materialize(a.reshape(rows, sh["H"], R), b.reshape(rows, R, sh["D"]),
                           buf.reshape(rows, sh["H"], sh["D"]), scale)
     return _dispatch.finish_out(buf, out)
@@ -200,7 +200,7 @@ def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, k
     path = _dispatch.check_choice(fn, "_path", _path, tuple(_PATHS))
     B, N, H, E, D = sh["B"], sh["N"], sh["H"], sh["E"], sh["D"]
     scale = _dispatch.as_scale(fn, scale, D ** -0.5 if D else 1.0)
-    buf = _dispatch.prepare_out(fn, out, (B, N, H, E), dtype)
+    buf = _dispatch.prepare_out(fn, out, (B, N, H, E), dtype, letters="B,N,H,E")
     lse = np.empty((B, N, H), dtype) if return_lse else None
     _core.tpa_attention(a["aq"], a["bq"], a["ak"], a["bk"], a["av"], a["bv"], buf, lse, q_pos, kv_pos, kv_lens,
                         bool(causal), scale, _PATHS[path], int(_splits), False)
@@ -238,7 +238,7 @@ def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False
     path = _dispatch.check_choice(fn, "_path", _path, tuple(_PATHS))
     B, H, E, D = sh["B"], sh["H"], sh["E"], sh["D"]
     scale = _dispatch.as_scale(fn, scale, D ** -0.5 if D else 1.0)
-    buf = _dispatch.prepare_out(fn, out, (B, H, E), dtype)
+    buf = _dispatch.prepare_out(fn, out, (B, H, E), dtype, letters="B,H,E")
     lse = np.empty((B, H), dtype) if return_lse else None
     _core.tpa_attention(a["aq"], a["bq"], a["ak"], a["bk"], a["av"], a["bv"], buf, lse, None, None, kv_lens,
                         False, scale, _PATHS[path], int(_splits), True)

@@ -111,9 +111,9 @@ def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=F
     return y
 
 
-def rope_(x, positions, **kwargs):
+def rope_(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=False):
     """In-place rope."""
-    x[...] = rope(x, positions, **kwargs)
+    x[...] = rope(x, positions, base=base, rotary_dim=rotary_dim, style=style, inverse=inverse)
     return x
 
 
