@@ -252,6 +252,39 @@ def test_scores_spanning_the_exp_range(rng, dtype, simd):
 # errors
 # ------------------------------------------------------------------------------------------
 
+def test_twins_raise_the_kernels_errors(rng):
+    """The NumPy twins check their arguments by the same rules, with the same messages."""
+    import lmkern.reference as R
+    q, k = np.zeros((2, 3, 3, 4), np.float32), np.zeros((2, 5, 1, 4), np.float32)
+    z = np.zeros
+    calls = [
+        ("attention", dict(q=q, k=k, v=k, kv_lens=[9, 9])),
+        ("attention", dict(q=q, k=z((2, 5, 2, 4)), v=z((2, 5, 2, 4)))),
+        ("attention", dict(q=q, k=k[..., :2], v=k)),
+        ("attention", dict(q=q, k=k, v=k, q_pos=z((3, 3), np.int64))),
+        ("attention", dict(q=q, k=k, v=k, out=z((2, 3, 3, 5), np.float32))),
+        ("rope", dict(x=q, positions=np.arange(3), style="x")),
+        ("rope", dict(x=q, positions=np.arange(3), rotary_dim=3)),
+        ("rope", dict(x=q, positions=np.arange(4))),
+        ("parscale.prefix_attention", dict(q=z((3, 1, 1, 4)), k=z((3, 2, 1, 4)), v=z((3, 2, 1, 4)),
+                                           prefix_k=z((2, 1, 1, 4)), prefix_v=z((2, 1, 1, 4)))),
+        ("tpa.decode", dict(aq=z((1, 2, 3)), bq=z((1, 3, 4)), ak=z((1, 5, 2, 1)), bk=z((1, 5, 1, 5)),
+                            av=z((1, 5, 2, 1)), bv=z((1, 5, 1, 4)))),
+        ("tpa.attention", dict(aq=z((1, 1, 2, 3)), bq=z((1, 1, 3, 5)), ak=z((1, 5, 2, 1)), bk=z((1, 5, 1, 5)),
+                               av=z((1, 5, 2, 1)), bv=z((1, 5, 1, 4)), kv_lens=[6])),
+        ("tpa.materialize", dict(a=z((2, 3)), b=z((2, 4)))),
+    ]
+    for name, kw in calls:
+        mod, _, f = name.rpartition(".")
+        lib = getattr(getattr(lmkern, mod) if mod else lmkern, f)
+        twin = getattr(getattr(R, mod) if mod else R, f)
+        with pytest.raises((ValueError, TypeError)) as a:
+            lib(**kw)
+        with pytest.raises((ValueError, TypeError)) as b:
+            twin(**kw)
+        assert (type(a.value), str(a.value)) == (type(b.value), str(b.value)), name
+
+
 def test_out_shape_errors_name_the_axes(rng):
     q, k, v = make_qkv(rng, 1, 2, 3, 2, 1, 4, 3)
     with pytest.raises(ValueError, match=r"attention: out has shape \(1, 2, 2, 5\); expected \(B, N, Hq, E\) = \(1, 2, 2, 3\)"):

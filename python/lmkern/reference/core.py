@@ -40,13 +40,27 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
     ``prefix_k``/``prefix_v`` (P, L, Hkv, ·) are the ParScale shared prefix: row b also attends to the
     L keys of prefix b // (B / P), always admissible.  (Public in lmkern.reference.parscale.)
     """
-    dtype, a = _dispatch.float_arrays("attention", q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
+    from .._attention import check_attention_args      # the library's shape rules, so the errors match
+    fn = "attention" if prefix_k is None else "parscale.prefix_attention"
+    P = None
+    if prefix_k is not None:
+        from ..parscale import _prefix_streams
+        P, nrows = _prefix_streams(fn, q, prefix_k)
+        if nrows == 0:
+            prefix_k, prefix_v, P = np.asarray(prefix_k)[:0], np.asarray(prefix_v)[:0], 0
+    dtype, a = _dispatch.float_arrays(fn, q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
+    q_pos = _dispatch.index_array(fn, "q_pos", q_pos)
+    kv_pos = _dispatch.index_array(fn, "kv_pos", kv_pos)
+    kv_lens = _dispatch.index_array(fn, "kv_lens", kv_lens)
+    check_attention_args(fn, a["q"], a["k"], a["v"], q_pos, kv_pos, kv_lens, a["prefix_k"], a["prefix_v"], P)
     q, k, v = a["q"], a["k"], a["v"]
     acc = _acc_dtype(dtype)
     B, N, Hq, D = q.shape
     M, Hkv, E = k.shape[1], k.shape[2], v.shape[3]
     group = Hq // Hkv if Hkv else 1
-    scale = (D ** -0.5 if D else 1.0) if scale is None else float(scale)
+    scale = _dispatch.as_scale(fn, scale, D ** -0.5 if D else 1.0)
+    if out is not None:
+        _dispatch.prepare_out(fn, out, (B, N, Hq, E), dtype, letters="B,N,Hq,E")
     lens = np.full(B, M, np.int64) if kv_lens is None else np.asarray(kv_lens, np.int64).reshape(B)
     qp = default_q_pos(lens, B, N) if q_pos is None else np.broadcast_to(np.asarray(q_pos, np.int64), (B, N))
     kp = np.broadcast_to(np.arange(M, dtype=np.int64), (B, M)) if kv_pos is None else \
@@ -88,10 +102,14 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
 
 def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=False, out=None):
     """Rotates feature pairs of x (B, T, G, D) by theta = pos * base^(-2i/r)."""
+    from .._attention import check_rope_args           # the library's argument rules
     dtype, a = _dispatch.float_arrays("rope", x=x)
     x = a["x"]
+    positions = _dispatch.index_array("rope", "positions", positions)
+    r = check_rope_args("rope", x, positions, rotary_dim, style)   # r = rotary_dim or D
     B, T, G, D = x.shape
-    r = int(rotary_dim) if rotary_dim else D      # r = rotary_dim or D
+    if out is not None:
+        _dispatch.prepare_out("rope", out, x.shape, dtype, letters="B,T,G,D")
     pos = np.broadcast_to(np.asarray(positions, np.int64), (B, T)).astype(np.float64)
     inv_freq = base ** (-2.0 * np.arange(r // 2, dtype=np.float64) / r)
     theta = pos[:, :, None, None] * inv_freq                                 # (B, T, 1, r/2)

@@ -16,12 +16,26 @@ from .core import attention as _attention
 __all__ = ["materialize", "attention", "decode", "KVCache"]
 
 
+def _check(fn, aq, bq, ak, bk, av, bv, kv_lens, query_spec, q_pos=None, kv_pos=None):
+    """The library's argument rules (tpa.check_factors), so the twins raise the same errors."""
+    from ..tpa import check_factors
+    _, arr = _dispatch.float_arrays(fn, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv)
+    sh = _dispatch.Shapes(fn)
+    check_factors(fn, sh, arr, _dispatch.index_array(fn, "kv_lens", kv_lens), query_spec)
+    if q_pos is not None:
+        sh.check_one_of("q_pos", _dispatch.index_array(fn, "q_pos", q_pos), "N", "B,N")
+    if kv_pos is not None:
+        sh.check_one_of("kv_pos", _dispatch.index_array(fn, "kv_pos", kv_pos), "M", "B,M")
+
+
 def materialize(a, b, *, scale=None, out=None):
     """``a (...,H,R)``, ``b (...,R,D)`` -> ``scale * a @ b`` of shape ``(...,H,D)``; scale defaults to 1/R."""
+    from ..tpa import check_materialize                # the library's shape and scale rules
     dtype, arr = _dispatch.float_arrays("tpa.materialize", a=a, b=b)
     a, b = arr["a"], arr["b"]
-    R = a.shape[-1]
-    scale = 1.0 / R if scale is None else float(scale)
+    _, scale, shape, _ = check_materialize("tpa.materialize", a, b, scale)   # scale: 1/R by default
+    if out is not None:
+        _dispatch.prepare_out("tpa.materialize", out, shape, dtype)
     acc = np.float64 if dtype == np.float64 else np.float32
     res = (scale * np.einsum("...hr,...rd->...hd", a.astype(acc), b.astype(acc))).astype(dtype)
     if out is not None:
@@ -33,6 +47,7 @@ def materialize(a, b, *, scale=None, out=None):
 def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_lens=None,
               return_lse=False, out=None):
     """``attention(materialize(aq,bq), materialize(ak,bk), materialize(av,bv), ...)`` with scale ``D**-0.5``."""
+    _check("tpa.attention", aq, bq, ak, bk, av, bv, kv_lens, ("B,N,H,Rq", "B,N,Rq,D"), q_pos, kv_pos)
     q = materialize(aq, bq)
     k = materialize(ak, bk)
     v = materialize(av, bv)
@@ -48,6 +63,7 @@ def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False
 
     Every cached token ``j < kv_lens[b]`` is admissible (the query's own factors are already cached).
     """
+    _check("tpa.decode", aq, bq, ak, bk, av, bv, kv_lens, ("B,H,Rq", "B,Rq,D"))
     res = attention(np.asarray(aq)[:, None], np.asarray(bq)[:, None], ak, bk, av, bv, causal=False,
                     scale=scale, kv_lens=kv_lens, return_lse=True)
     o, lse = res[0][:, 0], res[1][:, 0]
