@@ -80,7 +80,7 @@ def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False
                             "pass arrays of one framework")
     lens_v, lens_host = _index(aq, kv_lens, "kv_lens", fn, st, dev)
     sh = _dispatch.Shapes(fn)
-    check_factors(fn, sh, views, lens_host, ("B,H,Rq", "B,Rq,D"))
+    check_factors(fn, sh, views, lens_host, ("B,H,Rq", "B,Rq,D"), zero_ranks=False)
     if lens_v is not None and lens_host is None:
         sh.check("kv_lens", cuda._ShapeOnly(lens_v.shape), "B")
     B, M, H, Rq, Rk, Rv, D, E = (sh[x] for x in ("B", "M", "H", "Rq", "Rk", "Rv", "D", "E"))
@@ -180,7 +180,7 @@ def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, k
     if kv_lens is not None and not _dispatch.is_cuda(kv_lens):
         lens_host = _dispatch.index_array(fn, "kv_lens", kv_lens)
     sh = _dispatch.Shapes(fn)
-    check_factors(fn, sh, views, lens_host, ("B,N,H,Rq", "B,N,Rq,D"))
+    check_factors(fn, sh, views, lens_host, ("B,N,H,Rq", "B,N,Rq,D"), zero_ranks=False)
     B, N, H, D, E = (sh[x] for x in ("B", "N", "H", "D", "E"))
     scale = _dispatch.as_scale(fn, scale, D ** -0.5 if D else 1.0)
     # temporaries of torch / CuPy callers are their own tensors; of others, DeviceArrays (then the result

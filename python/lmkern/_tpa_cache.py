@@ -49,9 +49,11 @@ class TPACacheBase(RaggedRows):
         for name, val in (("batch", batch), ("max_len", max_len), ("heads", heads), ("head_dim", head_dim)):
             if int(val) < 0:
                 raise ValueError(f"{fn}: {name} must be >= 0; got {val}")
+        on_gpu = device not in (None, "cpu")
         for name, val in (("k_rank", k_rank), ("v_rank", v_rank)):
-            if int(val) < 1:
-                raise ValueError(f"{fn}: {name} must be >= 1; got {val}")
+            if int(val) < (1 if on_gpu else 0):
+                raise ValueError(f"{fn}: {name} must be >= {1 if on_gpu else 0}; got {val}"
+                                 + (" (a rank of 0 is supported on the CPU only)" if on_gpu and int(val) == 0 else ""))
         if v_head_dim is not None and int(v_head_dim) < 0:
             raise ValueError(f"{fn}: v_head_dim must be >= 0; got {v_head_dim}")
         self.batch, self.max_len, self.heads = int(batch), int(max_len), int(heads)

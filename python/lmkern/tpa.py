@@ -42,8 +42,11 @@ Where this does better than the reference FlashTPA Triton decode kernels
 
 Decisions where the SPEC is silent:
 
-* Ranks must be >= 1 (a rank of 0 would divide by zero in the ``1/R`` scale): ValueError naming the
-  factor.  ``materialize`` with an explicit ``scale`` accepts ``R = 0`` and returns zeros.
+* A rank of 0 is an empty sum (SPEC 0: zero-sized dimensions are never an error): ``materialize`` returns
+  zeros whatever the scale (the default ``1/R`` is undefined there, and ``0 * inf`` would be NaN), and in
+  ``attention`` / ``decode`` / ``KVCache`` ``Rq = 0`` or ``Rk = 0`` makes every score 0 (uniform
+  attention over the admissible keys) and ``Rv = 0`` makes the output 0.  On the CPU; the CUDA path
+  raises ValueError for a rank of 0.
 * ``scale`` defaults to ``D**-0.5`` (``1.0`` when ``D = 0``), applied on top of the ``1/Rq``, ``1/Rk``
   factor scales, exactly as ``lmkern.attention`` on the materialized tensors.
 * ``decode`` attends to every cached token ``j < kv_lens[b]`` (the query's own factors are already
@@ -98,7 +101,17 @@ _PATHS = {"auto": 0, "factor": 1, "materialized": 2}
 def _check_ranks(fn, sh, pairs):
     for letter, arg in pairs:
         if sh[letter] < 1:
-            raise ValueError(f"{fn}: {arg} has rank {letter} = {sh[letter]}; ranks must be >= 1")
+            raise ValueError(f"{fn}: {arg} has rank {letter} = {sh[letter]}; ranks must be >= 1 on CUDA "
+                             "(a rank of 0 is supported on the CPU)")
+
+
+def _fill_zero_ranks(a, sh, dtype):
+    """A rank of 0 makes its materialized tensor an empty sum, 0: the pair becomes a rank-1 pair of zeros,
+    which the kernels read as that same zero tensor (Q = 0 or K = 0: every score 0; V = 0: output 0)."""
+    for A, Bf, letter in (("aq", "bq", "Rq"), ("ak", "bk", "Rk"), ("av", "bv", "Rv")):
+        if sh[letter] == 0:
+            a[A] = np.zeros(a[A].shape[:-1] + (1,), dtype)
+            a[Bf] = np.zeros(a[Bf].shape[:-2] + (1,) + a[Bf].shape[-1:], dtype)
 
 
 def materialize(a, b, *, scale=None, out=None):
@@ -138,23 +151,23 @@ def check_materialize(fn, a, b, scale):
     sh.check("a", a, (lead + "," if lead else "") + "H,R")
     sh.check("b", b, (lead + "," if lead else "") + "R,D")
     R = sh["R"]
-    if scale is None and R < 1:
-        raise ValueError(f"{fn}: a has rank R = {R}; the default scale 1/R needs R >= 1")
-    scale = _dispatch.as_scale(fn, scale, 1.0 / R if R else 1.0)
+    scale = _dispatch.as_scale(fn, scale, 1.0 / R if R else 1.0)   # R = 0: an empty sum, 0 whatever the scale
     shape = tuple(a.shape[:-1]) + (sh["D"],)
     rows = int(np.prod(a.shape[:-2], dtype=np.int64))
     return sh, scale, shape, rows
 
 
-def check_factors(fn, sh, a, kv_lens, query_spec):
-    """The cached factors bind the letters first (so a wrong query names the query), then aq, bq."""
+def check_factors(fn, sh, a, kv_lens, query_spec, zero_ranks=True):
+    """The cached factors bind the letters first (so a wrong query names the query), then aq, bq.
+    ``zero_ranks=False`` (CUDA): a rank of 0 is a ValueError."""
     sh.check("ak", a["ak"], "B,M,H,Rk")
     sh.check("bk", a["bk"], "B,M,Rk,D")
     sh.check("av", a["av"], "B,M,H,Rv")
     sh.check("bv", a["bv"], "B,M,Rv,E")
     sh.check("aq", a["aq"], query_spec[0])
     sh.check("bq", a["bq"], query_spec[1])
-    _check_ranks(fn, sh, (("Rq", "aq"), ("Rk", "ak"), ("Rv", "av")))
+    if not zero_ranks:
+        _check_ranks(fn, sh, (("Rq", "aq"), ("Rk", "ak"), ("Rv", "av")))
     if kv_lens is not None:
         sh.check("kv_lens", kv_lens, "B")
         if kv_lens.size and (kv_lens.min() < 0 or kv_lens.max() > sh["M"]):
@@ -193,6 +206,7 @@ def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, k
     kv_lens = _dispatch.index_array(fn, "kv_lens", kv_lens)
     sh = _dispatch.Shapes(fn)
     check_factors(fn, sh, a, kv_lens, ("B,N,H,Rq", "B,N,Rq,D"))
+    _fill_zero_ranks(a, sh, dtype)
     if q_pos is not None:
         sh.check_one_of("q_pos", q_pos, "N", "B,N")
     if kv_pos is not None:
@@ -235,6 +249,7 @@ def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False
     kv_lens = _dispatch.index_array(fn, "kv_lens", kv_lens)
     sh = _dispatch.Shapes(fn)
     check_factors(fn, sh, a, kv_lens, ("B,H,Rq", "B,Rq,D"))
+    _fill_zero_ranks(a, sh, dtype)
     path = _dispatch.check_choice(fn, "_path", _path, tuple(_PATHS))
     B, H, E, D = sh["B"], sh["H"], sh["E"], sh["D"]
     scale = _dispatch.as_scale(fn, scale, D ** -0.5 if D else 1.0)
