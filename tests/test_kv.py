@@ -499,3 +499,20 @@ def test_cache_attend_masked_nonfinite_values_never_leak(rng, simd):
             assert_close(np.where(np.isfinite(got), got, 0), np.where(np.isfinite(want), want, 0))
         assert np.all(np.isfinite(fast.attend(q, q_pos=[0, 1, 2])))
 
+
+
+def test_cache_sizes_are_integers_and_hand_built_tensors_are_checked():
+    for make in (lambda **kw: lmkern.KVCache(**kw), lambda **kw: kv.QuantizedKVCache(**kw)):
+        with pytest.raises(TypeError, match="batch must be a non-negative integer; got float 1.5"):
+            make(batch=1.5, max_len=4, kv_heads=1, head_dim=32)
+        with pytest.raises(ValueError, match="v_head_dim must be a non-negative integer; got -1"):
+            make(batch=1, max_len=4, kv_heads=1, head_dim=32, v_head_dim=-1)
+    with pytest.raises(TypeError, match="tpa.KVCache: k_rank must be a non-negative integer"):
+        lmkern.tpa.KVCache(1, 4, 1, 2.0, 1, 4)
+    qt = kv.quantize(np.zeros((1, 4, 1, 8), np.float32), bits=2, group_size=4, axis="token")
+    from lmkern._kvbase import QuantizedTensor
+    for bits, g, axis, msg in ((0, 4, "token", "bits"), (2, 0, "token", "group_size"), (2, 4, "x", "axis")):
+        bad = QuantizedTensor(qt.codes, qt.scale, qt.zero, bits=bits, group_size=g, axis=axis, shape=qt.shape,
+                              dtype=qt.dtype)
+        with pytest.raises(ValueError, match=f"kv.dequantize: {msg}"):
+            kv.dequantize(bad)

@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = [
     "Shapes", "float_arrays", "index_array", "is_cuda", "route", "prepare_out", "finish_out",
-    "check_choice", "as_scale",
+    "check_choice", "check_count", "as_scale",
 ]
 
 _FLOAT_KINDS = "f"
@@ -98,6 +98,14 @@ def _letters(spec: str) -> tuple:
 def _parsed(spec: str) -> tuple:
     """``(letter, fixed size or None)`` per axis of a spec."""
     return tuple((letter, int(letter) if letter.isdigit() else None) for letter in _letters(spec))
+
+
+class ShapeOnly:
+    """Stands for an array where only its shape is checked."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+        self.ndim = len(self.shape)
 
 
 def _dtype_name(x) -> str:
@@ -208,6 +216,15 @@ def check_choice(fn: str, name: str, value, choices):
     if value not in choices:
         raise ValueError(f"{fn}: {name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
     return value
+
+
+def check_count(fn, name, val):
+    """A non-negative integer argument: TypeError for another type (2.0, True), ValueError below 0."""
+    if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, np.integer)):
+        raise TypeError(f"{fn}: {name} must be a non-negative integer; got {type(val).__name__} {val!r}")
+    if int(val) < 0:
+        raise ValueError(f"{fn}: {name} must be a non-negative integer; got {val!r}")
+    return int(val)
 
 
 def as_scale(fn: str, scale, default: float) -> float:

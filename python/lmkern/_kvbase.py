@@ -98,6 +98,8 @@ def check_quantized(fn, qt, dtype_of=None):
     NumPy's view of the array)."""
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"{fn}: qt must be a QuantizedTensor; got {type(qt).__name__}")
+    # a hand-built QuantizedTensor gets quantize's own checks of its bits, group size, axis and shape
+    check_quantize_shape(fn, _dispatch.ShapeOnly(qt.shape), qt.bits, qt.group_size, qt.axis)
     B, T, H, D = qt.shape
     per, G = 8 // qt.bits, qt.group_size
     if qt.axis == "token":
@@ -130,9 +132,8 @@ class QuantizedKVCacheBase(RaggedRows):
     def __init__(self, batch, max_len, kv_heads, head_dim, v_head_dim=None, *, bits=2, group_size=32, residual=128):
         fn = self.fn
         for name, val in (("batch", batch), ("max_len", max_len), ("kv_heads", kv_heads), ("head_dim", head_dim),
-                          ("residual", residual)):
-            if int(val) < 0:
-                raise ValueError(f"{fn}: {name} must be >= 0; got {val}")
+                          ("residual", residual)) + ((("v_head_dim", v_head_dim),) if v_head_dim is not None else ()):
+            _dispatch.check_count(fn, name, val)
         self.bits = check_bits(fn, bits)
         self.group_size = G = check_group_size(fn, group_size, self.bits)
         if int(residual) % G:
@@ -272,17 +273,9 @@ def check_pool_args(fn, scores, kernel_size, mode):
     return s, int(kernel_size)
 
 
-def check_count(fn, name, val):
-    """A non-negative integer argument: TypeError for another type (2.0, True), ValueError below 0."""
-    if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, np.integer)):
-        raise TypeError(f"{fn}: {name} must be a non-negative integer; got {type(val).__name__} {val!r}")
-    if int(val) < 0:
-        raise ValueError(f"{fn}: {name} must be a non-negative integer; got {val!r}")
-    return int(val)
-
 
 def check_budget(fn, budget):
-    return check_count(fn, "budget", budget)
+    return _dispatch.check_count(fn, "budget", budget)
 
 
 def check_topk_args(fn, scores, budget, sink, recent):
@@ -290,7 +283,7 @@ def check_topk_args(fn, scores, budget, sink, recent):
     s = a["scores"]
     _dispatch.Shapes(fn).check("scores", s, "B,M,H")
     for name, val in (("budget", budget), ("sink", sink), ("recent", recent)):
-        check_count(fn, name, val)
+        _dispatch.check_count(fn, name, val)
     if int(sink) + int(recent) > int(budget):
         raise ValueError(f"{fn}: sink + recent = {int(sink) + int(recent)} exceeds budget = {int(budget)}")
     return s, int(budget), int(sink), int(recent)
@@ -313,7 +306,7 @@ def check_compact_args(fn, x, idx):
 def streaming_indices(length, *, sink=4, recent):
     fn = "kv.streaming_indices"
     for name, val in (("length", length), ("sink", sink), ("recent", recent)):
-        check_count(fn, name, val)
+        _dispatch.check_count(fn, name, val)
     length, sink, recent = int(length), int(sink), int(recent)
     head = np.arange(min(sink, length), dtype=np.int64)
     tail = np.arange(max(min(sink, length), length - recent), length, dtype=np.int64)

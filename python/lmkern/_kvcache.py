@@ -82,9 +82,9 @@ class KVCacheBase(RaggedRows):
 
     def __init__(self, batch, max_len, kv_heads, head_dim, v_head_dim=None, *, dtype=np.float32, device=None):
         fn = "KVCache"
-        for name, val in (("batch", batch), ("max_len", max_len), ("kv_heads", kv_heads), ("head_dim", head_dim)):
-            if int(val) < 0:
-                raise ValueError(f"{fn}: {name} must be >= 0; got {val}")
+        for name, val in (("batch", batch), ("max_len", max_len), ("kv_heads", kv_heads), ("head_dim", head_dim)) \
+                + ((("v_head_dim", v_head_dim),) if v_head_dim is not None else ()):
+            _dispatch.check_count(fn, name, val)
         if type(self)._gpu_ok and device not in (None, "cpu"):
             return self._init_gpu(batch, max_len, kv_heads, head_dim, v_head_dim, dtype, device)
         dtype = np.dtype(dtype)

@@ -46,9 +46,10 @@ class TPACacheBase(RaggedRows):
     def __init__(self, batch, max_len, heads, k_rank, v_rank, head_dim, v_head_dim=None, *, dtype=np.float32,
                  device=None):
         fn = "tpa.KVCache"
-        for name, val in (("batch", batch), ("max_len", max_len), ("heads", heads), ("head_dim", head_dim)):
-            if int(val) < 0:
-                raise ValueError(f"{fn}: {name} must be >= 0; got {val}")
+        for name, val in (("batch", batch), ("max_len", max_len), ("heads", heads), ("head_dim", head_dim),
+                          ("k_rank", k_rank), ("v_rank", v_rank)) \
+                + ((("v_head_dim", v_head_dim),) if v_head_dim is not None else ()):
+            _dispatch.check_count(fn, name, val)
         on_gpu = device not in (None, "cpu")
         for name, val in (("k_rank", k_rank), ("v_rank", v_rank)):
             if int(val) < (1 if on_gpu else 0):

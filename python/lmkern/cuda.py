@@ -900,12 +900,7 @@ def to_host(x):
     raise TypeError(f"cannot copy a {type(x).__name__} to the host")
 
 
-class _ShapeOnly:
-    """Stands in for a device array in the host-side shape checks (``_dispatch.Shapes``)."""
-
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-        self.ndim = len(self.shape)
+_ShapeOnly = _dispatch.ShapeOnly   # stands in for a device array in the host-side shape checks
 
 
 # ------------------------------------------------------------------------------------------------
