@@ -95,9 +95,11 @@ def torch_threads():
         torch.set_num_threads(lmkern.get_num_threads())
 
 
-def roofline_share(seconds, flops, nbytes):
+def roofline_share(seconds, flops, nbytes, flop_width=4):
+    """flop_width: bytes per element of the FLOPs (8 for float64: half the float32 FMA peak, as SIMD lanes
+    hold half as many doubles)."""
     pf, pb = peaks()
-    return max(flops / pf, nbytes / pb) / seconds
+    return max(flops / (pf * 4 / flop_width), nbytes / pb) / seconds
 
 
 class Table:
@@ -112,9 +114,10 @@ class Table:
         print("| case | median | GB/s | GFLOP/s | roofline share | speed-ups |")
         print("|---|---|---|---|---|---|")
 
-    def add(self, case, seconds, *, flops=0.0, nbytes=0.0, baselines=None):
-        """baselines: {name: seconds} of the same math done another way; prints name x(speed-up)."""
-        share = roofline_share(seconds, flops, nbytes)
+    def add(self, case, seconds, *, flops=0.0, nbytes=0.0, baselines=None, flop_width=4):
+        """baselines: {name: seconds} of the same math done another way; prints name x(speed-up).
+        flop_width=8: float64 FLOPs, whose peak is half the measured float32 one."""
+        share = roofline_share(seconds, flops, nbytes, flop_width)
         ups = ", ".join(f"{name} {t / seconds:.2f}x" for name, t in (baselines or {}).items() if t)
         row = (case, seconds, nbytes / seconds / 1e9, flops / seconds / 1e9, share, ups)
         self.rows.append(row)

@@ -54,10 +54,10 @@ def cases(quick):
     rng = np.random.default_rng(0)
     s = 8 if quick else 1
 
-    def qkv(B, N, M, Hq, Hkv, D, E=None):
+    def qkv(B, N, M, Hq, Hkv, D, E=None, dtype=np.float32):
         E = E or D
-        return (rng.standard_normal((B, N, Hq, D), np.float32), rng.standard_normal((B, M, Hkv, D), np.float32),
-                rng.standard_normal((B, M, Hkv, E), np.float32))
+        return (rng.standard_normal((B, N, Hq, D)).astype(dtype), rng.standard_normal((B, M, Hkv, D)).astype(dtype),
+                rng.standard_normal((B, M, Hkv, E)).astype(dtype))
 
     n = 1024 // s
     yield f"prefill causal GQA B=1 N=M={n} Hq=16 Hkv=4 D=64 [target]", qkv(1, n, n, 16, 4, 64), dict(causal=True)
@@ -80,6 +80,12 @@ def cases(quick):
            qkv(1, idx.size, idx.size, 16, 4, 64), dict(causal=True, q_pos=idx, kv_pos=idx))
     n = 512 // s
     yield f"bidirectional B=2 N=M={n} H=8 D=64 E=32 (D != E)", qkv(2, n, n, 8, 8, 64, 32), dict(causal=False)
+    # float64, NumPy's default dtype (the roofline share counts the float64 FMA peak, half the float32 one)
+    n = 1024 // s
+    yield (f"float64 prefill causal GQA B=1 N=M={n} Hq=16 Hkv=4 D=64", qkv(1, n, n, 16, 4, 64, dtype=np.float64),
+           dict(causal=True))
+    m = 8192 // s
+    yield f"float64 decode B=1 N=1 M={m} Hq=32 Hkv=8 D=128", qkv(1, 1, m, 32, 8, 128, dtype=np.float64), dict(causal=True)
 
 
 def main(argv=None):
@@ -97,7 +103,7 @@ def main(argv=None):
         lmkern.set_num_threads(args.threads)
     H.torch_threads()
     clock = ", CPU time of the one thread" if args.thread_time else ""
-    table = H.Table(f"attention (CPU float32, {lmkern.get_num_threads()} threads{clock})")
+    table = H.Table(f"attention (CPU float32 unless named, {lmkern.get_num_threads()} threads{clock})")
     for name, (q, k, v), kw in cases(args.quick):
         no_baselines = kw.pop("_no_baselines", False)
         B, N, Hq, D = q.shape
@@ -105,8 +111,8 @@ def main(argv=None):
         mask = admissible_mask(B, N, M, kw.get("causal", False), kw.get("q_pos"), kw.get("kv_pos"), kw.get("kv_lens"))
         pairs = float(mask.sum())
         flops = 2.0 * (D + E) * pairs * Hq
-        nbytes = float(q.nbytes + k.nbytes + v.nbytes + B * N * Hq * E * 4)
-        out = np.empty((B, N, Hq, E), np.float32)
+        nbytes = float(q.nbytes + k.nbytes + v.nbytes + B * N * Hq * E * q.itemsize)
+        out = np.empty((B, N, Hq, E), q.dtype)
         fns = {"lmkern": lambda: lmkern.attention(q, k, v, out=out, **kw)}
         if H.HAVE_TORCH and not no_baselines:
             fns["torch SDPA"] = torch_sdpa(q, k, v, causal=kw.get("causal", False), mask=mask)
@@ -115,7 +121,7 @@ def main(argv=None):
         if not no_baselines:
             base["numpy twin"] = H.timeit(lambda: ref.core.attention(q, k, v, **kw), repeat=1, min_time=0, warmup=0)
         base.update({n: t for n, t in times.items() if n != "lmkern"})
-        table.add(name, times["lmkern"], flops=flops, nbytes=nbytes, baselines=base)
+        table.add(name, times["lmkern"], flops=flops, nbytes=nbytes, baselines=base, flop_width=q.itemsize)
     return table
 
 

@@ -70,8 +70,8 @@ def steady_peaks(rounds):
     _harness._PEAKS = (best_f, best_b)
 
 
-def rand(rng, *shape):
-    return rng.standard_normal(shape, dtype=np.float32)
+def rand(rng, *shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
 
 
 def torch_materialize_sdpa(t, causal=False):
@@ -83,11 +83,12 @@ def torch_materialize_sdpa(t, causal=False):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def bench_decode(table, rng, H, Rq, Rk, Rv, D, Ms, label, twin_max=16384):
+def bench_decode(table, rng, H, Rq, Rk, Rv, D, Ms, label, twin_max=16384, dtype=np.float32):
     E = D
     for M in Ms:
-        aq, bq = rand(rng, 1, H, Rq), rand(rng, 1, Rq, D)
-        ak, bk, av, bv = rand(rng, 1, M, H, Rk), rand(rng, 1, M, Rk, D), rand(rng, 1, M, H, Rv), rand(rng, 1, M, Rv, E)
+        r = lambda *shape: rand(rng, *shape, dtype=dtype)  # noqa: E731
+        aq, bq = r(1, H, Rq), r(1, Rq, D)
+        ak, bk, av, bv = r(1, M, H, Rk), r(1, M, Rk, D), r(1, M, H, Rv), r(1, M, Rv, E)
         t = best(lambda: tpa.decode(aq, bq, ak, bk, av, bv))
         base = {}
         q = tpa.materialize(aq, bq)[:, None]
@@ -103,8 +104,9 @@ def bench_decode(table, rng, H, Rq, Rk, Rv, D, Ms, label, twin_max=16384):
         if M <= twin_max:
             base["numpy twin"] = timeit(lambda: ref.decode(aq, bq, ak, bk, av, bv), repeat=1, min_time=0, warmup=0)
         del k, v
+        isz = np.dtype(dtype).itemsize
         table.add(f"{label} M={M}", t, flops=M * pair_flops(H, Rq, Rk, Rv, D, E),
-                  nbytes=M * token_bytes(H, Rk, Rv, D, E), baselines=base)
+                  nbytes=M * token_bytes(H, Rk, Rv, D, E, isz), baselines=base, flop_width=isz)
 
 
 def mha_ceiling(H, Rq, Rk, Rv, D):
@@ -178,9 +180,11 @@ def main(argv=None):
     Ms = [1024] if args.quick else [m for m in (4096, 8192, 16384, 32768, 65536, 131072) if m <= args.max_m]
     tables = []
 
-    table = Table("tpa.decode, float32, B=1 (speed-ups: how many times faster tpa.decode is)")
+    table = Table("tpa.decode, float32 unless named, B=1 (speed-ups: how many times faster tpa.decode is)")
     bench_decode(table, rng, 32, 16, 1, 1, 64, Ms, "H=32 D=64 R=16/1/1")
     bench_decode(table, rng, 47, 6, 2, 2, 64, [1024] if args.quick else [32768], "T6-medium H=47 R=6/2/2")
+    bench_decode(table, rng, 32, 16, 1, 1, 64, [1024] if args.quick else [8192], "float64 H=32 D=64 R=16/1/1",
+                 dtype=np.float64)
     tables.append(table)
     for label, cfg in (("H=32 R=16/1/1", (32, 16, 1, 1, 64)), ("T6-medium", (47, 6, 2, 2, 64))):
         ratio, byte_ratio = mha_ceiling(*cfg)
