@@ -410,7 +410,10 @@ lk_status lk_kv_attend_cpu(const lk_kv_attend_params *p) {
     if (!part_m || !part_l || !part_acc) { free(part_m); free(part_l); free(part_acc); return LK_ERR_NOMEM; }
     const int simd = lk_simd_enabled() && G % LK_VF == 0 && E % LK_VF == 0;
     int failed = 0;
-#pragma omp parallel num_threads(lk_team_cap(items))
+    /* one thread per LK_PAR_WORK FMAs (a tiny decode step stays on the calling thread), at most one per
+     * item; results do not depend on it (nsplit follows lk_get_num_threads()) */
+    const int team = lk_min_i64(lk_team_cap(items), lk_team_for(B * Hkv * lk_max_i64(maxlen, 1) * rows * (D + E)));
+#pragma omp parallel num_threads(team)
     {
         lk_attend_ctx c = {0};
         c.p = p; c.group = group; c.rows = rows; c.simd = simd;

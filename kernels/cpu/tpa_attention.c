@@ -65,7 +65,7 @@ static void NAME(const lk_tpa_attention_params *p, int64_t S, T *part, int *fail
     const int64_t D = p->D, E = p->E, tasks = B * N * S;                                          \
     const int factor = tpa_use_factor(p, 1);                                                      \
     const T c = (T)(p->scale / (double)(Rq * Rk)), inv_rv = (T)(1.0 / (double)Rv);                \
-    _Pragma("omp parallel num_threads(lk_team_cap(tasks))")                                       \
+    _Pragma("omp parallel num_threads(tpa_team(p, tasks))")                                       \
     {                                                                                             \
         /* per query: aqs = c aq (H x Rq) and, materialized path, Q (H x D); per key: P, s */     \
         const size_t ws = (size_t)(H * Rq + (factor ? Rq * Rk : H * D) + 3 * H + H * E + 1);      \

@@ -94,6 +94,16 @@ static void tpa_finish_##T(const lk_tpa_attention_params *p, int64_t S, int64_t 
 LK_DEFINE_TPA_FINISH(float, lk_softmax_combine_f32)
 LK_DEFINE_TPA_FINISH(double, lk_softmax_combine_f64)
 
+/* Threads for a call: at most one per task, and one per LK_PAR_WORK FMAs of work (a tiny decode step runs
+ * on the calling thread instead of waking, or on a busy machine waiting for, a second one).  Results never
+ * depend on it: the split count S is fixed by the shape and lk_get_num_threads(). */
+static inline int tpa_team(const lk_tpa_attention_params *p, int64_t tasks) {
+    const int64_t per_key = p->Rk * p->Rq * p->D + p->H * (p->Rq * p->Rk + p->Rk + 2 * p->Rv) + p->H * p->Rv * p->E;
+    const int by_work = lk_team_for(p->B * p->N * lk_max_i64(p->M, 1) * lk_max_i64(per_key, 1));
+    const int cap = lk_team_cap(tasks);
+    return by_work < cap ? by_work : cap;
+}
+
 /* The SIMD engine (float32, float64): tasks, then the split combine, in one parallel region. */
 void lk_tpa_simd_f32(const lk_tpa_attention_params *p, int64_t S, float *part, int *failed);
 void lk_tpa_simd_f64(const lk_tpa_attention_params *p, int64_t S, double *part, int *failed);

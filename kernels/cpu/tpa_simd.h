@@ -420,7 +420,7 @@ void LK_REAL_NAME(lk_tpa_simd)(const lk_tpa_attention_params *p, int64_t S, lk_r
     const int vtile = tpa_use_vtile(p, QT);
     const int64_t es = (int64_t)sizeof(lk_real), token_bytes = es * (H * (Rk + Rv) + Rk * D + Rv * E);
     const int prefetch = LK_TPA_PREFETCH > 0 && lk_prefetch_pays(B * M * token_bytes);
-    _Pragma("omp parallel num_threads(lk_team_cap(tasks))")
+    _Pragma("omp parallel num_threads(tpa_team(p, tasks))")
     {
         tpa_scratch w;
         const int ok = tpa_scratch_alloc(&w, p, factor, QT, vtile);

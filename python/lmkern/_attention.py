@@ -21,7 +21,8 @@ def check_attention_args(fn, q, k, v, q_pos=None, kv_pos=None, kv_lens=None, pre
         sh.check_one_of("kv_pos", kv_pos, "M", "B,M")
     if kv_lens is not None:
         sh.check("kv_lens", kv_lens, "B")
-        if np.size(kv_lens) and (np.min(kv_lens) < 0 or np.max(kv_lens) > sh["M"]):
+        lo, hi = _dispatch.min_max(kv_lens) if np.size(kv_lens) else (0, 0)
+        if lo < 0 or hi > sh["M"]:
             raise ValueError(f"{fn}: kv_lens must be in [0, M = {sh['M']}]; got {np.asarray(kv_lens).tolist()}")
     if prefix_k is not None:
         sh.bind("P", P)

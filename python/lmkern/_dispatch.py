@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = [
     "Shapes", "float_arrays", "index_array", "is_cuda", "route", "prepare_out", "finish_out",
-    "check_choice", "check_count", "as_scale",
+    "check_choice", "check_count", "as_scale", "min_max",
 ]
 
 _FLOAT_KINDS = "f"
@@ -58,18 +58,18 @@ class Shapes:
         if type(shape) is not tuple:   # torch.Size, CuPy or array-interface shapes
             shape = tuple(int(s) for s in shape)
         dims = self.dims
-        ok = len(shape) == len(parsed)
-        if ok:
+        if len(shape) == len(parsed):
+            # one pass: a free letter binds as it is met (a mismatch later in the same shape reports the
+            # same expected sizes either way: _expected shows a free letter as the size given)
             for (letter, fixed), size in zip(parsed, shape):
                 want = fixed if fixed is not None else dims.get(letter)
-                if want is not None and want != size:
-                    ok = False
+                if want is None:
+                    dims[letter] = size
+                elif want != size:
                     break
-        if not ok:
-            self.fail(arg, tuple(int(s) for s in shape), _letters(spec))
-        for (letter, fixed), size in zip(parsed, shape):
-            if fixed is None and letter not in dims:
-                dims[letter] = int(size)
+            else:
+                return
+        self.fail(arg, tuple(int(s) for s in shape), _letters(spec))
 
     def fail(self, arg, shape, letters):
         def tup(vals):
@@ -120,16 +120,26 @@ def float_arrays(fn: str, **arrays):
     argument.  ``None`` values pass through.  Returns ``(dtype, dict)``.
     """
     out = {}
+    first = None
+    mixed = False
     for name, x in arrays.items():
         if x is None:
             out[name] = None
             continue
-        a = np.asarray(x)
-        if a.dtype.kind not in _FLOAT_KINDS or a.dtype.itemsize > 8:
-            raise TypeError(f"{fn}: {name} has dtype {a.dtype}; expected float32 or float64")
+        a = x if type(x) is np.ndarray else np.asarray(x)
+        dt = a.dtype
+        if dt.kind not in _FLOAT_KINDS or dt.itemsize > 8:
+            raise TypeError(f"{fn}: {name} has dtype {dt}; expected float32 or float64")
         out[name] = a
-    present = [a.dtype for a in out.values() if a is not None]
-    dtype = np.result_type(*present) if present else np.dtype(np.float32)
+        if first is None:
+            first = dt
+        elif dt != first:
+            mixed = True
+    if first is None:
+        return np.dtype(np.float32), out
+    if not mixed and first.itemsize >= 4:   # the common case: one dtype, nothing to promote
+        return first, out
+    dtype = np.result_type(*[a.dtype for a in out.values() if a is not None])
     if dtype.itemsize < 4:
         dtype = np.dtype(np.float32)
     for name, a in out.items():
@@ -185,9 +195,9 @@ def prepare_out(fn: str, out, shape, dtype, name: str = "out", letters: str | No
     ``letters``, e.g. ``"B,N,Hq,E"``, when given) and dtype (TypeError); when it is not C-contiguous, the
     kernel writes a temporary that :func:`finish_out` copies back.
     """
-    shape = tuple(int(s) for s in shape)
     if out is None:
         return np.empty(shape, dtype=dtype)
+    shape = tuple(int(s) for s in shape)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a numpy.ndarray for CPU inputs; got {type(out).__name__}")
     if out.shape != shape:
@@ -216,6 +226,15 @@ def check_choice(fn: str, name: str, value, choices):
     if value not in choices:
         raise ValueError(f"{fn}: {name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
     return value
+
+
+def min_max(a):
+    """(min, max) of a non-empty integer array.  For a short one (a decode step's (B,) kv_lens), Python's
+    min and max over its list are several times faster than two NumPy reductions."""
+    if a.size <= 32:
+        v = a.ravel().tolist()
+        return min(v), max(v)
+    return int(a.min()), int(a.max())
 
 
 def check_count(fn, name, val):

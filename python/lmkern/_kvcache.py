@@ -52,7 +52,7 @@ class RaggedRows:
         return self._len.copy()
 
     def _filled(self):
-        return int(self._len.max()) if self.batch else 0
+        return _dispatch.min_max(self._len)[1] if self.batch else 0
 
 
 class KVCacheBase(RaggedRows):
