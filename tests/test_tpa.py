@@ -443,7 +443,7 @@ def test_bench_quick_runs(capsys):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import bench_tpa
     decode_table, prefill_table = bench_tpa.main(["--quick"])
-    assert len(decode_table.rows) == 2 and len(prefill_table.rows) == 2
+    assert len(decode_table.rows) == 3 and len(prefill_table.rows) == 2   # float32 x 2, float64 x 1
     out = capsys.readouterr().out
     assert "T6-medium" in out and "KV-cache bytes per token" in out
 
