@@ -60,8 +60,11 @@ LK_ALWAYS_INLINE void lk_keys_tile(const lk_attend_ctx *c, const uint8_t *kc, in
             for (int v = 0; v < tv; v++) a[r][v] = a2[r][v] = lk_vf_zero();
         const uint8_t *base = kc + tc / per;
         int64_t d = 0;
+        /* 2 bits, 2 vectors: the codes come scaled by 4^lane (lk_vf_codes2_scaled), undone at the end */
+        const int scaled = tv == 2 && bits == 2;
 #define LK_KEY_CODES(cv, ptr)                                                                     \
-        if (tv == 2) lk_vf_codes2(ptr, bits, &cv[0], &cv[1]);                                     \
+        if (scaled) lk_vf_codes2_scaled(ptr, &cv[0], &cv[1]);                                     \
+        else if (tv == 2) lk_vf_codes2(ptr, bits, &cv[0], &cv[1]);                                \
         else cv[0] = lk_vf_codes(ptr, bits);
         if (dual)
             for (; d + 1 < D; d += 2) {
@@ -87,10 +90,12 @@ LK_ALWAYS_INLINE void lk_keys_tile(const lk_attend_ctx *c, const uint8_t *kc, in
             }
         }
 #undef LK_KEY_CODES
+        const lk_vf unscale = lk_vf_codes2_unscale();
         for (int r = 0; r < rt; r++) {
             const lk_vf z = lk_vf_set1(c->qz[r0 + r]);
             for (int v = 0; v < tv; v++) {
-                const lk_vf s = dual ? lk_vf_add(a[r][v], a2[r][v]) : a[r][v];
+                lk_vf s = dual ? lk_vf_add(a[r][v], a2[r][v]) : a[r][v];
+                if (scaled) s = lk_vf_mul(s, unscale);
                 lk_vf_store(c->S + (r0 + r) * G + tc + v * LK_VF, lk_vf_add(s, z));
             }
         }
@@ -174,11 +179,14 @@ static void lk_keys_full(const lk_attend_ctx *c, int64_t j0, int64_t nb) {
 
 /* acc[r][e] += sum_t p[r][t] * x_t[e] over the block's nb tokens for rows r0 .. r0+rt-1, features e0 ..
  * e0 + nv*LK_VF.  x_t is the residual row (j >= qv) or, for a quantized token, code_te * scale_tg + zero_tg.
- * grouped (the chunk lies in one feature group g): acc += (p_t scale_tg) code_t per row, and p_t zero_tg
- * summed as one scalar per row, added at the end: one FMA per vector and row.  Otherwise x_t is formed in
- * registers once per decoded vector and shared by every row of the tile (never stored). */
+ * grouped (one row; every run of vpg vectors of the chunk lies in one feature group): acc += (p_t scale_tg)
+ * code_t, and p_t zero_tg summed as one scalar per group, added at the end: one FMA per vector.  Each pair
+ * of code vectors is decoded and FMA'd at once, so 8 accumulators fit AVX2's registers; at 2 bits the
+ * codes come scaled by 4^lane (lk_vf_codes2_scaled: no per-lane shifts), the accumulators are scaled on
+ * loading and unscaled at the end, exactly.  Otherwise x_t is formed in registers once per decoded vector
+ * and shared by every row of the tile (never stored). */
 LK_ALWAYS_INLINE void lk_values_chunk(const lk_attend_ctx *c, int64_t j0, int64_t nb, int64_t r0, const int rt,
-                                      const int bits, int64_t e0, const int nv, const int grouped) {
+                                      const int bits, int64_t e0, const int nv, const int grouped, const int vpg) {
     const lk_kv_attend_params *p = c->p;
     const int64_t E = p->E, G = p->G, EG = E / G, per = 8 / bits, head = c->b * p->Hkv + c->g;
     const int64_t nq = lk_max_i64(0, lk_min_i64(nb, p->qv[c->b] - j0));   /* quantized tokens of the block */
@@ -187,28 +195,39 @@ LK_ALWAYS_INLINE void lk_values_chunk(const lk_attend_ctx *c, int64_t j0, int64_
     const float *vs = p->v_scale + (head * p->v_cap + j0) * EG, *vz = p->v_zero + (head * p->v_cap + j0) * EG;
     const float *vr = p->v_res + (head * p->v_res_cap + (j0 + nq - p->qv[c->b])) * E + e0;
     const float *S = c->S + r0 * G;
-    int64_t gi[4];                       /* feature group of each vector */
+    const int scaled = grouped && bits == 2 && nv % 2 == 0;
+    int64_t gi[8];                       /* feature group of each vector */
     for (int v = 0; v < nv; v++) gi[v] = (e0 + v * LK_VF) / G;
-    lk_vf a[4][4];
-    float zs[4] = {0, 0, 0, 0};          /* grouped: sum_t p_t zero_t of each row */
+    lk_vf a[4][8];
+    float zs[2] = {0, 0};                /* grouped: sum_t p_t zero_t of each group of the chunk */
     for (int r = 0; r < rt; r++)
-        for (int v = 0; v < nv; v++) a[r][v] = lk_vf_load(c->acc + (r0 + r) * E + e0 + v * LK_VF);
+        for (int v = 0; v < nv; v++) {
+            a[r][v] = lk_vf_load(c->acc + (r0 + r) * E + e0 + v * LK_VF);
+            if (scaled) a[r][v] = lk_vf_mul(a[r][v], lk_vf_codes2_scale());
+        }
     for (int64_t t = 0; t < nq; t++, vc += cstride, vs += EG, vz += EG) {
+        if (grouped) {
+            const float pr = S[t];
+            lk_vf w[2];
+            for (int q = 0; q < nv / vpg; q++) {
+                w[q] = lk_vf_set1(pr * vs[gi[q * vpg]]);
+                zs[q] += pr * vz[gi[q * vpg]];
+            }
+            int v = 0;
+            for (; v + 1 < nv; v += 2) {
+                lk_vf x0, x1;
+                if (scaled) lk_vf_codes2_scaled(vc + v * LK_VF / per, &x0, &x1);
+                else lk_vf_codes2(vc + v * LK_VF / per, bits, &x0, &x1);
+                a[0][v] = lk_vf_fma(w[v / vpg], x0, a[0][v]);
+                a[0][v + 1] = lk_vf_fma(w[(v + 1) / vpg], x1, a[0][v + 1]);
+            }
+            if (v < nv) a[0][v] = lk_vf_fma(w[v / vpg], lk_vf_codes(vc + v * LK_VF / per, bits), a[0][v]);
+            continue;
+        }
         lk_vf x[4];
         int v = 0;
         for (; v + 1 < nv; v += 2) lk_vf_codes2(vc + v * LK_VF / per, bits, &x[v], &x[v + 1]);
         if (v < nv) x[v] = lk_vf_codes(vc + v * LK_VF / per, bits);
-        if (grouped) {
-            /* the chunk lies in one feature group: a += (p scale) code, and p zero summed as a scalar */
-            const float sg = vs[gi[0]], zg = vz[gi[0]];
-            for (int r = 0; r < rt; r++) {
-                const float pr = S[r * G + t];
-                const lk_vf w = lk_vf_set1(pr * sg);
-                zs[r] += pr * zg;
-                for (v = 0; v < nv; v++) a[r][v] = lk_vf_fma(w, x[v], a[r][v]);
-            }
-            continue;
-        }
         for (v = 0; v < nv; v++) x[v] = lk_vf_fma(x[v], lk_vf_set1(vs[gi[v]]), lk_vf_set1(vz[gi[v]]));
         for (int r = 0; r < rt; r++) {
             const lk_vf pr = lk_vf_set1(S[r * G + t]);
@@ -216,8 +235,10 @@ LK_ALWAYS_INLINE void lk_values_chunk(const lk_attend_ctx *c, int64_t j0, int64_
         }
     }
     if (grouped)
-        for (int r = 0; r < rt; r++)
-            for (int v = 0; v < nv; v++) a[r][v] = lk_vf_add(a[r][v], lk_vf_set1(zs[r]));
+        for (int v = 0; v < nv; v++) {
+            if (scaled) a[0][v] = lk_vf_mul(a[0][v], lk_vf_codes2_unscale());
+            a[0][v] = lk_vf_add(a[0][v], lk_vf_set1(zs[v / vpg]));
+        }
     for (int64_t t = nq; t < nb; t++, vr += E)
         for (int r = 0; r < rt; r++) {
             const lk_vf pr = lk_vf_set1(S[r * G + t]);
@@ -228,16 +249,24 @@ LK_ALWAYS_INLINE void lk_values_chunk(const lk_attend_ctx *c, int64_t j0, int64_
 }
 
 /* Feature vectors per chunk (nv): rt x nv accumulators + nv values + a broadcast must fit the register
- * file, so AVX2's 16 registers take 2 vectors for a 4-row tile and 4 for smaller ones; AVX-512 takes 4. */
+ * file, so AVX2's 16 registers take 2 vectors for a 4-row tile and 4 for smaller ones; AVX-512 takes 4.
+ * A single row whose chunks are group-aligned (grouped) takes 8 vectors on AVX2 at 2 bits (8
+ * accumulators, decoded a pair at a time): the per-token scalar work is shared by 64 features. */
 LK_ALWAYS_INLINE void lk_values_tile(const lk_attend_ctx *c, int64_t j0, int64_t nb, int64_t r0, const int rt,
                                      const int bits) {
     const int64_t E = c->p->E;
     const int64_t G = c->p->G;
     const int nv = LK_VREGS >= 32 || rt < 4 ? 4 : 2;
     int64_t e0 = 0;
-#define LK_VALUES_CHUNK(NV)                                                                       \
-    if (rt == 1 && G % ((NV) * LK_VF) == 0) lk_values_chunk(c, j0, nb, r0, rt, bits, e0, NV, 1);  \
-    else lk_values_chunk(c, j0, nb, r0, rt, bits, e0, NV, 0);
+    if (rt == 1 && LK_VREGS < 32 && bits == 2 && (G % (8 * LK_VF) == 0 || G == 4 * LK_VF)) {
+        if (G == 4 * LK_VF)
+            for (; e0 + 8 * LK_VF <= E; e0 += 8 * LK_VF) lk_values_chunk(c, j0, nb, r0, 1, bits, e0, 8, 1, 4);
+        else
+            for (; e0 + 8 * LK_VF <= E; e0 += 8 * LK_VF) lk_values_chunk(c, j0, nb, r0, 1, bits, e0, 8, 1, 8);
+    }
+#define LK_VALUES_CHUNK(NV)                                                                         \
+    if (rt == 1 && G % ((NV) * LK_VF) == 0) lk_values_chunk(c, j0, nb, r0, rt, bits, e0, NV, 1, NV);  \
+    else lk_values_chunk(c, j0, nb, r0, rt, bits, e0, NV, 0, NV);
     if (nv == 4)
         for (; e0 + 4 * LK_VF <= E; e0 += 4 * LK_VF) { LK_VALUES_CHUNK(4) }
     for (; e0 + 2 * LK_VF <= E; e0 += 2 * LK_VF) { LK_VALUES_CHUNK(2) }
