@@ -34,11 +34,11 @@
  * leak in as 0 * inf.  A partial last block is simply a shorter block (there is no padded tail to
  * forget to mask).
  *
- * SIMD (float32, lk_simd_enabled()): lanes run over P's rows in step 1 (Rq or H, zero-padded to a
- * multiple of LK_VF), over heads in steps 2-3 (no horizontal reductions: the running max is a lane-wise
- * max), over features E in step 4 (4 heads x 4 vectors of accumulators in registers while a block of
- * bv rows streams through).  The generic path (float64, or SIMD off) is the same algorithm one key at
- * a time, in scalar code. */
+ * SIMD (tpa_simd.h, compiled for float32 and for float64; lk_simd_enabled()): lanes run over P's rows in
+ * step 1 (Rq or H, zero-padded to a multiple of the vector width), over heads in steps 2-3 (no horizontal
+ * reductions: the running max is a lane-wise max), over features E in step 4 (a register tile of heads x
+ * vectors of accumulators while a block of bv rows streams through).  The generic path (SIMD off) is
+ * the same algorithm one key at a time, in scalar code. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

@@ -80,8 +80,9 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
     above the diagonal skipped (by the positions' per-block min/max, so explicit MoR positions skip
     too).  Decode and other few-row calls split the
     keys of every row across all threads and merge the partial ``(max, sum, acc)`` states with the
-    one log-sum-exp combine, so a single long sequence uses every core.  float64 uses the generic
-    scalar kernel (also selected for float32 by ``lmkern._core._set_simd(False)``).
+    one log-sum-exp combine, so a single long sequence uses every core.  float64 runs the same SIMD
+    kernels on vectors of doubles (with a double-precision exponential); ``lmkern._core._set_simd(False)``
+    selects the scalar generic kernel for both.
 
     Example::
 

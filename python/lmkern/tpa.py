@@ -26,8 +26,8 @@ against ``bv``, shared by all heads), so K and V are never formed and each cache
 when it is cheaper (``Rv >= 2``) the block's values are materialized once per tile (``V`` tile,
 ``H E`` per query and key instead of ``H Rv E``).  Long caches are split across threads; the partial
 states (max, sum, accumulator; float32 for float32 input) are merged by the one max-stabilized
-log-sum-exp combine (``kernels/include/lmkern/softmax.h``).  The float64 path (and float32 with SIMD
-off) runs the same contractions one key at a time.
+log-sum-exp combine (``kernels/include/lmkern/softmax.h``).  float64 runs the same SIMD engine on
+vectors of doubles; with SIMD off, a generic path runs the same contractions one key at a time.
 
 Where this does better than the reference FlashTPA Triton decode kernels
 (``decode/flashtpa_decode_triton*.py`` of tensorgi/T6):
@@ -53,7 +53,7 @@ Decisions where the SPEC is silent:
   cached); rows with ``kv_lens[b] = 0`` give 0 and lse ``-inf``.
 * ``KVCache.append`` casts factors to the cache's dtype; ``KVCache.decode`` also takes ``out=``.
 * The private keyword ``_path`` (``"auto"``, ``"factor"``: factor scores and factor value fold,
-  ``"materialized"``: materialized ``Q`` and, in float32 prefill, value tiles) forces a contraction
+  ``"materialized"``: materialized ``Q`` and, in prefill, value tiles) forces a contraction
   and ``_splits`` a split count; tests use them to check that every path agrees.
 * Inadmissible keys contribute nothing, even when their factors hold inf or NaN; NaN in an admissible
   key's factors propagates to the queries that see it.
