@@ -510,3 +510,24 @@ def test_rank_zero_is_an_empty_sum(rng, dtype):
         assert cache.nbytes == B * M * (ranks[1] * (H + D) + ranks[2] * (H + E)) * np.dtype(dtype).itemsize
         assert_close(cache.decode(args[0][:, 0], args[1][:, 0]), dec, dtype)
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_query_or_first_key_makes_the_row_nan(rng, dtype):
+    """A NaN score met while the running max is still -inf (a NaN query, NaN in the first key) makes the
+    row NaN on every path, as in lmkern.attention (the generic path used to skip it: found by fuzzing)."""
+    B, N, M, H, Rq, Rk, Rv, D, E = 1, 2, 3, 2, 2, 1, 1, 4, 2
+    args = [np.ones(x.shape, dtype) for x in factors(rng, B, N, M, H, Rq, Rk, Rv, D, E, dtype)]
+    for k, where in ((1, (0, 0, 0, 0)), (3, (0, 0, 0, 0))):
+        bad = [x.copy() for x in args]
+        bad[k][where] = np.nan
+        for simd in (True, False):
+            _core._set_simd(simd)
+            for path in PATHS:
+                out, lse = tpa.attention(*bad, return_lse=True, _path=path)
+                seen = np.isnan(ref.attention(*bad, return_lse=True)[1])
+                assert seen.any()
+                np.testing.assert_array_equal(np.isnan(lse), seen)
+                assert np.all(np.isnan(out[seen]))
+                dec, dlse = tpa.decode(bad[0][:, 0], bad[1][:, 0], *bad[2:], return_lse=True, _path=path)
+                np.testing.assert_array_equal(np.isnan(dlse), seen[:, 0])
+

@@ -133,7 +133,8 @@ static void NAME(const lk_tpa_attention_params *p, int64_t S, T *part, int *fail
                         for (int64_t e = 0; e < E; e++) acc[h * E + e] *= alpha;                  \
                         m[h] = s[h];                                                              \
                     }                                                                             \
-                    if (m[h] == -INFINITY) continue; /* s = -inf under m = -inf: weight 0 */      \
+                    /* s = -inf under m = -inf: weight 0; a NaN s (never > m) must reach l and acc */   \
+                    if (m[h] == -INFINITY && s[h] == -INFINITY) continue;                         \
                     const T w = (T)exp((double)(s[h] - m[h]));                                    \
                     l[h] += w;                                                                    \
                     /* acc[h] += (w / Rv) sum_u av[h,u] bv[u,:] */                                \

@@ -330,7 +330,8 @@ def keep_topk(scores, budget, *, sink=0, recent=0):
 
 def compact(x, idx):
     """Per-head gather (SPEC 4.5): ``out[b, k, h] = x[b, idx[b, k, h], h]``, ``x (B, M, H, D)``,
-    ``idx (B, K, H)`` -> ``(B, K, H, D)`` in x's dtype (any dtype: it copies rows).  Indices outside
+    ``idx (B, K, H)`` -> ``(B, K, H, D)`` in x's dtype (any dtype: it copies rows; arrays of Python
+    objects are gathered by NumPy, which counts their references).  Indices outside
     ``[0, M)`` are a ValueError.  The result is a new, smaller array: evicted tokens free memory.
     On the GPU: any dtype, vectorized row copies; a host ``idx`` is range-checked (ValueError) and
     uploaded, a device ``idx`` is used in place and its values are clamped to ``[0, M - 1]`` (checking
@@ -341,6 +342,9 @@ def compact(x, idx):
         return _cuda_kv_select.compact(x, idx)
     _dispatch.route(fn, x=x, idx=idx)  # host x with a device idx: ValueError (different devices)
     x, idx = check_compact_args(fn, x, idx)
+    if x.dtype.hasobject:
+        # Python objects need their references counted: NumPy copies them (the kernel copies raw bytes)
+        return np.take_along_axis(x, idx[..., None], axis=1)
     out = np.empty(idx.shape + x.shape[3:], x.dtype)
     _core.kv_compact(np.ascontiguousarray(x), np.ascontiguousarray(idx), out)
     return out
