@@ -12,11 +12,14 @@
 #define LMKERN_CFLAGS ""
 #endif
 
+#define LK_MAX_THREADS 65536 /* more is a typo, not a machine (and would overflow int team sizes) */
+
 static PyObject *py_set_num_threads(PyObject *self, PyObject *arg) {
-    long n = PyLong_AsLong(arg);
+    int overflow = 0;
+    long long n = PyLong_AsLongLongAndOverflow(arg, &overflow);
     if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 1) {
-        PyErr_Format(PyExc_ValueError, "set_num_threads: n must be >= 1; got %ld", n);
+    if (overflow || n < 1 || n > LK_MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "set_num_threads: n must be in [1, %d]; got %S", LK_MAX_THREADS, arg);
         return NULL;
     }
     lk_set_num_threads((int)n);

@@ -2,6 +2,7 @@
 import gc
 import sys
 import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -602,3 +603,64 @@ def test_parscale_prefix_through_core_kernel(rng, N, L, simd):
         want, want_lse = ref.core.attention(q, k, v, return_lse=True, prefix_k=pk, prefix_v=pv, **kw)
         assert_close(got, want)
         assert_close(lse, want_lse)
+
+
+def test_out_overlapping_an_input_gives_the_same_result(rng):
+    """out= may share memory with an input the kernel still reads (NumPy semantics: as if the inputs were
+    read first); tpa.materialize and mor.scatter_residual got this wrong before (found by fuzzing)."""
+    import lmkern.reference as R
+    f = lambda *s: randn(rng, s)  # noqa: E731
+    a, b = f(4, 8, 8), f(4, 8, 8)
+    for which in (0, 1):
+        args = [a.copy(), b.copy()]
+        got = lmkern.tpa.materialize(*args, out=args[which])
+        assert_close(got, R.tpa.materialize(a, b))
+    q, k, v = f(1, 40, 2, 8), f(1, 40, 2, 8), f(1, 40, 2, 8)
+    for which in (0, 1, 2):
+        args = [q.copy(), k.copy(), v.copy()]
+        assert_close(lmkern.attention(*args, causal=True, out=args[which]), R.attention(q, k, v, causal=True))
+    h, idx = f(1, 6, 4), np.array([[1, 0, 2]])
+    base = f(1, 6, 4)
+    want = R.mor.scatter_residual(h, idx, base[:, :3].copy())
+    assert_close(lmkern.mor.scatter_residual(h, idx, base[:, :3], out=base), want)
+    want = R.mor.scatter_residual(h, idx, h[:, 3:].copy(), h[:, 3:, 0].copy())
+    assert_close(lmkern.mor.scatter_residual_(h, idx, h[:, 3:], h[:, 3:, 0]), want)
+
+
+def test_bad_arguments_raise_value_or_type_errors():
+    """None for a required array, huge or non-integral counts: ValueError / TypeError naming the argument,
+    not AttributeError or OverflowError (found by fuzzing)."""
+    z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    q = z(1, 2, 2, 4)
+    bad = [
+        (TypeError, "attention: v is None", lambda: lmkern.attention(q, q, None)),
+        (TypeError, "rope: positions is None", lambda: lmkern.rope(q, None)),
+        (TypeError, "tpa.materialize: a is None", lambda: lmkern.tpa.materialize(None, z(2, 3))),
+        (TypeError, "mor.z_loss: logits is None", lambda: lmkern.mor.z_loss(None)),
+        (TypeError, "kv.attention_mass: k is None", lambda: lmkern.kv.attention_mass(q, None)),
+        (ValueError, r"set_num_threads: n must be in \[1, 65536\]", lambda: lmkern.set_num_threads(2 ** 63)),
+        (ValueError, r"set_num_threads: n must be in \[1, 65536\]", lambda: lmkern.set_num_threads(2 ** 31)),
+        (ValueError, "group_size", lambda: lmkern.kv.quantize(z(1, 0, 1, 4), bits=2, group_size=2 ** 63, axis="channel")),
+        (TypeError, "rotary_dim", lambda: lmkern.rope(q, np.arange(2), rotary_dim=float("inf"))),
+        (ValueError, "max_budget must be at most", lambda: lmkern.kv.scalekv_budgets(4, [0], per_layer=2, max_budget=2 ** 63)),
+        (TypeError, "KVCache: max_len", lambda: lmkern.KVCache(1, float("inf"), 1, 4)),
+    ]
+    threads = lmkern.get_num_threads()
+    for exc, msg, call in bad:
+        with pytest.raises(exc, match=msg):
+            call()
+    assert lmkern.get_num_threads() == threads
+
+
+def test_empty_outputs_do_no_work_along_empty_axes():
+    """An empty result returns at once, however long the other axes (it used to walk them: found by
+    fuzzing); lse, when asked for, is still computed."""
+    z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    big = np.lib.stride_tricks.as_strided(z(1), shape=(1, 2 ** 40, 1, 0), strides=(0, 0, 0, 4))
+    t = time.perf_counter()
+    assert lmkern.attention(z(1, 2, 1, 0), big, big).shape == (1, 2, 1, 0)
+    assert lmkern.rope(np.lib.stride_tricks.as_strided(z(1), shape=(2 ** 40, 2, 1, 0), strides=(0, 0, 0, 4)),
+                       np.arange(2)).shape == (2 ** 40, 2, 1, 0)
+    assert time.perf_counter() - t < 5
+    out, lse = lmkern.attention(z(1, 2, 1, 0), z(1, 3, 1, 0), z(1, 3, 1, 0), return_lse=True)
+    np.testing.assert_allclose(lse, np.log(3), rtol=1e-6)

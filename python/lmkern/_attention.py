@@ -41,8 +41,11 @@ def attention_impl(fn, q, k, v, *, causal, scale, q_pos, kv_pos, kv_lens, return
     sh = check_attention_args(fn, a["q"], a["k"], a["v"], q_pos, kv_pos, kv_lens, a["prefix_k"], a["prefix_v"], P)
     B, N, Hq, E = sh["B"], sh["N"], sh["Hq"], sh["E"]
     scale = _dispatch.as_scale(fn, scale, sh["D"] ** -0.5 if sh["D"] else 1.0)
-    buf = _dispatch.prepare_out(fn, out, (B, N, Hq, E), dtype, letters="B,N,Hq,E")
+    buf = _dispatch.prepare_out(fn, out, (B, N, Hq, E), dtype, letters="B,N,Hq,E",
+                                  inputs=tuple(a.values()))
     lse = np.empty((B, N, Hq), dtype) if return_lse else None
+    if buf.size == 0 and lse is None:   # nothing to compute (E = 0 with a long M would still walk M)
+        return _dispatch.finish_out(buf, out)
     _core.attention(a["q"], a["k"], a["v"], buf, lse, q_pos, kv_pos, kv_lens, bool(causal), scale,
                     a["prefix_k"], a["prefix_v"], max(B // P, 1) if P else 1)
     res = _dispatch.finish_out(buf, out)
@@ -105,6 +108,8 @@ def check_rope_args(fn, x, positions, rotary_dim, style):
     sh.check("x", x, "B,T,G,D")
     sh.check_one_of("positions", positions, "T", "B,T")
     D = sh["D"]
+    if rotary_dim is not None:
+        _dispatch.check_count(fn, "rotary_dim", rotary_dim)
     r = int(rotary_dim) if rotary_dim else D      # SPEC 1.2: r = rotary_dim or D (0 and None mean D)
     if r < 0 or r > D or r % 2:
         raise ValueError(f"{fn}: rotary_dim must be even and in [0, D = {D}]; got {rotary_dim}")
@@ -129,7 +134,8 @@ def rope(x, positions, *, base=10000.0, rotary_dim=None, style="half", inverse=F
     r = check_rope_args(fn, a["x"], pos, rotary_dim, style)
     buf = _dispatch.prepare_out(fn, out, a["x"].shape, dtype, letters="B,T,G,D")
     np.copyto(buf, a["x"])
-    _core.rope_(buf, pos, float(base), r, style == "interleaved", bool(inverse))
+    if buf.size:
+        _core.rope_(buf, pos, float(base), r, style == "interleaved", bool(inverse))
     return _dispatch.finish_out(buf, out)
 
 

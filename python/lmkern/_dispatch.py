@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = [
     "Shapes", "float_arrays", "index_array", "is_cuda", "route", "prepare_out", "finish_out",
-    "check_choice", "check_count", "as_scale", "min_max",
+    "check_choice", "check_count", "as_scale", "min_max", "require",
 ]
 
 _FLOAT_KINDS = "f"
@@ -54,6 +54,8 @@ class Shapes:
     def check(self, arg: str, x, spec: str) -> None:
         """Checks ``x.shape`` against ``spec`` and binds its free letters."""
         parsed = _parsed(spec)
+        if x is None:
+            raise TypeError(f"{self.fn}: {arg} is None; expected an array of shape ({', '.join(_letters(spec))})")
         shape = x.shape
         if type(shape) is not tuple:   # torch.Size, CuPy or array-interface shapes
             shape = tuple(int(s) for s in shape)
@@ -148,6 +150,13 @@ def float_arrays(fn: str, **arrays):
     return dtype, out
 
 
+def require(fn: str, **arrays) -> None:
+    """TypeError for a required array argument given as None (before anything reads its shape)."""
+    for name, x in arrays.items():
+        if x is None:
+            raise TypeError(f"{fn}: {name} is None; expected an array")
+
+
 def index_array(fn: str, name: str, x):
     """int64 NumPy array of an index argument (any integer dtype); None passes through."""
     if x is None:
@@ -188,12 +197,13 @@ def route(fn: str, **arrays) -> str:
     return "cpu"
 
 
-def prepare_out(fn: str, out, shape, dtype, name: str = "out", letters: str | None = None):
+def prepare_out(fn: str, out, shape, dtype, name: str = "out", letters: str | None = None, inputs=()):
     """A C-contiguous buffer of ``shape``/``dtype`` for a kernel to write.
 
     ``out=None`` allocates.  A given ``out`` must have the shape (ValueError, naming the axes by
-    ``letters``, e.g. ``"B,N,Hq,E"``, when given) and dtype (TypeError); when it is not C-contiguous, the
-    kernel writes a temporary that :func:`finish_out` copies back.
+    ``letters``, e.g. ``"B,N,Hq,E"``, when given) and dtype (TypeError); when it is not C-contiguous, or
+    may share memory with one of ``inputs`` (which the kernel still reads while it writes), the kernel
+    writes a temporary that :func:`finish_out` copies back, as NumPy does for overlapping operands.
     """
     if out is None:
         return np.empty(shape, dtype=dtype)
@@ -209,7 +219,8 @@ def prepare_out(fn: str, out, shape, dtype, name: str = "out", letters: str | No
         raise TypeError(f"{fn}: {name} has dtype {out.dtype}; expected {np.dtype(dtype)}")
     if not out.flags.writeable:
         raise ValueError(f"{fn}: {name} is read-only")
-    if out.flags.c_contiguous and out.flags.aligned:
+    if out.flags.c_contiguous and out.flags.aligned and \
+            not any(x is not None and np.may_share_memory(out, x) for x in inputs):
         return out
     return np.empty(shape, dtype=dtype)
 
@@ -237,12 +248,18 @@ def min_max(a):
     return int(a.min()), int(a.max())
 
 
+MAX_COUNT = 1 << 62   # sizes and counts past this overflow the kernels' int64 arithmetic
+
+
 def check_count(fn, name, val):
-    """A non-negative integer argument: TypeError for another type (2.0, True), ValueError below 0."""
+    """A non-negative integer argument: TypeError for another type (2.0, True), ValueError below 0 or
+    above MAX_COUNT."""
     if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, np.integer)):
         raise TypeError(f"{fn}: {name} must be a non-negative integer; got {type(val).__name__} {val!r}")
     if int(val) < 0:
         raise ValueError(f"{fn}: {name} must be a non-negative integer; got {val!r}")
+    if int(val) > MAX_COUNT:
+        raise ValueError(f"{fn}: {name} must be at most 2**62; got {val!r}")
     return int(val)
 
 

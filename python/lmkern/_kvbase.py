@@ -21,7 +21,7 @@ def check_group_size(fn, group_size, bits):
     """group_size >= 1 and a multiple of the codes per byte (8 / bits), so no byte spans two groups."""
     per = 8 // bits
     if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or int(group_size) < 1 \
-            or int(group_size) % per:
+            or int(group_size) % per or int(group_size) > _dispatch.MAX_COUNT:
         raise ValueError(f"{fn}: group_size must be a positive multiple of {per} (codes per byte at "
                          f"{bits} bits); got {group_size!r}")
     return int(group_size)
@@ -230,6 +230,7 @@ class QuantizedKVCacheBase(RaggedRows):
 
 def check_mass_args(fn, q, k, scale, q_pos, kv_pos, kv_lens, group_reduce):
     """Shared by attention_mass and its twin: float32 q, k; int64 (B,N) q_pos, (B,M) kv_pos, (B,) kv_lens."""
+    _dispatch.require(fn, q=q, k=k)
     _, a = _dispatch.float_arrays(fn, q=q, k=k)
     q, k = a["q"].astype(np.float32, copy=False), a["k"].astype(np.float32, copy=False)
     sh = _dispatch.Shapes(fn)
@@ -365,9 +366,8 @@ def lazy_ratio(mass, *, sink=4, recent=1024):
 
 def scalekv_budgets(n_layers, drafters, *, per_layer, max_budget):
     fn = "kv.scalekv_budgets"
-    n_layers, per_layer, max_budget = int(n_layers), int(per_layer), int(max_budget)
-    if n_layers < 0 or per_layer < 0 or max_budget < 0:
-        raise ValueError(f"{fn}: n_layers, per_layer and max_budget must be >= 0")
+    n_layers, per_layer, max_budget = (_dispatch.check_count(fn, name, val) for name, val in
+                                       (("n_layers", n_layers), ("per_layer", per_layer), ("max_budget", max_budget)))
     drafters = sorted({int(d) for d in drafters})
     if any(d < 0 or d >= n_layers for d in drafters):
         raise ValueError(f"{fn}: drafters must be layer indices in [0, n_layers = {n_layers}); got {drafters}")

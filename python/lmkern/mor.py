@@ -258,6 +258,7 @@ def _check_balance(probs, depth):
 
 def _check_z_loss(logits):
     fn = "mor.z_loss"
+    _dispatch.require(fn, logits=logits)
     _, a = _dispatch.float_arrays(fn, logits=logits)
     x = a["logits"]
     if x.ndim not in (2, 3):
@@ -418,7 +419,7 @@ def scatter_residual(h, idx, y, gate=None, *, out=None):
     if _route(fn, dict(h=h, y=y, gate=gate, out=out), dict(idx=idx)) == "cuda":
         return _cuda_scatter_residual(h, idx, y, gate, out=out)
     dtype, h_a, idx, y, gate = _check_scatter("mor.scatter_residual", h, idx, y, gate)
-    buf = _dispatch.prepare_out("mor.scatter_residual", out, h_a.shape, dtype, letters="B,T,Dm")
+    buf = _dispatch.prepare_out("mor.scatter_residual", out, h_a.shape, dtype, letters="B,T,Dm", inputs=(y, gate))
     if buf is out and np.shares_memory(out, h_a):
         if out is h_a:  # out is h: update in place
             _core.mor_scatter(None, idx, y, gate, buf)
@@ -442,6 +443,9 @@ def scatter_residual_(h, idx, y, gate=None):
     if not h.flags.writeable:
         raise ValueError(f"mor.{fn}: h is read-only")
     dtype, h_a, idx, y, gate = _check_scatter(f"mor.{fn}", h, idx, y, gate, dtype=h.dtype)
+    # y or gate viewing h's memory: read them from copies, since h changes under the kernel
+    y = y.copy() if np.may_share_memory(y, h) else y
+    gate = gate.copy() if gate is not None and np.may_share_memory(gate, h) else gate
     if h.flags.c_contiguous and h.flags.aligned:
         _core.mor_scatter(None, idx, y, gate, h)
     else:

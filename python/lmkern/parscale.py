@@ -212,7 +212,7 @@ def aggregate(h, w1, b1, w2, b2, *, P, smoothing=0.1, layout="interleaved", retu
     del u
     _core.parscale_bias_silu_(x, np.ascontiguousarray(a["b1"]), _AGG_THREADS)
     z = a["w2"] @ x                                              # (P, R), BLAS
-    buf = _dispatch.prepare_out(fn, out, (B, T, Hd), hdtype, letters="B,T,Hd")
+    buf = _dispatch.prepare_out(fn, out, (B, T, Hd), hdtype, letters="B,T,Hd", inputs=(hc,))
     mixed = buf if dtype == hdtype else np.empty((B, T, Hd), dtype)   # wider weights: round once at the end
     wts = np.empty((B, T, P), np.float32) if return_weights else None
     _core.parscale_mix(hc, z, np.ascontiguousarray(a["b2"]), mixed.reshape(R, Hd),

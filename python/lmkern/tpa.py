@@ -135,7 +135,8 @@ def materialize(a, b, *, scale=None, out=None):
     a, b = arr["a"], arr["b"]
     sh, scale, shape, rows = check_materialize(fn, a, b, scale)
     R = sh["R"]
-    buf = _dispatch.prepare_out(fn, out, shape, dtype, letters=",".join(f"L{i}" for i in range(len(shape) - 2)) + ("," if len(shape) > 2 else "") + "H,D")
+    lead = "".join(f"L{i}," for i in range(len(shape) - 2))
+    buf = _dispatch.prepare_out(fn, out, shape, dtype, letters=lead + "H,D", inputs=(a, b))
     _core.tpa_materialize(a.reshape(rows, sh["H"], R), b.reshape(rows, R, sh["D"]),
                           buf.reshape(rows, sh["H"], sh["D"]), scale)
     return _dispatch.finish_out(buf, out)
@@ -144,6 +145,7 @@ def materialize(a, b, *, scale=None, out=None):
 def check_materialize(fn, a, b, scale):
     """Shape and scale checks of materialize (CPU and CUDA): ``(Shapes, scale, out shape, rows)``; ``a``
     and ``b`` need only ``.shape`` and ``.ndim``."""
+    _dispatch.require(fn, a=a, b=b)
     if a.ndim < 2:
         raise ValueError(f"{fn}: a has shape {tuple(a.shape)}; expected (..., H, R) with at least 2 dimensions")
     lead = ",".join(f"L{i}" for i in range(a.ndim - 2))
@@ -215,8 +217,10 @@ def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, k
     path = _dispatch.check_choice(fn, "_path", _path, tuple(_PATHS))
     B, N, H, E, D = sh["B"], sh["N"], sh["H"], sh["E"], sh["D"]
     scale = _dispatch.as_scale(fn, scale, D ** -0.5 if D else 1.0)
-    buf = _dispatch.prepare_out(fn, out, (B, N, H, E), dtype, letters="B,N,H,E")
+    buf = _dispatch.prepare_out(fn, out, (B, N, H, E), dtype, letters="B,N,H,E", inputs=tuple(a.values()))
     lse = np.empty((B, N, H), dtype) if return_lse else None
+    if buf.size == 0 and lse is None:   # nothing to compute
+        return _dispatch.finish_out(buf, out)
     _core.tpa_attention(a["aq"], a["bq"], a["ak"], a["bk"], a["av"], a["bv"], buf, lse, q_pos, kv_pos, kv_lens,
                         bool(causal), scale, _PATHS[path], int(_splits), False)
     res = _dispatch.finish_out(buf, out)
@@ -254,8 +258,10 @@ def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False
     path = _dispatch.check_choice(fn, "_path", _path, tuple(_PATHS))
     B, H, E, D = sh["B"], sh["H"], sh["E"], sh["D"]
     scale = _dispatch.as_scale(fn, scale, D ** -0.5 if D else 1.0)
-    buf = _dispatch.prepare_out(fn, out, (B, H, E), dtype, letters="B,H,E")
+    buf = _dispatch.prepare_out(fn, out, (B, H, E), dtype, letters="B,H,E", inputs=tuple(a.values()))
     lse = np.empty((B, H), dtype) if return_lse else None
+    if buf.size == 0 and lse is None:   # nothing to compute
+        return _dispatch.finish_out(buf, out)
     _core.tpa_attention(a["aq"], a["bq"], a["ak"], a["bk"], a["av"], a["bv"], buf, lse, None, None, kv_lens,
                         False, scale, _PATHS[path], int(_splits), True)
     res = _dispatch.finish_out(buf, out)
