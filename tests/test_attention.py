@@ -664,3 +664,19 @@ def test_empty_outputs_do_no_work_along_empty_axes():
     assert time.perf_counter() - t < 5
     out, lse = lmkern.attention(z(1, 2, 1, 0), z(1, 3, 1, 0), z(1, 3, 1, 0), return_lse=True)
     np.testing.assert_allclose(lse, np.log(3), rtol=1e-6)
+
+
+def test_twin_and_kernel_agree_at_ieee_edges(rng):
+    """+inf score: out and lse NaN in both; mixed float32/float64 TPA factors: the twin promotes all six
+    before materializing, as the kernel does (found by fuzzing)."""
+    import lmkern.reference as R
+    q, k, v = make_qkv(rng, 1, 3, 5, 2, 2, 4)
+    k[0, 1, 0] = np.inf
+    for n in (3, 1):
+        out, lse = lmkern.attention(q[:, :n], k, v, return_lse=True)
+        want, want_lse = R.attention(q[:, :n], k, v, return_lse=True)
+        np.testing.assert_array_equal(np.isnan(lse), np.isnan(want_lse))
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+    shapes = ((1, 2, 3, 2), (1, 2, 2, 4), (1, 5, 3, 1), (1, 5, 1, 4), (1, 5, 3, 1), (1, 5, 1, 4))
+    f = [randn(rng, s, np.float32 if i % 2 else np.float64) for i, s in enumerate(shapes)]
+    assert_close(lmkern.tpa.attention(*f), R.tpa.attention(*f), np.float64)

@@ -86,7 +86,7 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
                 s = scale * (q[b, :, h].astype(acc) @ kb[:, g].T)          # (N, L + M)
             s = np.where(admissible, s, -np.inf)
             m = s.max(axis=1, initial=-np.inf, keepdims=True)
-            m = np.where(np.isfinite(m), m, 0)
+            m = np.where(m == -np.inf, 0, m)   # nothing admissible (or all -inf): weights 0; +inf: NaN
             p = np.where(admissible, np.exp(s - m), 0)
             l = p.sum(axis=1, keepdims=True)
             # l == 0: no admissible key (out 0, lse -inf); a NaN score makes l NaN and the row NaN

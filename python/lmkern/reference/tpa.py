@@ -19,6 +19,7 @@ __all__ = ["materialize", "attention", "decode", "KVCache"]
 def _check(fn, aq, bq, ak, bk, av, bv, kv_lens, query_spec, q_pos=None, kv_pos=None):
     """The library's argument rules (tpa.check_factors), so the twins raise the same errors."""
     from ..tpa import check_factors
+    _dispatch.require(fn, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv)
     _, arr = _dispatch.float_arrays(fn, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv)
     sh = _dispatch.Shapes(fn)
     check_factors(fn, sh, arr, _dispatch.index_array(fn, "kv_lens", kv_lens), query_spec)
@@ -26,6 +27,7 @@ def _check(fn, aq, bq, ak, bk, av, bv, kv_lens, query_spec, q_pos=None, kv_pos=N
         sh.check_one_of("q_pos", _dispatch.index_array(fn, "q_pos", q_pos), "N", "B,N")
     if kv_pos is not None:
         sh.check_one_of("kv_pos", _dispatch.index_array(fn, "kv_pos", kv_pos), "M", "B,M")
+    return [arr[n] for n in ("aq", "bq", "ak", "bk", "av", "bv")]   # all six in the one promoted dtype
 
 
 def materialize(a, b, *, scale=None, out=None):
@@ -47,7 +49,8 @@ def materialize(a, b, *, scale=None, out=None):
 def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_lens=None,
               return_lse=False, out=None):
     """``attention(materialize(aq,bq), materialize(ak,bk), materialize(av,bv), ...)`` with scale ``D**-0.5``."""
-    _check("tpa.attention", aq, bq, ak, bk, av, bv, kv_lens, ("B,N,H,Rq", "B,N,Rq,D"), q_pos, kv_pos)
+    aq, bq, ak, bk, av, bv = _check("tpa.attention", aq, bq, ak, bk, av, bv, kv_lens, ("B,N,H,Rq", "B,N,Rq,D"),
+                                    q_pos, kv_pos)
     q = materialize(aq, bq)
     k = materialize(ak, bk)
     v = materialize(av, bv)
@@ -63,7 +66,7 @@ def decode(aq, bq, ak, bk, av, bv, *, kv_lens=None, scale=None, return_lse=False
 
     Every cached token ``j < kv_lens[b]`` is admissible (the query's own factors are already cached).
     """
-    _check("tpa.decode", aq, bq, ak, bk, av, bv, kv_lens, ("B,H,Rq", "B,Rq,D"))
+    aq, bq, ak, bk, av, bv = _check("tpa.decode", aq, bq, ak, bk, av, bv, kv_lens, ("B,H,Rq", "B,Rq,D"))
     res = attention(np.asarray(aq)[:, None], np.asarray(bq)[:, None], ak, bk, av, bv, causal=False,
                     scale=scale, kv_lens=kv_lens, return_lse=True)
     o, lse = res[0][:, 0], res[1][:, 0]
