@@ -139,6 +139,11 @@ static void tpa_fold_block(int64_t nt, int64_t H, int64_t Rv, int64_t E, int64_t
 }
 
 #define LK_TPA_VTILE_G (LK_VREGS >= 32 ? 4 : 2) /* queries per register tile of the value-tile fold (x 4 vectors) */
+#define LK_TPA_QTILE 8           /* queries sharing each key block in prefill */
+/* Bytes of one value tile: the block's heads go in groups whose tile stays in L2 while the tile's
+ * queries fold it (all 34 heads of T6-small take 557 KiB).  On a Zen 3 guest, ranks 6/3/3 with 16 heads
+ * (a 256 KiB tile) ran 1-15% faster in groups of 8 heads. */
+#define LK_TPA_VTILE_BYTES (128 * 1024)
 
 /* Step 4 with materialized value tiles (prefill): for queries q0 .. q0+G-1 of a tile, head h and
  * features e0 .. e0 + NV LK_VL: acc_q[h, e] += sum_t W_q[t, h] V[t, h, e].  One V row load serves G
@@ -172,8 +177,12 @@ static inline __attribute__((always_inline)) void tpa_fold_vtile(int G, int NV, 
     default: tpa_fold_vtile(G, 4, nt, H, Hp, Ep, h, e0, W + g0, acc + g0, V, skip ? skip + g0 : NULL); break;              \
     }
 
-static void tpa_fold_vtile_block(int64_t nq, int64_t nt, int64_t H, int64_t Hp, int64_t Ep, lk_real *const *W,
-                                 lk_real *const *acc, const lk_real *V, const uint8_t *const *skip) {
+/* The fold of heads h0 .. h0+H-1 against their value tile V (rows t * H + h - h0, built by tpa_simd_vtile). */
+static void tpa_fold_vtile_block(int64_t nq, int64_t nt, int64_t h0, int64_t H, int64_t Hp, int64_t Ep,
+                                 lk_real *const *Wq, lk_real *const *accq, const lk_real *V,
+                                 const uint8_t *const *skip) {
+    lk_real *W[LK_TPA_QTILE], *acc[LK_TPA_QTILE];   /* the queries' W and acc from head h0 on */
+    for (int64_t g = 0; g < nq; g++) { W[g] = Wq[g] + h0; acc[g] = accq[g] + h0 * Ep; }
     for (int64_t h = 0; h < H; h++)
         for (int64_t e0 = 0; e0 < Ep; e0 += 4 * LK_VL) {
             const int nv = (int)lk_min_i64(4, (Ep - e0) / LK_VL);
@@ -184,7 +193,6 @@ static void tpa_fold_vtile_block(int64_t nq, int64_t nt, int64_t H, int64_t Hp, 
         }
 }
 
-#define LK_TPA_QTILE 8           /* queries sharing each key block in prefill */
 
 /* Per-query state of the SIMD path. */
 typedef struct {
@@ -276,12 +284,12 @@ static void tpa_simd_query(const lk_tpa_attention_params *p, int factor, const t
 
 /* The value tile of a block: V[t, h, :] = (1/Rv) sum_u av[t,h,u] bv[t,u,:] (tail lanes zero). */
 static void tpa_simd_vtile(const lk_tpa_attention_params *p, tpa_scratch *w, const lk_real *av, const lk_real *bv,
-                           int64_t nt) {
+                           int64_t nt, int64_t h0, int64_t hg) {
     const int64_t H = p->H, Rv = p->Rv, E = p->E, Ep = w->Ep;
     const lk_real inv_rv = (lk_real)1 / (lk_real)Rv;
     for (int64_t t = 0; t < nt; t++)
-        for (int64_t h = 0; h < H; h++) {
-            lk_real *row = w->V + (t * H + h) * Ep;
+        for (int64_t h = h0; h < h0 + hg; h++) {
+            lk_real *row = w->V + (t * hg + h - h0) * Ep;
             for (int64_t e = 0; e < Ep; e += LK_VL) {
                 lk_v x = lk_v_zero();
                 for (int64_t u = 0; u < Rv; u++)
@@ -410,6 +418,11 @@ static const uint8_t tpa_no_skip[LK_TPA_BLOCK]; /* every token admissible */
 static int tpa_use_vtile(const lk_tpa_attention_params *p, int64_t nq) {
     if (nq < 2 || p->path == LK_TPA_PATH_FACTOR) return 0;
     if (p->path == LK_TPA_PATH_MATERIALIZED) return 1;
+    /* With 16 vector registers (AVX2) building the tile costs about as many instructions as it saves at
+     * Rv = 2: on a Zen 3 guest T6-small (H = 34, ranks 6/2/2) and T6-medium prefill ran 12-20% faster
+     * with the factor fold, ranks 6/3/3 the same either way.  AVX-512 measured value tiles faster at
+     * Rv = 2 (T6-small, 185 against 222 ms). */
+    if (LK_VREGS < 32 && p->Rv < 3) return 0;
     return p->Rv + nq < p->Rv * nq;
 }
 
@@ -418,6 +431,8 @@ void LK_REAL_NAME(lk_tpa_simd)(const lk_tpa_attention_params *p, int64_t S, lk_r
     const int factor = tpa_use_factor(p, LK_VL);
     const int64_t QT = lk_min_i64(LK_TPA_QTILE, N), tiles = lk_cdiv(N, QT), tasks = B * tiles * S;
     const int vtile = tpa_use_vtile(p, QT);
+    const int64_t vt_row = lk_max_i64(round_up(E, LK_VL), LK_VL) * (int64_t)sizeof(lk_real);   /* E = 0: no division by 0 */
+    const int64_t vt_heads = lk_max_i64(1, LK_TPA_VTILE_BYTES / (LK_TPA_BLOCK * vt_row));
     const int64_t es = (int64_t)sizeof(lk_real), token_bytes = es * (H * (Rk + Rv) + Rk * D + Rv * E);
     const int prefetch = LK_TPA_PREFETCH > 0 && lk_prefetch_pays(B * M * token_bytes);
     _Pragma("omp parallel num_threads(tpa_team(p, tasks))")
@@ -462,7 +477,6 @@ void LK_REAL_NAME(lk_tpa_simd)(const lk_tpa_attention_params *p, int64_t S, lk_r
                 /* de-interleave ak[t, h, u] -> akd[t, u, h] (and av) when the rank is > 1: head lanes */
                 if (Rk > 1) tpa_deinterleave(nt, H, Rk, w.Hp, ak, w.akd);
                 if (Rv > 1 && !vtile) tpa_deinterleave(nt, H, Rv, w.Hp, av, w.avd);
-                if (vtile) tpa_simd_vtile(p, &w, av, bv, nt);
                 /* queries whose range ends before this block skip it */
                 lk_real *Wa[LK_TPA_QTILE], *acca[LK_TPA_QTILE];
                 const uint8_t *skipa[LK_TPA_QTILE];
@@ -479,7 +493,12 @@ void LK_REAL_NAME(lk_tpa_simd)(const lk_tpa_attention_params *p, int64_t S, lk_r
                     any_skip |= qs->has_skip;
                     active++;
                 }
-                if (vtile) tpa_fold_vtile_block(active, nt, H, w.Hp, w.Ep, Wa, acca, w.V, any_skip ? skipa : NULL);
+                if (vtile) /* value tiles of head groups that stay in L2, each folded by every query */
+                    for (int64_t h0 = 0; h0 < H; h0 += vt_heads) {
+                        const int64_t hg = lk_min_i64(vt_heads, H - h0);
+                        tpa_simd_vtile(p, &w, av, bv, nt, h0, hg);
+                        tpa_fold_vtile_block(active, nt, h0, hg, w.Hp, w.Ep, Wa, acca, w.V, any_skip ? skipa : NULL);
+                    }
             }
             for (int64_t g = 0; g < nq; g++)
                 tpa_finish_real(p, S, b * N + i0 + g, sp, w.q[g].m, w.q[g].l, w.q[g].acc, w.Ep, part);
