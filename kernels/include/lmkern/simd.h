@@ -193,16 +193,19 @@ static inline lk_vf lk_vf_sub(lk_vf a, lk_vf b) { return a - b; }
 static inline lk_vf lk_vf_mul(lk_vf a, lk_vf b) { return a * b; }
 static inline lk_vf lk_vf_div(lk_vf a, lk_vf b) { return a / b; }
 static inline lk_vf lk_vf_fma(lk_vf a, lk_vf b, lk_vf c) { return a * b + c; }
-/* lanes of m that are all ones take a, the others b (C has no ?: on vectors; comparisons give masks) */
-static inline lk_vf lk__vsel(lk__vi m, lk_vf a, lk_vf b) {
-    lk__vi ai, bi;
-    memcpy(&ai, &a, sizeof a);
-    memcpy(&bi, &b, sizeof b);
-    lk__vi r = (ai & m) | (bi & ~m);
-    lk_vf out;
-    memcpy(&out, &r, sizeof out);
-    return out;
+/* NAME(m, a, b): lanes of m that are all ones take a, the others b (C has no ?: on vectors; comparisons
+ * give masks); V the vector type, M the integer vector of its lane width.  Also used for lk_vd below. */
+#define LK__DEFINE_VSEL(NAME, V, M)                                                               \
+static inline V NAME(M m, V a, V b) {                                                             \
+    M ai, bi;                                                                                     \
+    memcpy(&ai, &a, sizeof a);                                                                    \
+    memcpy(&bi, &b, sizeof b);                                                                    \
+    M r = (ai & m) | (bi & ~m);                                                                   \
+    V out;                                                                                        \
+    memcpy(&out, &r, sizeof out);                                                                 \
+    return out;                                                                                   \
 }
+LK__DEFINE_VSEL(lk__vsel, lk_vf, lk__vi)
 static inline lk_vf lk_vf_max(lk_vf a, lk_vf b) { return lk__vsel(a > b, a, b); }
 static inline lk_vf lk_vf_min(lk_vf a, lk_vf b) { return lk__vsel(a < b, a, b); }
 static inline float lk_vf_sum(lk_vf v) { float s = 0; for (int i = 0; i < LK_VF; i++) s += v[i]; return s; }
@@ -531,15 +534,7 @@ static inline lk_vd lk_vd_add(lk_vd a, lk_vd b) { return a + b; }
 static inline lk_vd lk_vd_sub(lk_vd a, lk_vd b) { return a - b; }
 static inline lk_vd lk_vd_mul(lk_vd a, lk_vd b) { return a * b; }
 static inline lk_vd lk_vd_fma(lk_vd a, lk_vd b, lk_vd c) { return a * b + c; }
-static inline lk_vd lk__vseld(lk__vl m, lk_vd a, lk_vd b) {
-    lk__vl ai, bi;
-    memcpy(&ai, &a, sizeof a);
-    memcpy(&bi, &b, sizeof b);
-    lk__vl r = (ai & m) | (bi & ~m);
-    lk_vd out;
-    memcpy(&out, &r, sizeof out);
-    return out;
-}
+LK__DEFINE_VSEL(lk__vseld, lk_vd, lk__vl)
 /* as maxpd: the second operand when either is NaN */
 static inline lk_vd lk_vd_max(lk_vd a, lk_vd b) { return lk__vseld(a > b, a, b); }
 static inline double lk_vd_sum(lk_vd v) { double s = 0; for (int i = 0; i < LK_VD; i++) s += v[i]; return s; }
