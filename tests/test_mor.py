@@ -570,3 +570,15 @@ def test_no_reference_leaks(rng):
         with pytest.raises(ValueError):
             mor.gather(h, idx + 9)
     assert [sys.getrefcount(a) for a in arrays] == before
+
+
+def test_twins_at_empty_edges():
+    """The twins agree with the kernels where a dimension is 0 (found by fuzzing): router scores with
+    Dm = 0 (all zeros in, activation of 0 out), balance loss with no tokens (NaN)."""
+    from lmkern.reference import mor as rmor
+    h = np.zeros((2, 3, 0), np.float32)
+    for w, act in ((np.zeros((0,), np.float32), "sigmoid"), (np.zeros((0, 4), np.float32), "softmax")):
+        np.testing.assert_array_equal(lmkern.mor.router_scores(h, w, activation=act),
+                                      rmor.router_scores(h, w, activation=act))
+    p, d = np.zeros((0, 3, 2), np.float32), np.zeros((0, 3), np.int64)
+    assert np.isnan(lmkern.mor.balance_loss(p, d)) and np.isnan(rmor.balance_loss(p, d))

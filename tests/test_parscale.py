@@ -171,6 +171,9 @@ def test_prefix_attention_zero_sized(rng):
     out = ps.prefix_attention(q, np.zeros((0, 5, 2, 4)), np.zeros((0, 5, 2, 4)), np.zeros((2, 3, 2, 4)),
                               np.zeros((2, 3, 2, 4)))
     assert out.shape == (0, 3, 2, 4)
+    twin = ref.prefix_attention(q, np.zeros((0, 5, 2, 4)), np.zeros((0, 5, 2, 4)), np.zeros((2, 3, 2, 4)),
+                                np.zeros((2, 3, 2, 4)))
+    assert twin.shape == (0, 3, 2, 4)      # the twin too (its prefix bookkeeping divided by zero rows)
     q = randn(rng, (2, 0, 2, 4))
     out = ps.prefix_attention(q, randn(rng, (2, 5, 2, 4)), randn(rng, (2, 5, 2, 4)), randn(rng, (2, 3, 2, 4)),
                               randn(rng, (2, 3, 2, 4)))

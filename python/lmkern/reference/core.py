@@ -68,7 +68,7 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_
     res = np.zeros((B, N, Hq, E), acc)
     lse = np.full((B, N, Hq), -np.inf, acc)
     L = 0 if a["prefix_k"] is None else a["prefix_k"].shape[1]
-    rows = B // a["prefix_k"].shape[0] if L else 1
+    rows = B // a["prefix_k"].shape[0] if L and a["prefix_k"].shape[0] else 1   # B = 0: no rows read it
     for b in range(B):
         admissible = np.arange(M)[None, :] < lens[b]                       # (1, M)
         if causal:

@@ -24,7 +24,7 @@ def router_scores(h, w, *, activation="sigmoid", alpha=1.0, temperature=1.0):
     from .. import mor
     dtype, h, w = mor._check_router_scores(h, w, activation, temperature)
     vector = w.ndim == 1
-    z = (h.astype(np.float64) @ w.astype(np.float64).reshape(w.shape[0], -1)) / float(temperature)
+    z = (h.astype(np.float64) @ w.astype(np.float64).reshape(w.shape[0], 1 if vector else w.shape[1])) / float(temperature)
     if activation == "sigmoid":
         a = 1.0 / (1.0 + np.exp(-z))
     elif activation == "tanh":
@@ -125,6 +125,8 @@ def balance_loss(probs, depth):
     p, depth = mor._check_balance(probs, depth)
     C = p.shape[-1]
     n = p.shape[0] * p.shape[1]
+    if n == 0:
+        return float("nan")   # no tokens (as the kernel), whatever C
     total = 0.0
     for i in range(C):
         P_i = float(np.mean(p[..., i].astype(np.float64))) if n else float("nan")
