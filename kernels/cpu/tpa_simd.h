@@ -193,7 +193,6 @@ static void tpa_fold_vtile_block(int64_t nq, int64_t nt, int64_t h0, int64_t H, 
         }
 }
 
-
 /* Per-query state of the SIMD path. */
 typedef struct {
     lk_real *PT;    /* D x Xp: bq^T (factor) or (c Q)^T (materialized) */
@@ -419,9 +418,9 @@ static int tpa_use_vtile(const lk_tpa_attention_params *p, int64_t nq) {
     if (nq < 2 || p->path == LK_TPA_PATH_FACTOR) return 0;
     if (p->path == LK_TPA_PATH_MATERIALIZED) return 1;
     /* With 16 vector registers (AVX2) building the tile costs about as many instructions as it saves at
-     * Rv = 2: on a Zen 3 guest T6-small (H = 34, ranks 6/2/2) and T6-medium prefill ran 12-20% faster
-     * with the factor fold, ranks 6/3/3 the same either way.  AVX-512 measured value tiles faster at
-     * Rv = 2 (T6-small, 185 against 222 ms). */
+     * Rv = 2: on a Zen 3 guest (interleaved A/B, N = M = 1024) T6-small (H = 34, ranks 6/2/2) prefill ran
+     * 7-26% faster with the factor fold and T6-medium up to 16% (one run 6% slower); ranks 6/3/3 were
+     * the same either way.  AVX-512 measured value tiles faster at Rv = 2 (T6-small, 185 against 222 ms). */
     if (LK_VREGS < 32 && p->Rv < 3) return 0;
     return p->Rv + nq < p->Rv * nq;
 }
