@@ -369,8 +369,9 @@ static void lk_attend_block(lk_attend_ctx *c, int64_t j0, int64_t nb) {
     for (int64_t r = 0; r < c->rows; r++) {
         float *s = c->S + r * G;
         const int64_t qp = p->q_pos[b * p->N + r / c->group];
-        masked |= p->causal && maxpos > qp;
-        if (p->causal && maxpos > qp)
+        const int row_masked = p->causal && maxpos > qp;
+        masked |= row_masked;
+        if (row_masked)
             for (int64_t t = 0; t < nb; t++)
                 if (p->kv_pos[b * p->pos_cap + j0 + t] > qp) s[t] = -INFINITY;
         float bm = -INFINITY;

@@ -20,10 +20,7 @@ def check_attention_args(fn, q, k, v, q_pos=None, kv_pos=None, kv_lens=None, pre
     if kv_pos is not None:
         sh.check_one_of("kv_pos", kv_pos, "M", "B,M")
     if kv_lens is not None:
-        sh.check("kv_lens", kv_lens, "B")
-        lo, hi = _dispatch.min_max(kv_lens) if np.size(kv_lens) else (0, 0)
-        if lo < 0 or hi > sh["M"]:
-            raise ValueError(f"{fn}: kv_lens must be in [0, M = {sh['M']}]; got {np.asarray(kv_lens).tolist()}")
+        sh.check_lens("kv_lens", kv_lens)
     if prefix_k is not None:
         sh.bind("P", P)
         sh.check("prefix_k", prefix_k, "P,L,Hkv,D")

@@ -73,6 +73,14 @@ class Shapes:
                 return
         self.fail(arg, tuple(int(s) for s in shape), _letters(spec))
 
+    def check_lens(self, arg: str, lens, letter: str = "M") -> None:
+        """``lens`` (an integer array, e.g. kv_lens) has shape ``(B,)`` and values in ``[0, letter]``."""
+        self.check(arg, lens, "B")
+        lo, hi = min_max(np.asarray(lens)) if np.size(lens) else (0, 0)
+        if lo < 0 or hi > self.dims[letter]:
+            raise ValueError(f"{self.fn}: {arg} must be in [0, {letter} = {self.dims[letter]}]; "
+                             f"got {np.asarray(lens).tolist()}")
+
     def fail(self, arg, shape, letters):
         def tup(vals):
             return "(" + ", ".join(str(v) for v in vals) + ("," if len(vals) == 1 else "") + ")"

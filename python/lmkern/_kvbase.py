@@ -244,9 +244,7 @@ def check_mass_args(fn, q, k, scale, q_pos, kv_pos, kv_lens, group_reduce):
     if lens is None:
         lens = np.full(B, M, np.int64)
     else:
-        sh.check("kv_lens", lens, "B")
-        if lens.size and (lens.min() < 0 or lens.max() > M):
-            raise ValueError(f"{fn}: kv_lens must be in [0, M = {M}]; got {lens.tolist()}")
+        sh.check_lens("kv_lens", lens)
     qp = _dispatch.index_array(fn, "q_pos", q_pos)
     if qp is None:
         qp = lens[:, None] - N + np.arange(N, dtype=np.int64)

@@ -171,10 +171,7 @@ def check_factors(fn, sh, a, kv_lens, query_spec, zero_ranks=True):
     if not zero_ranks:
         _check_ranks(fn, sh, (("Rq", "aq"), ("Rk", "ak"), ("Rv", "av")))
     if kv_lens is not None:
-        sh.check("kv_lens", kv_lens, "B")
-        lo, hi = _dispatch.min_max(kv_lens) if kv_lens.size else (0, 0)
-        if lo < 0 or hi > sh["M"]:
-            raise ValueError(f"{fn}: kv_lens must be in [0, M = {sh['M']}]; got {kv_lens.tolist()}")
+        sh.check_lens("kv_lens", kv_lens)
 
 
 def attention(aq, bq, ak, bk, av, bv, *, causal=False, scale=None, q_pos=None, kv_pos=None, kv_lens=None,
