@@ -7,7 +7,7 @@ from lmkern import _core, kv
 from lmkern.reference import kv as ref
 from lmkern.reference import core as ref_core
 
-from conftest import assert_close, noncontig, randn, requires_gpu
+from conftest import assert_close, noncontig, randn
 
 FLOATS = [np.float32, np.float64]
 
@@ -163,6 +163,27 @@ def test_cache_attend_matches_twin(rng, simd, bits, group):
         qp = np.array([5, 40, 200])[:, None] + np.arange(N)
         assert_close(fast.attend(q, causal=False, scale=0.3), twin.attend(q, causal=False, scale=0.3), np.float32)
         assert_close(fast.attend(q, q_pos=qp), twin.attend(q, q_pos=qp), np.float32)
+
+
+@pytest.mark.parametrize("G, D, E", [(32, 40, 128), (64, 24, 192), (32, 72, 96), (8, 17 * 8, 40), (16, 48, 80)])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cache_attend_tile_shapes_match_twin(rng, simd, G, D, E, bits):
+    """Every tile shape of the SIMD kernel against the twin: one row (MHA decode, whose values run in
+    chunks of up to 8 vectors spanning one or several feature groups, with leftover chunks when E is not a
+    multiple of the chunk), 2, 3, 5 and 12 rows (tiles of 4, 2 and 1), key features left over after the
+    paired steps (odd D / LK_VF), groups of 8 to 64 tokens.  (The main twin test above uses G = 16 and
+    E = 32 only, which never reaches the wide one-row chunks that an MHA decode at G = 32 runs.)"""
+    Hkv, R = 2, 2 * G
+    kw = dict(bits=bits, group_size=G, residual=R)
+    fast = kv.QuantizedKVCache(2, 8 * G, Hkv, D, E, **kw)
+    twin = ref.QuantizedKVCache(2, 8 * G, Hkv, D, E, **kw)
+    _fill([fast, twin], rng, Hkv, D, E, [5 * G + 3, G - 1], lengths=np.array([6 * G + 2, 3 * G + 1]))
+    for group, N in ((1, 1), (1, 2), (3, 1), (5, 1), (4, 3)):
+        q = randn(rng, (2, N, Hkv * group, D))
+        out, lse = fast.attend(q, return_lse=True)
+        eo, el = twin.attend(q, return_lse=True)
+        assert_close(out, eo, np.float32, err_msg=f"group {group} N {N}")
+        assert_close(lse, el, np.float32, err_msg=f"group {group} N {N}")
 
 
 @pytest.mark.parametrize("length", [5, 13, 40])
@@ -447,7 +468,6 @@ def test_snapkv_keeps_planted_tokens(rng):
     assert set(planted.tolist()) <= set(idx[0, :, 0].tolist())
 
 
-@requires_gpu
 def test_reproducible_and_thread_counts(rng):
     c = kv.QuantizedKVCache(1, 1200, 2, 32, bits=2, group_size=32, residual=64)
     _fill([c], rng, 2, 32, 32, [1100])
