@@ -18,8 +18,8 @@ def assert_close(actual, expected, dtype=None, tol=None, err_msg=""):
     tol = TOL.get(dtype, 2e-5) if tol is None else tol
     fin = np.isfinite(expected)
     assert np.array_equal(np.isfinite(actual), fin), f"finite pattern differs {err_msg}"
-    assert np.array_equal(actual[~fin], expected[~fin]) or np.array_equal(
-        np.isnan(actual[~fin]), np.isnan(expected[~fin])), f"non-finite values differ {err_msg}"
+    # inf must match in sign, NaN with NaN (a +inf where -inf is expected is an error)
+    assert np.array_equal(actual[~fin], expected[~fin], equal_nan=True), f"non-finite values differ {err_msg}"
     if fin.any():
         scale = max(1.0, float(np.abs(expected[fin]).max()))
         err = float(np.abs(actual[fin].astype(np.float64) - expected[fin].astype(np.float64)).max())

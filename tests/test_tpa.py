@@ -342,11 +342,16 @@ def test_kvcache_appends_bytes_and_decode(rng):
     twin = ref.KVCache(B, 40, H, Rk, Rv, D, E)
     full = factors(rng, B, 1, 40, H, Rq, Rk, Rv, D, E)[2:]
     filled = np.zeros(B, np.int64)
+    stored = [[[] for _ in range(B)] for _ in full]     # what each row should hold: its appended tokens
     for T, lens in ((5, [5, 2, 0]), (7, [3, 7, 1]), (1, None)):
         chunk = [np.stack([x[b, filled[b]:filled[b] + T] if filled[b] + T <= 40 else x[b, :T] for b in range(B)])
                  for x in full]
         cache.append(*chunk, lengths=lens)
         twin.append(*chunk, lengths=lens)
+        n = [T] * B if lens is None else lens
+        for f, x in enumerate(chunk):
+            for b in range(B):
+                stored[f][b].append(x[b, :n[b]])
         filled += T if lens is None else np.array(lens)
     assert np.array_equal(cache.lengths, filled) and cache.lengths.dtype == np.int64
     per_token = (Rk + Rv) * H + Rk * D + Rv * E
@@ -355,7 +360,8 @@ def test_kvcache_appends_bytes_and_decode(rng):
     assert cache.ak.shape == (B, filled.max(), H, Rk) and cache.bv.shape == (B, filled.max(), Rv, E)
     for b in range(B):   # the stored factors are the appended ones, in order
         L = filled[b]
-        assert np.array_equal(cache.bk[b, :L], twin.bk[b, :L])
+        for name, rows in zip(("ak", "bk", "av", "bv"), stored):
+            np.testing.assert_array_equal(getattr(cache, name)[b, :L], np.concatenate(rows[b]), err_msg=name)
     aq, bq = randn(rng, (B, H, Rq)), randn(rng, (B, Rq, D))
     out, lse = cache.decode(aq, bq, return_lse=True)
     want, want_lse = twin.decode(aq, bq, return_lse=True)
