@@ -172,6 +172,7 @@ class FakeCuda:
         ctypes.memmove(host.ctypes.data, src, host.nbytes)
 
     def memcpy_dtod(self, dst, src, n, device, stream):
+        self.calls.append(("memcpy_dtod", {"n": n, "stream": stream}))
         ctypes.memmove(dst, src, n)
 
     def synchronize(self, device, stream=None):

@@ -344,6 +344,9 @@ def test_glue_expand_stream_zero_sized_and_errors(fake, rng):
     x = randn(rng, (2, 3))
     with cuda.use_stream(55):
         np.testing.assert_array_equal(ps.expand(G(x), 2).numpy(), ref.expand(x, 2))
+    # the copies ran on the caller's stream, after it waited for stream 0, and the output was released
+    assert_stream_ordered(fake, "memcpy_dtod", 55)
+    assert [kw["stream"] for kw in calls(fake, "memcpy_dtod")][-2:] == [55, 55]
     for exc, args in ((ValueError, (x, 0)), (TypeError, (x, 2.0)), (ValueError, (np.float32(1.0), 2))):
         cpu = _message(exc, ps.expand, *args)
         gpu = _message(exc, ps.expand, G(np.asarray(args[0])), args[1])
