@@ -226,6 +226,49 @@ def test_masked_nonfinite_values_never_leak(rng, dtype, simd):
         assert_close(np.where(np.isfinite(got), got, 0), np.where(np.isfinite(twin), twin, 0))
 
 
+@pytest.mark.parametrize("N,Hq,Hkv", [(1, 3, 1), (3, 2, 2), (1, 5, 1), (5, 2, 2), (1, 6, 2), (2, 7, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_decode_row_tiles(rng, N, Hq, Hkv, dtype, simd):
+    """The split-keys decode path with N * (Hq / Hkv) = 3, 5, 3, 7, 14 rows per KV head: its P.V step has
+    a micro-kernel per row count, and rows of 3 and 5 (and tails after tiles of 4) were never compared with
+    the twin (a mutation that gave 3 rows the 2-row kernel passed the suite)."""
+    q, k, v = make_qkv(rng, 2, N, 100, Hq, Hkv, 16, 16, dtype)
+    for causal in (False, True):
+        check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_masked_nonfinite_values_in_feature_tails_and_later_subchunks(rng, dtype, simd):
+    """Masked keys with inf values add nothing (see the test above) also where the inf sits in the value
+    features past the last full vector (E = 13), and where it sits in the second sub-chunk of 16 keys of a
+    decode block (M = 60, keys 53..59 masked): both were unchecked paths of the exact P.V step."""
+    for N, M, E, bad, last in ((1, 40, 13, (31, 12), 30), (40, 40, 13, (39, 12), None), (1, 60, 16, (55, slice(None)), 52)):
+        q, k, v = make_qkv(rng, 2, N, M, 4, 2, 16, E, dtype)
+        vd = v.copy()
+        vd[:, bad[0], :, bad[1]] = np.inf
+        q_pos = None if last is None else np.full((2, N), last)
+        for kp in (None, np.arange(M)):
+            got = lmkern.attention(q, k, vd, causal=True, q_pos=q_pos, kv_pos=kp)
+            want = ref.core.attention(q, k, vd, causal=True, q_pos=q_pos, kv_pos=kp)
+            np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+            assert_close(np.where(np.isfinite(got), got, 0), np.where(np.isfinite(want), want, 0))
+            if last is not None:     # every query is before the bad key: exact and finite
+                assert np.all(np.isfinite(got))
+                assert_close(got, lmkern.attention(q, k[:, :last + 1], v[:, :last + 1], causal=True, q_pos=q_pos))
+            else:                    # only the last query sees key 39
+                assert np.all(np.isfinite(got[:, :-1])) and not np.all(np.isfinite(got[:, -1]))
+
+
+def test_prefill_over_several_passes_of_transposed_keys(rng):
+    """Prefill copies transposed keys for as many batch rows as fit in 64 MiB per pass; here each pass
+    holds one row (float64, M = 16500, D = 256: 34 MB per row), so row 1's key-block position ranges come
+    from the second pass (an index into them that ignored the pass passed every other test).  The causal
+    queries sit early (positions 1000..1127), so most key blocks are skipped by those ranges."""
+    q, k, v = make_qkv(rng, 2, 128, 16500, 1, 1, 256, 8, np.float64)
+    q_pos = np.arange(128) + 1000
+    check_attention(q, k, v, causal=True, q_pos=q_pos)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_scores_spanning_the_exp_range(rng, dtype, simd):
     """Scores below their row's max by 0 to 200 (float64: 0 to 800): the softmax exponentials cover
