@@ -333,6 +333,34 @@ def test_attention_mass_nan_row_is_nan_on_its_admissible_keys(rng, simd, where):
         assert not np.isnan(got[0, :, [0, 2, 3]]).any()
 
 
+def test_attention_mass_short_cache_split_over_heads(rng, simd):
+    """B = 1 and a few keys: work is split over KV heads so two threads share it (a mutation that gave
+    every thread the first head passed the suite)."""
+    was = lmkern.get_num_threads()
+    try:
+        lmkern.set_num_threads(2)
+        for B, M, Hq, Hkv in ((1, 20, 4, 2), (1, 32, 8, 4), (1, 5, 6, 3), (2, 20, 4, 2)):
+            q, k = randn(rng, (B, 3, Hq, 16)), randn(rng, (B, M, Hkv, 16))
+            for reduce in ("mean", "none"):
+                assert_close(kv.attention_mass(q, k, group_reduce=reduce), ref.attention_mass(q, k, group_reduce=reduce),
+                             np.float32)
+    finally:
+        lmkern.set_num_threads(was)
+
+
+def test_attention_mass_nan_query_with_one_admissible_key(rng, simd):
+    """Causal N = M = 40: query 0 sees key 0 only; a NaN in it makes its row NaN on key 0, also when the
+    rest of its chunk is masked (the chunk's NaN check once missed that case)."""
+    N = M = 40
+    q, k = randn(rng, (1, N, 4, 16)), randn(rng, (1, M, 2, 16))
+    q[0, 0, 1, :] = np.nan
+    got = kv.attention_mass(q, k, causal=True, group_reduce="none")
+    want = ref.attention_mass(q, k, causal=True, group_reduce="none")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got[0, 0, 1])
+    assert_close(np.nan_to_num(got), np.nan_to_num(want), np.float32)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 8), (1, 3, 2049, 8, 1, 16), (2, 2, 0, 2, 2, 8), (1, 0, 5, 4, 2, 8)])
 def test_attention_mass_shapes_positions_float64(rng, shape):
     B, N, M, Hq, Hkv, D = shape

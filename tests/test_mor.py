@@ -157,11 +157,12 @@ def test_expert_choice_ties_go_to_lower_position():
     assert idx.tolist() == [[1, 2, 3]] and gate.tolist() == [[3.0, 2.0, 2.0]]
     idx, _ = mor.expert_choice(np.zeros((2, 6)), 4)
     assert idx.tolist() == [[0, 1, 2, 3]] * 2
-    # -0.0 ties with +0.0
-    idx, _ = mor.expert_choice(np.array([[0.0, -0.0, -0.0, -1.0]]), 2)
-    assert idx.tolist() == [[0, 1]]
-    idx, _ = mor.expert_choice(np.array([[-0.0, 0.0, -1.0]]), 1)
-    assert idx.tolist() == [[0]]
+    # -0.0 ties with +0.0, in both dtypes (each has its own key transform)
+    for dtype in DTYPES:
+        idx, _ = mor.expert_choice(np.array([[0.0, -0.0, -0.0, -1.0]], dtype), 2)
+        assert idx.tolist() == [[0, 1]]
+        idx, _ = mor.expert_choice(np.array([[-0.0, 0.0, -1.0]], dtype), 1)
+        assert idx.tolist() == [[0]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -193,6 +194,15 @@ def test_expert_choice_hierarchical(rng, dtype):
             assert np.array_equal(gate[0], s[0, pos])
         cand = idx
     assert not np.array_equal(cand[0], cand[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_choice_all_candidates_kept(rng, dtype):
+    """k == n with candidates: every candidate survives, returned as its token position (not as its index
+    among the candidates, which a mutation of that branch returned while the suite passed)."""
+    cand = np.array([[3, 8, 20, 21, 40], [1, 2, 4, 9, 11]])
+    idx, gate = check_expert_choice(randn(rng, (2, 5), dtype), 5, cand)
+    assert idx.tolist() == cand.tolist()
 
 
 def test_expert_choice_noncontig_and_threads(rng):
