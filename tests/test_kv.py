@@ -165,13 +165,14 @@ def test_cache_attend_matches_twin(rng, simd, bits, group):
         assert_close(fast.attend(q, q_pos=qp), twin.attend(q, q_pos=qp), np.float32)
 
 
-@pytest.mark.parametrize("G, D, E", [(32, 40, 128), (64, 24, 192), (32, 72, 96), (8, 17 * 8, 40), (16, 48, 80)])
+@pytest.mark.parametrize("G, D, E", [(32, 40, 128), (64, 24, 192), (32, 72, 96), (8, 17 * 8, 40), (16, 48, 80),
+                                     (8, 17, 16), (16, 20, 32)])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_cache_attend_tile_shapes_match_twin(rng, simd, G, D, E, bits):
     """Every tile shape of the SIMD kernel against the twin: one row (MHA decode, whose values run in
     chunks of up to 8 vectors spanning one or several feature groups, with leftover chunks when E is not a
     multiple of the chunk), 2, 3, 5 and 12 rows (tiles of 4, 2 and 1), key features left over after the
-    paired steps (odd D / LK_VF), groups of 8 to 64 tokens.  (The main twin test above uses G = 16 and
+    paired steps (odd D / LK_VF) and past the last full vector (D = 17, 20), groups of 8 to 64 tokens.  (The main twin test above uses G = 16 and
     E = 32 only, which never reaches the wide one-row chunks that an MHA decode at G = 32 runs.)"""
     Hkv, R = 2, 2 * G
     kw = dict(bits=bits, group_size=G, residual=R)
@@ -547,6 +548,59 @@ def test_cache_attend_masked_nonfinite_values_never_leak(rng, simd):
             assert_close(np.where(np.isfinite(got), got, 0), np.where(np.isfinite(want), want, 0))
         assert np.all(np.isfinite(fast.attend(q, q_pos=[0, 1, 2])))
 
+
+
+def test_cache_attend_nonfinite_scan_and_nan_block_edges(rng, simd):
+    """Two edges of a block of G tokens: an inf value in the block's last token, masked for the query
+    (the scan for masked non-finite values must reach it), and a NaN key that is the block's only
+    admissible one (every other score is masked: the NaN must still make the row NaN)."""
+    kw = dict(bits=2, group_size=8, residual=8)
+    k, v = randn(rng, (1, 24, 1, 16)), randn(rng, (1, 24, 1, 16))
+    v[0, 23] = np.inf
+    fast, twin = kv.QuantizedKVCache(1, 24, 1, 16, **kw), ref.QuantizedKVCache(1, 24, 1, 16, **kw)
+    fast.append(k, v)
+    twin.append(k, v)
+    q = randn(rng, (1, 1, 1, 16))
+    got = fast.attend(q, q_pos=[22])
+    assert np.all(np.isfinite(got))
+    assert_close(got, twin.attend(q, q_pos=[22]), np.float32)
+    # one residual block; positions make token 3 the only key query position 5 may see
+    k, v = randn(rng, (1, 8, 1, 16)), randn(rng, (1, 8, 1, 16))
+    k[0, 3, 0, 0] = np.nan
+    pos = np.array([[100, 100, 100, 5, 100, 100, 100, 100]])
+    fast, twin = kv.QuantizedKVCache(1, 8, 1, 16, **kw), ref.QuantizedKVCache(1, 8, 1, 16, **kw)
+    fast.append(k, v, positions=pos)
+    twin.append(k, v, positions=pos)
+    got, lse = fast.attend(q, q_pos=[5], return_lse=True)
+    with np.errstate(invalid="ignore"):
+        want, want_lse = twin.attend(q, q_pos=[5], return_lse=True)
+    assert np.isnan(want).all() and np.isnan(got).all() and np.isnan(lse).all() and np.isnan(want_lse).all()
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantize_float64_rounding_stays_in_range(rng, axis, bits):
+    """float64 data in a very narrow group (1000 + [0, 1e-4)): the float32 zero and scale round, so the
+    quotient (x - zero) / scale runs slightly below 0 and above 2^bits - 1; codes are clipped to the range
+    (never spilling into the neighbouring code's bits) and equal the twin's."""
+    x = 1000 + rng.uniform(0, 1e-4, (1, 8, 2, 16))
+    qt, tw = kv.quantize(x, bits=bits, group_size=8, axis=axis), ref.quantize(x, bits=bits, group_size=8, axis=axis)
+    np.testing.assert_array_equal(qt.codes, tw.codes)
+    per = 8 // bits
+    codes = (qt.codes[..., None] >> (bits * np.arange(per))) & ((1 << bits) - 1)
+    assert codes.min() == 0 and codes.max() == (1 << bits) - 1
+    np.testing.assert_array_equal(kv.dequantize(qt), ref.dequantize(tw))
+
+
+def test_keep_topk_many_nans_in_the_budget():
+    """Budgets that take some of many NaN scores but not all: the NaNs rank below every number and
+    among themselves by position (an ordering that compared NaN with NaN misplaced numbers too)."""
+    s = np.array([3, np.nan, 1, np.nan, np.nan, 2, np.nan, 0.5, np.nan, np.nan], np.float32).reshape(1, 10, 1)
+    for K in range(1, 11):
+        got = kv.keep_topk(s, K)
+        np.testing.assert_array_equal(got, ref.keep_topk(s, K), err_msg=f"K={K}")
+    # K = 6: the four numbers, then the NaNs at the lowest positions (1, 3); indices ascending
+    assert kv.keep_topk(s, 6)[0, :, 0].tolist() == [0, 1, 2, 3, 5, 7]
 
 
 def test_cache_sizes_are_integers_and_hand_built_tensors_are_checked():
