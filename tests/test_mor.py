@@ -435,6 +435,16 @@ def test_z_loss_hand(rng):
     assert mor.z_loss(big[..., 0]) == pytest.approx(ref.z_loss(big[..., 0]), rel=1e-6)
     with pytest.raises(ValueError, match="logits has shape"):
         mor.z_loss(np.zeros(3))
+    # IEEE rows: a NaN logit makes the loss NaN even beside -inf; a row of -inf has lse -inf, squared +inf
+    for row, want in (([np.nan, -np.inf, -np.inf], np.nan), ([-np.inf, -np.inf, -np.inf], np.inf),
+                      ([-np.inf, np.nan, 1.0], np.nan)):
+        for dtype in DTYPES:
+            x = np.array([[row]], dtype)
+            with np.errstate(invalid="ignore"):
+                tw = ref.z_loss(x)
+            got = mor.z_loss(x)
+            np.testing.assert_array_equal(got, want, err_msg=str(row))
+            np.testing.assert_array_equal(got, tw, err_msg=str(row))
 
 
 def test_router_bce_hand(rng):

@@ -118,7 +118,10 @@ def test_attention_cache_lengths(rng, M):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_paths_simd_and_splits_agree(rng, dtype):
     """The factor and materialized contractions, SIMD and generic code, and any cache split agree."""
-    for cfg in [(2, 2, 300, 34, 6, 2, 2, 64, 64), (1, 3, 200, 32, 16, 1, 1, 64, 40), (2, 1, 129, 5, 1, 3, 2, 7, 9)]:
+    # Rv = 3: the generic path's 1 / Rv is not a power of two (float64 must not round it to float32)
+    cfgs = [(2, 2, 300, 34, 6, 2, 2, 64, 64), (1, 3, 200, 32, 16, 1, 1, 64, 40), (2, 1, 129, 5, 1, 3, 2, 7, 9),
+            (2, 3, 20, 3, 2, 2, 3, 8, 6)]
+    for cfg in cfgs:
         args = factors(rng, *cfg, dtype)
         want = ref.attention(*args, causal=True)
         for simd in (True, False):
@@ -126,10 +129,12 @@ def test_attention_paths_simd_and_splits_agree(rng, dtype):
             for path in PATHS:
                 for splits in (1, 2, 5):
                     got = tpa.attention(*args, causal=True, _path=path, _splits=splits)
-                    assert_close(got, want, err_msg=f"simd={simd} path={path} splits={splits}")
+                    assert_close(got, want, err_msg=f"cfg={cfg} simd={simd} path={path} splits={splits}")
 
 
-def test_attention_positions_ragged_and_noncontiguous(rng):
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "generic"])
+def test_attention_positions_ragged_and_noncontiguous(rng, simd):
+    _core._set_simd(simd)                         # simd_on puts SIMD back after the test
     B, N, M, H, Rq, Rk, Rv, D, E = 3, 11, 50, 7, 3, 2, 2, 16, 8
     for dtype in DTYPES:
         args = factors(rng, B, N, M, H, Rq, Rk, Rv, D, E, dtype)
