@@ -9,29 +9,27 @@ import lmkern
 from lmkern import kv, mor
 from lmkern import parscale as ps
 from lmkern import reference as ref
-
-
-def _rand(seed, shape, scale=1.0):
-    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+from conftest import randn
+from test_parscale import agg_params
 
 
 # ----------------------------------------------------------------------------- KV recipes (SPEC 4.6)
 
-def test_snapkv_window_edges():
-    q, k = _rand(0, (1, 4, 2, 8)), _rand(1, (1, 4, 2, 8))
+def test_snapkv_window_edges(rng):
+    q, k = randn(rng, (1, 4, 2, 8)), randn(rng, (1, 4, 2, 8))
     # the window covers the whole cache: everything is kept
     assert kv.snapkv_select(q, k, 4)[0, :, 0].tolist() == [0, 1, 2, 3]
     # budget == window: the window only
-    k16 = _rand(2, (1, 16, 2, 8))
+    k16 = randn(rng, (1, 16, 2, 8))
     assert kv.snapkv_select(q, k16, 4)[0, :, 0].tolist() == [12, 13, 14, 15]
 
 
-def test_snapkv_is_the_spec_composition():
+def test_snapkv_is_the_spec_composition(rng):
     """SnapKV = the window's causal attention mass on the prefix, mean over each GQA group, avg-pooled
     (kernel 5), top budget - W, plus the window."""
     B, W, M, Hq, Hkv, D, budget = 1, 8, 40, 4, 2, 16, 16
-    q = _rand(1, (B, W, Hq, D), 3.0)
-    k = _rand(2, (B, M, Hkv, D))
+    q = randn(rng, (B, W, Hq, D)) * 3
+    k = randn(rng, (B, M, Hkv, D))
     k[:, M - W:] += 4 * q[:, :, ::2]             # window keys attract the window queries: causality matters
     mass = kv.attention_mass(q, k, causal=True, group_reduce="mean")
     votes = kv.pool1d(mass[:, :M - W], 5)
@@ -67,8 +65,8 @@ def test_scalekv_budgets_checks_and_drafters():
     assert b.tolist() == [16, 8, 8, 8] and b.sum() == 40
 
 
-def test_attention_mass_default_q_pos_follows_kv_lens():
-    q, k = _rand(0, (1, 2, 1, 8)), _rand(1, (1, 6, 1, 8))
+def test_attention_mass_default_q_pos_follows_kv_lens(rng):
+    q, k = randn(rng, (1, 2, 1, 8)), randn(rng, (1, 6, 1, 8))
     np.testing.assert_array_equal(kv.attention_mass(q, k, causal=True, kv_lens=[4]),
                                   kv.attention_mass(q, k, causal=True, kv_lens=[4], q_pos=[[2, 3]]))
 
@@ -93,16 +91,16 @@ def test_kvcache_refuses_float16():
         lmkern.KVCache(1, 8, 1, 4, dtype=np.float16)
 
 
-def test_index_arrays_of_unsigned_dtypes_and_counts_that_are_bools():
-    x = _rand(0, (1, 3, 1, 4))
+def test_index_arrays_of_unsigned_dtypes_and_counts_that_are_bools(rng):
+    x = randn(rng, (1, 3, 1, 4))
     np.testing.assert_array_equal(lmkern.attention(x, x, x, kv_lens=np.array([2], np.uint32)),
                                   lmkern.attention(x, x, x, kv_lens=[2]))
     with pytest.raises(TypeError):
         kv.streaming_indices(True, sink=0, recent=2)
 
 
-def test_read_only_out_is_a_value_error():
-    x = _rand(0, (1, 3, 1, 4))
+def test_read_only_out_is_a_value_error(rng):
+    x = randn(rng, (1, 3, 1, 4))
     o = np.zeros_like(x)
     o.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
@@ -131,36 +129,31 @@ def test_scatter_residual_with_aliased_out_or_y():
     np.testing.assert_array_equal(h, want)
 
 
-def test_expert_choice_decode_threshold_is_strict():
+def test_expert_choice_decode_threshold_is_strict(rng):
     """alpha * sigmoid(0) = 0.5 = alpha * threshold: not above it, so the token stops at depth 1."""
     blk = mor.SharedBlock(8, 2, 4, 16, seed=0)
     rw = np.zeros(8, np.float32)
-    h = _rand(0, (1, 6, 8))
+    h = randn(rng, (1, 6, 8))
     _, caches, _ = mor.expert_choice_prefill(h, blk, rw, n_recursions=2, alpha=1.0)
-    x = _rand(1, (1, 1, 8))
+    x = randn(rng, (1, 1, 8))
     assert mor.expert_choice_decode(x, np.array([6]), blk, rw, caches, n_recursions=2, alpha=1.0)[1].tolist() == [1]
 
 
 # ----------------------------------------------------------------------------- ParScale
 
-def _agg_params(seed, P, Hd, Hh, dtype=np.float32):
-    r = np.random.default_rng(seed)
-    return [r.standard_normal(s).astype(dtype) for s in ((Hh, P * Hd), (Hh,), (P, Hh), (P,))]
-
-
-def test_aggregate_out_aliasing_h():
+def test_aggregate_out_aliasing_h(rng):
     P, B, T, Hd, Hh = 2, 2, 3, 8, 5
-    h = _rand(0, (P * B, T, Hd))
-    w1, b1, w2, b2 = _agg_params(1, P, Hd, Hh)
+    h = randn(rng, (P * B, T, Hd))
+    w1, b1, w2, b2 = agg_params(rng, P, Hd, Hh)
     want = ps.aggregate(h.copy(), w1, b1, w2, b2, P=P)
     hh = h.copy()
     np.testing.assert_array_equal(ps.aggregate(hh, w1, b1, w2, b2, P=P, out=hh[1:1 + B]), want)
 
 
-def test_aggregate_twin_is_stable_for_large_logits():
+def test_aggregate_twin_is_stable_for_large_logits(rng):
     P, B, T, Hd, Hh = 2, 1, 2, 4, 3
-    h = np.random.default_rng(0).standard_normal((P * B, T, Hd))
-    w1, b1, w2, _ = _agg_params(1, P, Hd, Hh, np.float64)
+    h = randn(rng, (P * B, T, Hd), np.float64)
+    w1, b1, w2, _ = agg_params(rng, P, Hd, Hh, np.float64)
     b2 = np.array([1000.0, 0.0])
     want = ref.parscale.aggregate(h, w1, b1, w2, b2, P=P)
     assert np.isfinite(want).all()
